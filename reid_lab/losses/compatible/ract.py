@@ -1,0 +1,221 @@
+"""Regression-alleviating compatible training (RACT; B. Zhang et al., ICLR 2022, arXiv 2201.09724).
+
+In a hot-refresh upgrade the gallery is a mix of old and new features while it is backfilled. A new-to-old
+positive pair that is less similar than a new-to-new negative pair makes a freshly backfilled negative jump
+above the old positive (a *negative flip*). RACT therefore adds the new features of other identities to the
+negatives of the new-to-old contrastive loss. This module has the paper's loss and the two variants of its
+code (TencentARC/OpenCompatible ``model/loss.py`` and ``trainer``): ``contra_ract`` → :class:`RACTLoss`,
+``triplet_ract`` → :class:`TripletRACTLoss`, ``bct_ract`` → :class:`BCTRACTLoss`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reid_lab.losses.compatible.base import (
+    CompatibleInputs,
+    CompatibleLoss,
+    CompatibleLossOutput,
+    l2_normalize,
+)
+from reid_lab.losses.compatible.bct import influence_cross_entropy
+from reid_lab.losses.compatible.contrastive import gather_batch, n2o_infonce
+
+
+class RACTLoss(CompatibleLoss):
+    """RACT regression-alleviating contrastive loss (B. Zhang et al., ICLR 2022, Eq. 3; code ``contra_ract``).
+
+    On L2-normalised features, for each local anchor ``i``::
+
+        L_i = −log [ e^{⟨n_i,o_i⟩/τ} / ( e^{⟨n_i,o_i⟩/τ} + Σ_{j∈N_i} e^{⟨n_i,o_j⟩/τ} + Σ_{j∈N_i} e^{⟨n_i,n_j⟩/τ} ) ]
+
+    ``N_i`` = samples of the global (all-gathered) batch with a label different from ``y_i``; same-label samples
+    other than ``o_i`` are neither positives nor negatives. ``L = mean_i L_i``. With ``topk`` only the ``k``
+    hardest (most similar) negatives of *each* kind enter the denominator (the docs use k = 10).
+
+    Differences from OpenCompatible: new features are gathered *with* gradients (the public code's
+    ``dist.all_gather`` has none, so new-to-new negatives from other ranks and its own copy get no gradient);
+    masked negatives are ``-inf`` rather than ``-1e9`` (identical values, no overflow under AMP); an anchor
+    whose batch has fewer than ``k`` negatives just has fewer terms.
+
+    Parts: ``ract/loss``, ``ract/pos_sim``, ``ract/hardest_n2o_sim``, ``ract/hardest_n2n_sim``,
+    ``ract/n2o_violation_rate``, ``ract/n2n_violation_rate`` (see
+    :func:`~reid_lab.losses.compatible.contrastive.n2o_infonce`).
+
+    Args:
+        weight: multiplier applied by the host (OpenCompatible default 1.0).
+        temperature: ``τ`` (OpenCompatible ``config.json``: 0.01).
+        topk: hardest negatives kept per kind and anchor (None = all).
+        gather: all-gather negatives across ranks when a process group is initialised.
+    """
+
+    name = "ract"
+
+    def __init__(
+        self, weight: float = 1.0, temperature: float = 0.01, topk: int | None = None, gather: bool = True
+    ) -> None:
+        super().__init__(weight)
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be a positive int or None, got {topk}")
+        self.temperature = float(temperature)
+        self.topk = topk
+        self.gather = gather
+
+    def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
+        loss, diagnostics = n2o_infonce(
+            inputs.new_features,
+            inputs.old_features,
+            inputs.labels,
+            self.temperature,
+            topk=self.topk,
+            with_n2n=True,
+            gather=self.gather,
+        )
+        parts = {f"{self.name}/loss": loss.detach()}
+        parts.update({f"{self.name}/{key}": value for key, value in diagnostics.items()})
+        return CompatibleLossOutput(loss, parts)
+
+
+def _euclidean(x: Tensor, y: Tensor) -> Tensor:
+    """``(M, d), (N, d) -> (M, N)`` Euclidean distances, clamped at ``1e-6`` so the sqrt stays differentiable."""
+    squared = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * x @ y.t()
+    return squared.clamp(min=1e-12).sqrt()
+
+
+class TripletRACTLoss(CompatibleLoss):
+    """Margin-ranking form of RACT (OpenCompatible ``triplet_ract``).
+
+    With Euclidean distances ``d`` on L2-normalised features, positive distance ``p_i = d(n_i, o_i)`` and
+    ``K_i^{o}`` / ``K_i^{n}`` the ``k`` smallest of ``{d(n_i,o_j)}_{j∈N_i}`` / ``{d(n_i,n_j)}_{j∈N_i}``
+    (``N_i`` = different-label samples of the global batch; all of them when ``topk`` is None)::
+
+        L = (1/|P^o|) Σ_{(i,δ)∈P^o} relu(p_i + m − δ)  +  (1/|P^n|) Σ_{(i,δ)∈P^n} relu(p_i + m − δ)
+
+    where ``P^o = {(i, δ): δ ∈ K_i^o}`` over local anchors (same for ``P^n``): each kind is averaged over all
+    its (anchor, kept negative) pairs, and the two averages are added (OpenCompatible: ``MarginRankingLoss``
+    with ``loss_lambda = [1, 1]``). Deviation: the public code also counts, in the denominator, the padding
+    entries of anchors with fewer than ``k`` negatives (hinge 0); we average over real pairs only, which is
+    the same whenever every anchor has at least ``k`` negatives. A kind with no pair contributes 0.
+
+    Args:
+        weight: multiplier applied by the host.
+        margin: ``m`` (OpenCompatible default 0.8).
+        topk: hardest negatives per kind and anchor (None = all).
+        gather: all-gather negatives across ranks when a process group is initialised.
+    """
+
+    name = "triplet_ract"
+
+    def __init__(
+        self, weight: float = 1.0, margin: float = 0.8, topk: int | None = 10, gather: bool = True
+    ) -> None:
+        super().__init__(weight)
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be a positive int or None, got {topk}")
+        self.margin = float(margin)
+        self.topk = topk
+        self.gather = gather
+
+    def _hinge_mean(self, distances: Tensor, negatives: Tensor, positive: Tensor) -> Tensor:
+        distances = distances.masked_fill(~negatives, float("inf"))
+        if self.topk is not None and self.topk < distances.shape[1]:
+            distances = torch.topk(distances, self.topk, dim=1, largest=False).values
+        real = torch.isfinite(distances)
+        hinge = F.relu(positive.unsqueeze(1) + self.margin - distances.masked_fill(~real, 0.0))
+        return (hinge * real).sum() / real.sum().clamp(min=1)
+
+    def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
+        new_n = l2_normalize(inputs.new_features)
+        old_n = l2_normalize(inputs.old_features.detach())
+        new_all, old_all, labels_all, _ = gather_batch(new_n, old_n, inputs.labels, self.gather)
+        negatives = inputs.labels.view(-1, 1) != labels_all.view(1, -1)
+        positive = (new_n - old_n).pow(2).sum(dim=1).clamp(min=1e-12).sqrt()
+        loss_n2o = self._hinge_mean(_euclidean(new_n, old_all), negatives, positive)
+        loss_n2n = self._hinge_mean(_euclidean(new_n, new_all), negatives, positive)
+        loss = loss_n2o + loss_n2n
+        return CompatibleLossOutput(
+            loss,
+            {
+                f"{self.name}/loss": loss.detach(),
+                f"{self.name}/n2o": loss_n2o.detach(),
+                f"{self.name}/n2n": loss_n2n.detach(),
+                f"{self.name}/pos_dist": positive.detach().mean(),
+            },
+        )
+
+
+class BCTRACTLoss(CompatibleLoss):
+    """Point-to-centre RACT (OpenCompatible ``bct_ract``): own old prototype above all other prototypes.
+
+    Cross-entropy over the concatenated logits (target = ``y_i`` in the old block)::
+
+        z_i = [ W_o n_i ; W_n f_i − ∞·e_{y_i} ],   L = −(1/|V|) Σ_{i∈V} log softmax(z_i)[y_i]
+
+    ``W_o = inputs.old_classifier`` (``(C, d_old)``, frozen), ``n_i`` = ``inputs.new_features``. The new block is
+    the new model's own classifier on its own features ``f_i`` (``inputs.new_all_features``, falling back to
+    ``new_features``), taken from ``inputs.extras["new_classifier"]`` (``(C_new, d_new)``, gradients flow into
+    it as in OpenCompatible); if that key is missing, ``inputs.new_logits`` (``(B, C_new)``) are used as given
+    (then they must be on the old block's scale). The target column of the new block is masked, so the new
+    feature must score its own *old* prototype above every other old prototype and every other *new*
+    prototype — the point-to-centre version of RACT's new-to-new negatives.
+
+    ``scale=None``: plain dot products (as the public code). ``scale=s``: cosine logits times ``s`` in both
+    blocks (for normalised-softmax heads). ``V`` = samples whose label has an old row (``y_i < C``); part
+    ``bct_ract/valid_fraction``.
+
+    Args:
+        weight: multiplier applied by the host.
+        scale: ``None`` or the cosine-logit scale.
+    """
+
+    name = "bct_ract"
+    needs = frozenset({"old_classifier"})
+
+    def __init__(self, weight: float = 1.0, scale: float | None = None) -> None:
+        super().__init__(weight)
+        self.scale = None if scale is None else float(scale)
+
+    def _logits(self, features: Tensor, classifier: Tensor) -> Tensor:
+        if self.scale is None:
+            return features @ classifier.t()
+        return self.scale * l2_normalize(features) @ l2_normalize(classifier).t()
+
+    def _new_block(self, inputs: CompatibleInputs) -> Tensor:
+        new_classifier = inputs.extras.get("new_classifier")
+        if new_classifier is not None:
+            features = inputs.new_all_features if inputs.new_all_features is not None else inputs.new_features
+            if features.shape[1] != new_classifier.shape[1]:
+                raise ValueError(
+                    f"bct_ract: extras['new_classifier'] is {tuple(new_classifier.shape)} but the new model's "
+                    f"features are {tuple(features.shape)}; pass new_all_features in the classifier's space"
+                )
+            return self._logits(features, new_classifier)
+        if inputs.new_logits is not None:
+            return inputs.new_logits
+        raise ValueError(
+            "compatible loss 'BCTRACTLoss' needs the new model's classifier: put its weight (C_new, d_new) in "
+            "inputs.extras['new_classifier'] or give inputs.new_logits"
+        )
+
+    def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
+        assert inputs.old_classifier is not None
+        labels = inputs.labels.long()
+        old_block = self._logits(inputs.new_features, inputs.old_classifier.detach())
+        new_block = self._new_block(inputs)
+        num_old, num_new = old_block.shape[1], new_block.shape[1]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_new):
+            raise ValueError(f"bct_ract: labels must lie in [0, {num_new}) (the new classifier's classes)")
+        target = F.one_hot(labels, num_new).bool()
+        logits = torch.cat([old_block, new_block.masked_fill(target, float("-inf"))], dim=1)
+        old_labels = torch.where(labels < num_old, labels, torch.full_like(labels, -1))
+        loss, valid_fraction, accuracy = influence_cross_entropy(logits, old_labels)
+        return CompatibleLossOutput(
+            loss,
+            {
+                f"{self.name}/loss": loss.detach(),
+                f"{self.name}/valid_fraction": valid_fraction,
+                f"{self.name}/accuracy": accuracy,
+            },
+        )
