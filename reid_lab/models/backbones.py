@@ -1,0 +1,320 @@
+"""Backbones: one contract for every architecture (fast-reid's backbone / head split, timm's shared API).
+
+Every backbone returned by :func:`build_backbone` is a :class:`Backbone`:
+
+* ``forward(images)`` with ``images`` of shape ``(B, 3, H, W)`` returns a feature map ``(B, C, h, w)`` when
+  :attr:`Backbone.is_spatial` is True (CNNs; the model's pooling layer follows), or an already pooled
+  vector ``(B, C)`` when it is False (token models such as ViT, pooled by timm's own ``forward_head``).
+* :attr:`Backbone.num_features` is ``C``.
+
+Names: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (torchvision, random init), ``"resnet50_ibn_a"``
+(IBN-Net-a, :mod:`reid_lab.models.ibn`) and ``"timm:<model_name>"`` for any timm model. Weights are never
+downloaded: pass a local file as ``weights``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models.resnet import ResNet
+
+from reid_lab.models.ibn import resnet50_ibn_a
+
+log = logging.getLogger(__name__)
+
+TIMM_PREFIX = "timm:"
+
+_RESNETS: dict[str, Callable[[], ResNet]] = {
+    "resnet18": lambda: resnet18(weights=None),
+    "resnet34": lambda: resnet34(weights=None),
+    "resnet50": lambda: resnet50(weights=None),
+    "resnet50_ibn_a": resnet50_ibn_a,
+}
+
+BACKBONE_NAMES: tuple[str, ...] = (*_RESNETS, TIMM_PREFIX + "<model_name>")
+
+
+class Backbone(nn.Module):
+    """Base class of all backbones.
+
+    Attributes:
+        num_features: channels ``C`` of the output.
+        is_spatial: True if :meth:`forward` returns a map ``(B, C, h, w)`` that still needs pooling,
+            False if it returns pooled features ``(B, C)``.
+    """
+
+    num_features: int
+    is_spatial: bool
+
+    def forward(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def weights_target(self) -> nn.Module:
+        """The module whose ``state_dict`` keys published checkpoints use (see :func:`load_weights`)."""
+        return self
+
+
+class ResNetBackbone(Backbone):
+    """A torchvision ResNet without its pooling and classifier: ``(B, 3, H, W) -> (B, C, H/s, W/s)``.
+
+    ``s`` is 32, or 16 with ``last_stride=1`` (BoT, Luo et al. CVPRW'19 §3.4: a larger final map helps ReID
+    at no parameter cost). Parameter names equal torchvision's (``conv1.weight``, ``layer1.0.bn1.weight``,
+    ...) so ImageNet state dicts load unchanged.
+
+    Args:
+        resnet: a torchvision ``ResNet`` (its ``avgpool`` and ``fc`` are dropped).
+        last_stride: stride of ``layer4``: 2 (torchvision) or 1.
+    """
+
+    def __init__(self, resnet: ResNet, last_stride: int = 2) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = (
+            resnet.layer1,
+            resnet.layer2,
+            resnet.layer3,
+            resnet.layer4,
+        )
+        set_stage_stride(self.layer4, last_stride)
+        self.num_features = resnet.fc.in_features
+        self.is_spatial = True
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+class TimmBackbone(Backbone):
+    """Any timm model, created with ``pretrained=False, num_classes=0``.
+
+    If ``forward_features`` returns an NCHW map (channels equal to the pooled dimension) that uses every
+    parameter of the model, the backbone is spatial and returns that map (the ReID pooling replaces timm's).
+    Otherwise (ViT tokens, Swin's channels-last maps, heads with their own layers such as ConvNeXt's norm or
+    MobileNetV3's ``conv_head``) it returns ``forward_head(x, pre_logits=True)``, shape ``(B, C)``. This is decided once at construction by a probe forward pass on a small input.
+
+    Args:
+        model_name: timm model name (without the ``"timm:"`` prefix).
+        last_stride: 1 sets the stride of the last stage to 1 where the model has a ResNet-style ``layer4``;
+            ignored (with a warning) for other spatial models, irrelevant for token models.
+        timm_kwargs: extra keyword arguments of ``timm.create_model`` (e.g. ``img_size=(256, 128)``).
+    """
+
+    def __init__(
+        self, model_name: str, last_stride: int = 2, timm_kwargs: Mapping[str, Any] | None = None
+    ) -> None:
+        super().__init__()
+        import timm
+
+        kwargs = dict(timm_kwargs or {})
+        for key in ("pretrained", "num_classes"):
+            if key in kwargs:
+                raise ValueError(
+                    f"timm_kwargs may not set {key!r} (got {kwargs[key]!r}): backbones are built with "
+                    "pretrained=False, num_classes=0; pass a local weights file as `weights` instead"
+                )
+        if not timm.is_model(model_name):
+            raise ValueError(
+                f"unknown timm model {model_name!r} (from backbone name {TIMM_PREFIX + model_name!r}); "
+                "see timm.list_models()"
+            )
+        self.model_name = model_name
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **kwargs)
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        stride_applied = False
+        if last_stride == 1 and isinstance(getattr(self.model, "layer4", None), nn.Sequential):
+            set_stage_stride(self.model.layer4, 1)
+            stride_applied = True
+        self.is_spatial, self.num_features = self._probe()
+        if last_stride == 1 and self.is_spatial and not stride_applied:
+            log.warning(
+                "last_stride=1 is not supported for timm model %r (no ResNet-style layer4); stride unchanged",
+                model_name,
+            )
+
+    def _probe_size(self) -> tuple[int, int]:
+        img_size = getattr(getattr(self.model, "patch_embed", None), "img_size", None)
+        if img_size is not None:
+            return int(img_size[0]), int(img_size[1])
+        return 64, 64
+
+    def _probe(self) -> tuple[bool, int]:
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            x = torch.zeros(1, 3, *self._probe_size())
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            with torch.enable_grad():
+                fmap = self.model.forward_features(x)
+                if fmap.dim() == 4 and params:
+                    grads = torch.autograd.grad(fmap.sum(), params, allow_unused=True)
+                    uses_all = all(g is not None for g in grads)
+                else:
+                    uses_all = fmap.dim() == 4
+            with torch.no_grad():
+                pooled = self.model.forward_head(fmap.detach(), pre_logits=True)
+            # channels-last maps (Swin: B, H, W, C) are not spatial in our NCHW sense: timm pools them.
+            if fmap.dim() == 4 and uses_all and fmap.shape[1] == pooled.shape[-1]:
+                return True, int(fmap.shape[1])
+            return False, int(pooled.shape[-1])
+        finally:
+            self.model.train(was_training)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self.model.forward_features(images)
+        if self.is_spatial:
+            return x
+        return self.model.forward_head(x, pre_logits=True)
+
+    def weights_target(self) -> nn.Module:
+        return self.model
+
+
+def set_stage_stride(stage: nn.Sequential, stride: int) -> None:
+    """Set the stride of a ResNet stage (its first block) to ``stride`` (1 or 2), in place.
+
+    Every stride-2 convolution in the first block becomes stride-1 (main path and shortcut); an average
+    pool used as the shortcut's downsampling (ResNet-D) becomes an identity.
+    """
+    if stride not in (1, 2):
+        raise ValueError(f"last_stride must be 1 or 2, got {stride}")
+    if stride == 2:
+        return
+    first = stage[0]
+    for name, module in list(first.named_modules()):
+        if isinstance(module, nn.Conv2d) and module.stride == (2, 2):
+            module.stride = (1, 1)
+        elif isinstance(module, nn.AvgPool2d) and module.stride in (2, (2, 2)):
+            parent = first.get_submodule(name.rsplit(".", 1)[0]) if "." in name else first
+            setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, Tensor]:
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor)}
+        if tensors:
+            return tensors
+    raise ValueError(
+        f"weights file {str(path)!r} holds no state dict: expected a mapping of parameter names to tensors, "
+        "or a checkpoint dict with a 'state_dict' or 'model' entry"
+    )
+
+
+def _best_prefix(source_keys: list[str], target_keys: set[str]) -> str | None:
+    """The key prefix (``""``, ``"module."``, ``"backbone."``, ...) under which most source keys match."""
+    votes: Counter[str] = Counter()
+    for key in source_keys:
+        parts = key.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in target_keys:
+                votes[".".join(parts[:i]) + "." if i else ""] += 1
+                break
+    return votes.most_common(1)[0][0] if votes else None
+
+
+def load_weights(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
+    """Load a local weights file into ``module`` non-strictly.
+
+    Accepts a plain state dict or a checkpoint dict with a ``"state_dict"`` (Lightning) or ``"model"``
+    (fast-reid, detectron2) entry. A common key prefix (``module.``, ``backbone.``, ``model.backbone.``, ...)
+    is detected and stripped; tensors whose shape differs from the target are skipped.
+
+    Args:
+        module: the module to load into.
+        path: the file (``torch.save`` output).
+
+    Returns:
+        ``(missing_keys, unexpected_keys)``; their counts are logged.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: no key of the file matches a parameter of ``module``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a checkpoint with pickled extras: the user's own file
+        log.warning("weights file %s is not loadable with weights_only=True; loading it fully", path)
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    source = _extract_state_dict(obj, path)
+    target = module.state_dict()
+    prefix = _best_prefix(list(source), set(target))
+    if prefix is None:
+        raise ValueError(
+            f"no key of weights file {str(path)!r} matches {type(module).__name__}: file keys look like "
+            f"{list(source)[:3]}, expected keys like {list(target)[:3]}"
+        )
+    renamed = {k[len(prefix) :]: v for k, v in source.items() if k.startswith(prefix)}
+    mismatched = [k for k, v in renamed.items() if k in target and target[k].shape != v.shape]
+    for k in mismatched:
+        del renamed[k]
+    result = module.load_state_dict(renamed, strict=False)
+    unexpected = list(result.unexpected_keys) + [k for k in source if not k.startswith(prefix)] + mismatched
+    # Missing keys leave part of the backbone randomly initialised: worth a warning, unexpected ones are not.
+    log.log(
+        logging.WARNING if result.missing_keys else logging.INFO,
+        "loaded %s into %s (prefix %r): %d tensors loaded, %d missing, %d unexpected (%d with a shape mismatch)",
+        path,
+        type(module).__name__,
+        prefix,
+        len(renamed) - len(result.unexpected_keys),
+        len(result.missing_keys),
+        len(unexpected),
+        len(mismatched),
+    )
+    return list(result.missing_keys), unexpected
+
+
+def build_backbone(
+    name: str,
+    *,
+    last_stride: int = 2,
+    weights: str | Path | None = None,
+    timm_kwargs: Mapping[str, Any] | None = None,
+) -> Backbone:
+    """Build a backbone by name (random init, never downloads).
+
+    Args:
+        name: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet50_ibn_a"`` or ``"timm:<model_name>"``.
+        last_stride: stride of the last stage, 2 (ImageNet default) or 1 (BoT).
+        weights: optional local weights file, loaded with :func:`load_weights`.
+        timm_kwargs: extra ``timm.create_model`` arguments, only for ``"timm:"`` names.
+
+    Returns:
+        A :class:`Backbone`.
+
+    Example:
+        >>> bb = build_backbone("resnet18", last_stride=1)
+        >>> bb(torch.zeros(2, 3, 64, 32)).shape
+        torch.Size([2, 512, 4, 2])
+    """
+    if last_stride not in (1, 2):
+        raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+    if name.startswith(TIMM_PREFIX):
+        backbone: Backbone = TimmBackbone(
+            name[len(TIMM_PREFIX) :], last_stride=last_stride, timm_kwargs=timm_kwargs
+        )
+    elif name in _RESNETS:
+        if timm_kwargs:
+            raise ValueError(
+                f"timm_kwargs are only for 'timm:<model_name>' backbones, got {dict(timm_kwargs)} for {name!r}"
+            )
+        backbone = ResNetBackbone(_RESNETS[name](), last_stride=last_stride)
+    else:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {list(BACKBONE_NAMES)}")
+    if weights is not None:
+        load_weights(backbone.weights_target(), weights)
+    return backbone

@@ -1,0 +1,94 @@
+"""The ReID encoder: backbone -> global pooling -> BNNeck head (fast-reid's ``Baseline`` meta-architecture).
+
+With the defaults (ResNet-50, ``last_stride=1``, average pooling, BNNeck, test feature after BN) this is
+the BoT model of Luo et al. (CVPRW'19).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from reid_lab.models.backbones import build_backbone
+from reid_lab.models.heads import BNNeckHead
+from reid_lab.models.pooling import build_pooling
+
+
+class ReIDModel(nn.Module):
+    """Backbone + pooling + BNNeck head.
+
+    Args:
+        backbone: backbone name (see :func:`reid_lab.models.build_backbone`).
+        num_classes: training identities; 0 builds no classifier.
+        last_stride: stride of the backbone's last stage (1 as in BoT, or 2).
+        pooling: ``"avg"``, ``"max"``, ``"gem"`` or ``"avgmax"``; unused for non-spatial (token) backbones.
+        embedding_dim: optional reduced embedding dimension (a bias-free linear layer before the BN).
+        neck_feat: test embedding ``"before"`` or ``"after"`` the BNNeck.
+        weights: optional local file with backbone weights (ImageNet or a previous ReID backbone).
+        timm_kwargs: extra ``timm.create_model`` arguments for ``"timm:<name>"`` backbones.
+
+    Example:
+        >>> import torch
+        >>> model = ReIDModel("resnet18", num_classes=10)
+        >>> out = model(torch.zeros(2, 3, 64, 32))
+        >>> sorted(out), out["embedding"].shape
+        (['bn_features', 'embedding', 'features', 'logits'], torch.Size([2, 512]))
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        num_classes: int = 0,
+        last_stride: int = 1,
+        pooling: str = "avg",
+        embedding_dim: int | None = None,
+        neck_feat: str = "after",
+        weights: str | Path | None = None,
+        timm_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = build_backbone(
+            backbone, last_stride=last_stride, weights=weights, timm_kwargs=timm_kwargs
+        )
+        pool = build_pooling(pooling)  # validates the name even where a token backbone does not need it
+        self.pooling: nn.Module = pool if self.backbone.is_spatial else nn.Identity()
+        self.head = BNNeckHead(
+            self.backbone.num_features,
+            num_classes=num_classes,
+            embedding_dim=embedding_dim,
+            neck_feat=neck_feat,
+        )
+
+    @property
+    def embedding_dim(self) -> int:
+        """Dimension ``D`` of ``features``, ``bn_features`` and ``embedding``."""
+        return self.head.embedding_dim
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classifier outputs (0 when there is no classifier)."""
+        return self.head.num_classes
+
+    @property
+    def classifier_weight(self) -> Tensor | None:
+        """The ``(num_classes, D)`` classifier matrix (applied to ``bn_features``), or None without classifier."""
+        return None if self.head.classifier is None else self.head.classifier.weight
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Encode a batch of images.
+
+        Args:
+            images: ``(B, 3, H, W)``.
+
+        Returns:
+            ``"features"`` ``(B, D)`` pooled feature before the BN (for triplet / center losses),
+            ``"bn_features"`` ``(B, D)`` after the BNNeck, ``"embedding"`` ``(B, D)`` the test feature
+            (``neck_feat`` choice, not L2-normalised) and, when ``num_classes > 0``, ``"logits"``
+            ``(B, num_classes)``.
+        """
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"ReIDModel expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        return self.head(self.pooling(self.backbone(images)))
