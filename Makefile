@@ -1,0 +1,32 @@
+# Every target sets itself up: it creates (or reuses) the virtual environment and installs the project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.reid_lab-installed
+OFFLINE := WANDB_MODE=offline WANDB_SILENT=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+.PHONY: install test test-fast demo lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+# pytest exits 5 when it collected no test: that fails the target (and CI) like any other failure.
+test: install
+	$(OFFLINE) $(PY) -m pytest -q
+
+test-fast: install
+	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+
+demo: install
+	$(OFFLINE) $(PY) experiments/demo.py
+
+lint: install
+	$(VENV)/bin/ruff check reid_lab tests experiments benchmarks
+
+clean:
+	rm -rf runs reports predictions .pytest_cache

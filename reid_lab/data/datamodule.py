@@ -1,0 +1,199 @@
+"""The LightningDataModule for ReID: a parsed dataset, PK-sampled training batches, and one evaluation loader
+that yields query and gallery images together with their pids, camids and an ``is_query`` flag."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from reid_lab.data.datasets import load_dataset
+from reid_lab.data.image_dataset import ImageDataset
+from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
+from reid_lab.data.sampler import PKBatchSampler
+from reid_lab.data.transforms import build_test_transform, build_train_transform
+
+PredictSplit = Literal["test", "query", "gallery", "train"]
+
+
+class ReIDDataModule(L.LightningDataModule):
+    """ReID data: ``dataset`` parsed from ``root``, BoT augmentation, PK sampling.
+
+    Args:
+        dataset: dataset name (``reid_lab.data.datasets.list_datasets()``: market1501, dukemtmc, msmt17,
+            cuhk03np, veri776, folder, synthetic).
+        root: folder holding the dataset (or the dataset folder itself).
+        dataset_options: extra keyword arguments of the dataset's loader (e.g. ``{"variant": "labeled"}``
+            for CUHK03-NP, ``{"camera_regex": ...}`` for folder data).
+        train_subset: optional JSON file naming the training images to use (written by an upgrade scenario;
+            ``{"paths": [...]}``). Pids of the subset are relabelled to ``0..N-1``.
+        image_size: ``(height, width)`` of the network input.
+        batch_size: training batch size per device (P x K).
+        num_instances: K, images per identity in a training batch (0 = plain random batches).
+        eval_batch_size: batch size of the evaluation and prediction loaders.
+        num_workers: data-loading worker processes.
+        flip_prob / padding / random_erasing_prob / color_jitter / autoaugment_prob: BoT augmentation knobs
+            (see :func:`~reid_lab.data.transforms.build_train_transform`).
+        predict_split: which images ``predict`` embeds: ``test`` (query then gallery), ``query``,
+            ``gallery`` or ``train``.
+        seed: seed of the PK sampler's shuffles.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "market1501",
+        root: str = "data",
+        dataset_options: dict | None = None,
+        train_subset: str | None = None,
+        image_size: tuple[int, int] = (256, 128),
+        batch_size: int = 64,
+        num_instances: int = 4,
+        eval_batch_size: int = 128,
+        num_workers: int = 4,
+        flip_prob: float = 0.5,
+        padding: int = 10,
+        random_erasing_prob: float = 0.5,
+        color_jitter: float = 0.0,
+        autoaugment_prob: float = 0.0,
+        predict_split: PredictSplit = "test",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.dataset = dataset
+        self.root = root
+        self.dataset_options = dict(dataset_options or {})
+        self.train_subset = train_subset
+        self.image_size = tuple(image_size)
+        self.batch_size = batch_size
+        self.num_instances = num_instances
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.predict_split = predict_split
+        self.seed = seed
+        self.train_transform = build_train_transform(
+            self.image_size,
+            flip_prob=flip_prob,
+            padding=padding,
+            random_erasing_prob=random_erasing_prob,
+            color_jitter=color_jitter,
+            autoaugment_prob=autoaugment_prob,
+        )
+        self.test_transform = build_test_transform(self.image_size)
+        self._splits: ReIDSplits | None = None
+        self._train_records: list[ImageRecord] | None = None
+
+    # ----------------------------------------------------------------------------------------- records
+    @property
+    def splits(self) -> ReIDSplits:
+        """The parsed dataset (loaded on first access; parsing reads file names only)."""
+        if self._splits is None:
+            self._splits = load_dataset(self.dataset, self.root, **self.dataset_options)
+        return self._splits
+
+    @property
+    def train_records(self) -> list[ImageRecord]:
+        """Training images, restricted to ``train_subset`` when one is given, pids relabelled ``0..N-1``."""
+        if self._train_records is None:
+            records = self.splits.train
+            if self.train_subset is not None:
+                records = _select_subset(records, self.train_subset)
+            self._train_records = relabel(records)
+        return self._train_records
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training identities (linked to the model's classifier by the CLI)."""
+        return len({r.pid for r in self.train_records})
+
+    @property
+    def num_cameras(self) -> int:
+        return self.splits.num_cameras
+
+    def eval_records(self) -> tuple[list[ImageRecord], list[bool]]:
+        """Query then gallery records and the matching ``is_query`` flags."""
+        query, gallery = self.splits.query, self.splits.gallery
+        return query + gallery, [True] * len(query) + [False] * len(gallery)
+
+    # ------------------------------------------------------------------------------------- dataloaders
+    def _loader_kwargs(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": torch.cuda.is_available(),
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = ImageDataset(self.train_records, self.train_transform)
+        if self.num_instances > 0:
+            world = self.trainer.world_size if self.trainer is not None else 1
+            rank = self.trainer.global_rank if self.trainer is not None else 0
+            sampler = PKBatchSampler(
+                [r.pid for r in self.train_records],
+                batch_size=self.batch_size,
+                num_instances=self.num_instances,
+                seed=self.seed,
+                num_replicas=world,
+                rank=rank,
+            )
+            return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, generator=generator,
+            **self._loader_kwargs(),
+        )
+
+    def _eval_loader(self) -> DataLoader:
+        records, is_query = self.eval_records()
+        dataset = ImageDataset(records, self.test_transform, is_query=is_query)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader()
+
+    def predict_records(self) -> tuple[list[ImageRecord], list[bool]]:
+        """The records ``predict`` embeds, per ``predict_split``."""
+        if self.predict_split == "test":
+            return self.eval_records()
+        if self.predict_split == "train":
+            return self.train_records, [False] * len(self.train_records)
+        if self.predict_split in ("query", "gallery"):
+            records = getattr(self.splits, self.predict_split)
+            return records, [self.predict_split == "query"] * len(records)
+        raise ValueError(f"predict_split must be one of test, query, gallery, train; got {self.predict_split!r}")
+
+    def predict_dataloader(self) -> DataLoader:
+        records, is_query = self.predict_records()
+        dataset = ImageDataset(records, self.test_transform, is_query=is_query)
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+    def on_train_epoch_start(self) -> None:  # pragma: no cover - Lightning calls the sampler hook itself
+        pass
+
+
+def _select_subset(records: list[ImageRecord], subset_file: str) -> list[ImageRecord]:
+    path = Path(subset_file)
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"train_subset file {path} does not exist") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"train_subset file {path} is not valid JSON: {err}") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("paths"), list):
+        raise ValueError(f"train_subset file {path}: expected a JSON object with a 'paths' list")
+    wanted = set(payload["paths"])
+    selected = [r for r in records if r.path in wanted]
+    missing = wanted - {r.path for r in selected}
+    if missing:
+        raise ValueError(
+            f"train_subset file {path} names {len(missing)} image(s) not in the {records and 'training'} split, "
+            f"e.g. {sorted(missing)[0]!r}"
+        )
+    return selected
