@@ -1,0 +1,494 @@
+"""Hot-refresh (partial backfilling) evaluation: backfilling curves, orderings, flips along the curve.
+
+Protocol (RACT, Zhang et al., ICLR 2022, arXiv 2201.09724; FastFill, Jaeckle et al., ICLR 2023,
+arXiv 2303.04766):
+
+1. Queries are always embedded by the new model φ_new.
+2. For a backfill ratio β and an ordering π of the gallery, the first ``⌊β · num_gallery⌋`` items
+   of π carry their φ_new feature, the others their stored feature: the raw φ_old feature
+   (RACT/AdvBCT, backward compatibility) or the transformed ``h(φ_old)`` feature (FCT/FastFill,
+   forward compatibility, ``transformed_old_gallery``).
+3. The ReID metrics of the mixed gallery, plotted against β, form the *backfilling curve*;
+   β = 0 is the cross-test M(φ_new, φ_old), β = 1 the new self-test M(φ_new, φ_new).
+4. Against the old system (φ_old queries, φ_old gallery), each β gets negative/positive flip
+   rates (:mod:`reid_lab.metrics.flips`).
+
+Efficiency: the query × old-gallery and query × new-gallery distance matrices are computed once
+(chunked over queries); every β only copies the newly refreshed gallery columns from the new
+matrix into the mixed one (column selection, exactly ``torch.where(refreshed, d_new, d_old)``),
+so nothing is re-embedded and no distance is recomputed per β.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from reid_lab.metrics.distance import compute_distance, evaluate_features
+from reid_lab.metrics.flips import ap_negative_flips, negative_flips, retrieval_flip_rates, top1_correct
+from reid_lab.metrics.rank import RankResult, evaluate_rank
+
+__all__ = [
+    "DEFAULT_BACKFILL_RATIOS",
+    "BackfillCurve",
+    "backfill_curve",
+    "backfill_curves",
+    "num_refreshed",
+    "old_model_uncertainty",
+    "order_by_sigma",
+    "order_by_uncertainty",
+    "order_oracle",
+    "order_random",
+]
+
+#: β grid 0, 0.1, …, 1.0 (equally spaced, endpoints included, as FastFill's evaluator).
+DEFAULT_BACKFILL_RATIOS: tuple[float, ...] = tuple(k / 10 for k in range(11))
+
+_PERCENT_FLIP_KEYS = ("NFR", "PFR", "NFR_AP", "PFR_AP")
+
+
+# ------------------------------------------------------------------------------------------------ orderings
+
+
+def _check_permutation(order: Any, num_gallery: int) -> Tensor:
+    order = torch.as_tensor(order)
+    if order.ndim != 1 or order.shape[0] != num_gallery:
+        raise ValueError(
+            f"order must be a permutation of shape ({num_gallery},), got shape {tuple(order.shape)}"
+        )
+    if order.dtype.is_floating_point or order.dtype == torch.bool:
+        raise TypeError(f"order must hold integer gallery indices, got {order.dtype}")
+    order = order.to(torch.int64)
+    seen = torch.zeros(num_gallery, dtype=torch.bool, device=order.device)
+    if num_gallery and (int(order.min()) < 0 or int(order.max()) >= num_gallery):
+        raise ValueError(
+            f"order must hold gallery indices in [0, {num_gallery}), got min {int(order.min())} max {int(order.max())}"
+        )
+    seen[order] = True
+    if not bool(seen.all()):
+        raise ValueError(
+            "order must be a permutation of range(num_gallery): some gallery indices repeat or are missing"
+        )
+    return order
+
+
+def order_random(num_gallery: int, seed: int = 0) -> Tensor:
+    """Random backfill order, reproducible by ``seed`` (the baseline of RACT, AdvBCT and FastFill).
+
+    Args:
+        num_gallery: gallery size.
+        seed: seed of a private ``torch.Generator`` (the global RNG is untouched).
+
+    Returns:
+        ``(num_gallery,)`` int64 permutation of the gallery indices.
+    """
+    if isinstance(num_gallery, bool) or not isinstance(num_gallery, (int, np.integer)) or num_gallery < 0:
+        raise ValueError(f"num_gallery must be a non-negative integer, got {num_gallery!r}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randperm(int(num_gallery), generator=generator)
+
+
+def _descending(scores: Any, name: str) -> Tensor:
+    scores = torch.as_tensor(scores).detach()
+    if scores.ndim != 1:
+        raise ValueError(f"{name} must have shape (num_gallery,), got {tuple(scores.shape)}")
+    if not scores.dtype.is_floating_point:
+        scores = scores.double()
+    if bool(torch.isnan(scores).any()):
+        raise ValueError(f"{name} contains NaN; cannot order the gallery")
+    # stable: ties keep gallery order, so the ordering is deterministic
+    return torch.argsort(scores, descending=True, stable=True).cpu()
+
+
+def order_by_uncertainty(scores: Any) -> Tensor:
+    """Refresh the least reliable old gallery features first (uncertainty-based backfilling, RACT, ICLR 2022).
+
+    Args:
+        scores: ``(num_gallery,)`` uncertainty of the *old* model on each gallery image, larger =
+            less reliable (e.g. :func:`old_model_uncertainty` of the old classifier's logits, or
+            ``1 − max softmax``).
+
+    Returns:
+        ``(num_gallery,)`` int64 permutation, scores descending; ties keep gallery order.
+    """
+    return _descending(scores, "scores")
+
+
+def old_model_uncertainty(old_logits: Tensor) -> Tensor:
+    """Entropy of the old classifier's softmax per gallery image: ``H(p) = −Σ_c p_c log p_c``.
+
+    The uncertainty proxy for RACT's uncertainty-based backfilling (ICLR 2022): a flat
+    prediction means the old feature of that image is unreliable and should be refreshed early.
+
+    Args:
+        old_logits: ``(num_gallery, num_classes)`` logits of the old model.
+
+    Returns:
+        ``(num_gallery,)`` entropies in nats, in ``[0, log(num_classes)]``.
+    """
+    if not isinstance(old_logits, Tensor) or old_logits.ndim != 2:
+        shape = tuple(old_logits.shape) if hasattr(old_logits, "shape") else type(old_logits).__name__
+        raise ValueError(f"old_logits must be a 2-D tensor (num_gallery, num_classes), got {shape}")
+    log_p = F.log_softmax(old_logits.detach().double(), dim=1)
+    return -(log_p.exp() * log_p).sum(dim=1)
+
+
+def order_by_sigma(log_var: Any) -> Tensor:
+    """FastFill ordering (ICLR 2023): refresh items with the largest predicted uncertainty σ first.
+
+    FastFill's transformation h predicts ``s = log σ²`` per gallery item; since log is monotone,
+    sorting ``s`` descending equals sorting σ descending.
+
+    Args:
+        log_var: ``(num_gallery,)`` predicted ``log σ²``, or ``(num_gallery, k)`` per-dimension
+            values, averaged over the last dimension.
+
+    Returns:
+        ``(num_gallery,)`` int64 permutation, σ descending; ties keep gallery order.
+    """
+    log_var = torch.as_tensor(log_var).detach()
+    if log_var.ndim == 2:
+        log_var = log_var.double().mean(dim=1)
+    return _descending(log_var, "log_var")
+
+
+def order_oracle(g_old: Tensor, g_new: Tensor) -> Tensor:
+    """Oracle ordering: refresh first the gallery items whose stored feature is farthest from their new one.
+
+    Distance ``‖ĝ_new − ĝ_stored‖₂`` between L2-normalised features of the same gallery image. It
+    needs φ_new on the whole gallery, so it is an upper-bound reference, not a deployable policy
+    (FastFill's ``distance`` policy). For FCT pass the transformed ``h(φ_old)`` features as
+    ``g_old``; dimensions must agree.
+
+    Args:
+        g_old: ``(num_gallery, dim)`` stored (old or transformed old) gallery features.
+        g_new: ``(num_gallery, dim)`` new gallery features.
+
+    Returns:
+        ``(num_gallery,)`` int64 permutation, distance descending; ties keep gallery order.
+    """
+    if g_old.ndim != 2 or g_old.shape != g_new.shape:
+        raise ValueError(
+            f"g_old and g_new must both be (num_gallery, dim) with equal shapes, got {tuple(g_old.shape)} and {tuple(g_new.shape)}"
+        )
+    gap = (F.normalize(g_new.detach().double(), dim=1) - F.normalize(g_old.detach().double(), dim=1)).norm(
+        dim=1
+    )
+    return _descending(gap, "oracle distance")
+
+
+# ------------------------------------------------------------------------------------------------ the curve
+
+
+def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(float(r) for r in ratios)
+    if not values:
+        raise ValueError("ratios must contain at least one backfill ratio")
+    if any(not (0.0 <= r <= 1.0) for r in values):
+        raise ValueError(f"ratios must lie in [0, 1], got {list(values)}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"ratios must be strictly increasing, got {list(values)}")
+    return values
+
+
+def num_refreshed(backfill_ratio: float, num_gallery: int) -> int:
+    """``⌊β · num_gallery⌋``, robust to float error (``0.29 · 100`` gives 29, not 28)."""
+    return min(num_gallery, math.floor(round(backfill_ratio * num_gallery, 9)))
+
+
+@dataclass
+class BackfillCurve:
+    """One backfilling curve: metrics of the mixed gallery at each backfill ratio β.
+
+    Attributes:
+        ratios: the β grid, strictly increasing in [0, 1].
+        num_refreshed: gallery items carrying φ_new features at each β, ``⌊β · num_gallery⌋``.
+        values: per-β lists, all in percent: ``"R1", "R5", "R10", "mAP", "mINP"`` and, when the
+            old system was given, ``"NFR", "PFR"`` (top-1 criterion), ``"NFR_AP", "PFR_AP"``
+            (AP-based criterion) and ``"relative_NFR"`` (ELODI ratio, not a percentage).
+        ordering: name of the ordering π, for reports.
+        old_self_test: summary (percent) of the old system M(φ_old, φ_old), or ``None``.
+        negative_flip_queries: per β, int64 indices of queries that flipped negative (top-1).
+        ap_negative_flip_queries: per β, int64 indices of queries whose AP dropped.
+    """
+
+    ratios: tuple[float, ...]
+    num_refreshed: tuple[int, ...]
+    values: dict[str, list[float]]
+    ordering: str = ""
+    old_self_test: dict[str, float] | None = None
+    negative_flip_queries: tuple[np.ndarray, ...] = field(default=(), repr=False)
+    ap_negative_flip_queries: tuple[np.ndarray, ...] = field(default=(), repr=False)
+
+    def metric(self, name: str = "mAP") -> np.ndarray:
+        """``(len(ratios),)`` values of one metric along the curve."""
+        if name not in self.values:
+            raise KeyError(f"metric must be one of {sorted(self.values)}, got {name!r}")
+        return np.asarray(self.values[name], dtype=np.float64)
+
+    def auc(self, name: str = "mAP") -> float:
+        """Area under the backfilling curve M̃ = E_{β∼U[0,1]} M(G_{π,β}, Q) (FastFill, ICLR 2023).
+
+        As in FastFill's evaluator, the expectation is the plain mean of the metric over an
+        equally spaced grid that includes β = 0 and β = 1 (no trapezoid weights; the endpoints
+        count fully). See :meth:`auc_trapezoid` for the trapezoidal integral.
+
+        Raises:
+            ValueError: if the grid is not equally spaced from 0 to 1 with at least two points.
+        """
+        ratios = np.asarray(self.ratios)
+        if (
+            len(ratios) < 2
+            or ratios[0] != 0.0
+            or ratios[-1] != 1.0
+            or not np.allclose(np.diff(ratios), ratios[1] - ratios[0])
+        ):
+            raise ValueError(
+                f"auc needs an equally spaced ratio grid from 0 to 1 (FastFill's mean), got {list(self.ratios)}; "
+                "use auc_trapezoid for other grids"
+            )
+        return float(self.metric(name).mean())
+
+    def auc_trapezoid(self, name: str = "mAP") -> float:
+        """Trapezoidal integral of the curve over β, divided by the covered β range.
+
+        For a grid from 0 to 1 this is the area under the curve; it differs from :meth:`auc` in
+        that the endpoints get half weight.
+        """
+        ratios = np.asarray(self.ratios, dtype=np.float64)
+        if len(ratios) < 2:
+            raise ValueError(f"auc_trapezoid needs at least two ratios, got {list(self.ratios)}")
+        values = self.metric(name)
+        area = float(np.sum((values[1:] + values[:-1]) / 2.0 * np.diff(ratios)))
+        return area / float(ratios[-1] - ratios[0])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (flip query lists as lists of ints); inverse of :meth:`from_dict`."""
+        return {
+            "ordering": self.ordering,
+            "ratios": list(self.ratios),
+            "num_refreshed": list(self.num_refreshed),
+            "values": {k: [float(v) for v in vs] for k, vs in self.values.items()},
+            "old_self_test": self.old_self_test,
+            "negative_flip_queries": [q.tolist() for q in self.negative_flip_queries],
+            "ap_negative_flip_queries": [q.tolist() for q in self.ap_negative_flip_queries],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BackfillCurve:
+        """Rebuild a curve from :meth:`to_dict` output."""
+        return cls(
+            ratios=tuple(float(r) for r in data["ratios"]),
+            num_refreshed=tuple(int(n) for n in data["num_refreshed"]),
+            values={k: [float(v) for v in vs] for k, vs in data["values"].items()},
+            ordering=data.get("ordering", ""),
+            old_self_test=data.get("old_self_test"),
+            negative_flip_queries=tuple(
+                np.asarray(q, dtype=np.int64) for q in data.get("negative_flip_queries", [])
+            ),
+            ap_negative_flip_queries=tuple(
+                np.asarray(q, dtype=np.int64) for q in data.get("ap_negative_flip_queries", [])
+            ),
+        )
+
+
+def _check_features(features: Any, name: str) -> Tensor:
+    if not isinstance(features, Tensor) or features.ndim != 2:
+        shape = tuple(features.shape) if hasattr(features, "shape") else type(features).__name__
+        raise ValueError(f"{name} must be a 2-D tensor (n, dim), got {shape}")
+    return features.detach()
+
+
+def backfill_curves(
+    q_new: Tensor,
+    g_old: Tensor | None,
+    g_new: Tensor,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    orders: Mapping[str, Any],
+    ratios: Sequence[float] = DEFAULT_BACKFILL_RATIOS,
+    old_system: tuple[Tensor, Tensor] | None = None,
+    transformed_old_gallery: Tensor | None = None,
+    metric: str = "cosine",
+    max_rank: int = 50,
+    chunk_size: int = 4096,
+    ap_tol: float = 0.0,
+) -> dict[str, BackfillCurve]:
+    """Backfilling curves for several orderings, sharing the two distance matrices.
+
+    Same arguments as :func:`backfill_curve`, with ``orders = {ordering_name: permutation}``.
+    The query × stored-gallery and query × new-gallery distances are computed once for all
+    orderings and β.
+
+    Returns:
+        ``{ordering_name: BackfillCurve}`` in the order of ``orders``.
+    """
+    q_new = _check_features(q_new, "q_new")
+    g_new = _check_features(g_new, "g_new")
+    if transformed_old_gallery is not None:
+        stored = _check_features(transformed_old_gallery, "transformed_old_gallery")
+        stored_name = "transformed_old_gallery"
+    elif g_old is not None:
+        stored = _check_features(g_old, "g_old")
+        stored_name = "g_old"
+    else:
+        raise ValueError("g_old is required unless transformed_old_gallery is given")
+    num_gallery = g_new.shape[0]
+    if stored.shape[0] != num_gallery:
+        raise ValueError(
+            f"{stored_name} has {stored.shape[0]} rows but g_new has {num_gallery}; both embed the same gallery"
+        )
+    for name, tensor in (("g_new", g_new), (stored_name, stored)):
+        if tensor.shape[1] != q_new.shape[1]:
+            raise ValueError(
+                f"{name} has dim {tensor.shape[1]} but q_new has dim {q_new.shape[1]}; the mixed gallery is searched "
+                "with new queries, so both must live in the new space (pass h(old) as transformed_old_gallery for FCT)"
+            )
+    if not orders:
+        raise ValueError("orders must contain at least one ordering")
+    checked_orders = {
+        name: _check_permutation(order, num_gallery).to(q_new.device) for name, order in orders.items()
+    }
+    grid = _check_ratios(ratios)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+
+    old_result: RankResult | None = None
+    old_summary: dict[str, float] | None = None
+    if old_system is not None:
+        if len(old_system) != 2:
+            raise ValueError("old_system must be a (q_old, g_old) pair of feature tensors")
+        q_old = _check_features(old_system[0], "old_system[0] (q_old)")
+        g_old_system = _check_features(old_system[1], "old_system[1] (g_old)")
+        if q_old.shape[0] != q_new.shape[0] or g_old_system.shape[0] != num_gallery:
+            raise ValueError(
+                f"old_system features cover {q_old.shape[0]} queries / {g_old_system.shape[0]} gallery items, "
+                f"expected {q_new.shape[0]} / {num_gallery}"
+            )
+        old_result = evaluate_features(
+            q_old, g_old_system, q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=max_rank
+        )
+        old_summary = {k: float(v) for k, v in old_result.summary().items()}
+        old_correct, old_valid = top1_correct(old_result)
+
+    d_stored = compute_distance(q_new, stored, metric=metric, chunk_size=chunk_size)
+    d_new = compute_distance(q_new, g_new, metric=metric, chunk_size=chunk_size)
+    counts = tuple(num_refreshed(beta, num_gallery) for beta in grid)
+
+    curves: dict[str, BackfillCurve] = {}
+    names = list(checked_orders)
+    for position, name in enumerate(names):
+        order = checked_orders[name]
+        # The last ordering may consume d_stored; the others work on a copy.
+        mixed = d_stored if position == len(names) - 1 else d_stored.clone()
+        values: dict[str, list[float]] = {}
+        flips: list[np.ndarray] = []
+        ap_flips: list[np.ndarray] = []
+        done = 0
+        for count in counts:
+            if count > done:
+                # prefixes of π grow with β, so only the newly refreshed columns change
+                columns = order[done:count]
+                mixed[:, columns] = d_new[:, columns]
+                done = count
+            result = evaluate_rank(mixed, q_pids, g_pids, q_camids, g_camids, max_rank=max_rank)
+            for key, value in result.summary().items():
+                values.setdefault(key, []).append(float(value))
+            if old_result is not None:
+                rates = retrieval_flip_rates(old_result, result, ap_tol=ap_tol)
+                for key in _PERCENT_FLIP_KEYS:
+                    values.setdefault(key, []).append(100.0 * rates[key])
+                values.setdefault("relative_NFR", []).append(rates["relative_NFR"])
+                new_correct, new_valid = top1_correct(result)
+                flips.append(negative_flips(old_correct, new_correct, old_valid & new_valid))
+                ap_flips.append(ap_negative_flips(old_result.all_AP, result.all_AP, tol=ap_tol))
+        curves[name] = BackfillCurve(
+            ratios=grid,
+            num_refreshed=counts,
+            values=values,
+            ordering=name,
+            old_self_test=dict(old_summary) if old_summary is not None else None,
+            negative_flip_queries=tuple(flips),
+            ap_negative_flip_queries=tuple(ap_flips),
+        )
+    return curves
+
+
+def backfill_curve(
+    q_new: Tensor,
+    g_old: Tensor | None,
+    g_new: Tensor,
+    q_pids: Any,
+    g_pids: Any,
+    q_camids: Any,
+    g_camids: Any,
+    order: Any,
+    ratios: Sequence[float] = DEFAULT_BACKFILL_RATIOS,
+    old_system: tuple[Tensor, Tensor] | None = None,
+    transformed_old_gallery: Tensor | None = None,
+    metric: str = "cosine",
+    max_rank: int = 50,
+    chunk_size: int = 4096,
+    ap_tol: float = 0.0,
+    ordering: str = "",
+) -> BackfillCurve:
+    """Backfilling curve of a hot-refresh upgrade (RACT, ICLR 2022; FastFill, ICLR 2023).
+
+    At each β the gallery item ``order[i]`` carries its φ_new feature for ``i < ⌊β·num_gallery⌋``
+    and its stored feature otherwise; queries are φ_new. Distances are ``compute_distance``
+    with ``metric`` (default cosine = 1 − cos of L2-normalised features).
+
+    Args:
+        q_new: ``(num_query, dim)`` queries embedded by φ_new.
+        g_old: ``(num_gallery, dim)`` stored old gallery features φ_old (may be ``None`` when
+            ``transformed_old_gallery`` is given).
+        g_new: ``(num_gallery, dim)`` gallery embedded by φ_new.
+        q_pids: ``(num_query,)`` query pids.
+        g_pids: ``(num_gallery,)`` gallery pids.
+        q_camids: ``(num_query,)`` query camera ids.
+        g_camids: ``(num_gallery,)`` gallery camera ids.
+        order: ``(num_gallery,)`` permutation π of the gallery indices (see ``order_*``).
+        ratios: strictly increasing β grid in [0, 1]; default 0, 0.1, …, 1.
+        old_system: optional ``(q_old, g_old)`` features of the old system, for flip rates.
+        transformed_old_gallery: ``(num_gallery, dim)`` ``h(φ_old)`` features (FCT/FastFill);
+            when given they replace ``g_old`` as the not-yet-refreshed gallery.
+        metric: distance passed to ``compute_distance``.
+        max_rank: CMC depth.
+        chunk_size: query rows per distance block.
+        ap_tol: tolerance of the AP-based flip criterion.
+        ordering: name stored in the curve (for reports).
+
+    Returns:
+        A :class:`BackfillCurve` (metrics in percent).
+
+    Example:
+        >>> order = order_random(len(g_pids), seed=0)  # doctest: +SKIP
+        >>> curve = backfill_curve(q_new, g_old, g_new, q_pids, g_pids, q_camids, g_camids, order)  # doctest: +SKIP
+        >>> curve.auc("mAP")  # doctest: +SKIP
+    """
+    return backfill_curves(
+        q_new,
+        g_old,
+        g_new,
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        {ordering: order},
+        ratios=ratios,
+        old_system=old_system,
+        transformed_old_gallery=transformed_old_gallery,
+        metric=metric,
+        max_rank=max_rank,
+        chunk_size=chunk_size,
+        ap_tol=ap_tol,
+    )[ordering]
