@@ -92,7 +92,19 @@ def _synth(argv: list[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth}
+def _upgrade(argv: list[str]) -> int:
+    from reid_lab.upgrade.study import main
+
+    return main(argv)
+
+
+def _index(argv: list[str]) -> int:
+    from reid_lab.retrieval.cli import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -89,6 +89,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a feature file is an ordinary shared artefact
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

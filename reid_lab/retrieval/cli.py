@@ -1,0 +1,165 @@
+"""``reid-lab index build | search``: faiss gallery indexes from feature files.
+
+Examples::
+
+    reid-lab index build --features gallery.pt --kind hnsw --m 32 --out runs/index-hnsw
+    reid-lab index search --index runs/index-hnsw --queries query.pt --k 10 --out results.json
+
+``build`` indexes the gallery rows of a feature file (``--split all`` for every row); ``search`` searches
+with its query rows (``--split all`` for every row), refusing a gallery of another embedding space unless a
+verified compatibility claim allows it or ``--allow-unverified`` is given. Bad input ends with a one-line
+error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from reid_lab.retrieval.features import FeatureSet
+from reid_lab.retrieval.index import DEVICES, KINDS, GalleryIndex
+from reid_lab.retrieval.search import search_features
+from reid_lab.upgrade.space import IncompatibleSpacesError
+
+PROG = "reid-lab index"
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported in one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``reid-lab index`` argument parser."""
+    parser = argparse.ArgumentParser(prog=PROG, description="Build and search faiss gallery indexes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{build,search}")
+
+    build = sub.add_parser("build", help="index the gallery rows of a feature file")
+    build.add_argument("--features", required=True, type=Path, help="feature file (.pt, FeatureSet.save)")
+    build.add_argument("--split", choices=("gallery", "all"), default="gallery",
+                       help="rows to index: is_query == False (default) or all")
+    build.add_argument("--kind", choices=KINDS, default="flat", help="faiss index kind (default: flat)")
+    build.add_argument("--nlist", type=int, help="ivf/ivfpq: number of k-means cells (default 4 sqrt(N))")
+    build.add_argument("--nprobe", type=int, help="ivf/ivfpq: cells visited per query (default min(nlist, 32))")
+    build.add_argument("--m", type=int, help="hnsw: links per node (default 32)")
+    build.add_argument("--ef-construction", type=int, help="hnsw: build beam width (default 80)")
+    build.add_argument("--ef-search", type=int, help="hnsw: search beam width (default 64)")
+    build.add_argument("--pq-m", type=int, help="ivfpq: sub-quantisers, must divide the dimension")
+    build.add_argument("--device", choices=DEVICES, default="auto", help="faiss device (default: auto)")
+    build.add_argument("--out", required=True, type=Path, help="index folder to write")
+
+    search = sub.add_parser("search", help="search an index with the query rows of a feature file")
+    search.add_argument("--index", required=True, type=Path, help="index folder (reid-lab index build)")
+    search.add_argument("--queries", required=True, type=Path, help="feature file (.pt, FeatureSet.save)")
+    search.add_argument("--split", choices=("query", "all"), default="query",
+                        help="rows to search with: is_query == True (default) or all")
+    search.add_argument("--k", type=int, default=10, help="neighbours per query (default 10)")
+    search.add_argument("--nprobe", type=int, help="ivf/ivfpq: override the stored nprobe")
+    search.add_argument("--ef-search", type=int, help="hnsw: override the stored ef_search")
+    search.add_argument("--device", choices=DEVICES, default="cpu", help="faiss device (default: cpu)")
+    search.add_argument("--out", required=True, type=Path, help="results file: .json or .pt")
+    search.add_argument("--allow-unverified", action="store_true",
+                        help="search even without a verified compatibility claim between the spaces")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``reid-lab index``; returns the exit code (0 ok, 2 bad input)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exit_:  # argparse has printed usage and the error
+        return int(exit_.code or 0)
+    try:
+        if args.command == "build":
+            return _build(args)
+        return _search(args)
+    except (UsageError, IncompatibleSpacesError, FileNotFoundError, ValueError) as err:
+        print(f"{PROG} {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _load_features(path: Path, split: str) -> FeatureSet:
+    if not path.is_file():
+        raise UsageError(f"feature file {path} does not exist")
+    try:
+        features = FeatureSet.load(path)
+    except ValueError as err:
+        raise UsageError(str(err)) from err
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on foreign files
+        raise UsageError(f"{path} is not a reid_lab feature file ({type(err).__name__}: {err})") from err
+    if features.features.ndim != 2:
+        raise UsageError(f"{path}: features must be a (N, D) matrix, got shape {tuple(features.features.shape)}")
+    if split == "all":
+        return features
+    query, gallery = features.split()
+    chosen = query if split == "query" else gallery
+    if len(chosen.paths) == 0:
+        raise UsageError(f"{path} has no {split} rows (is_query is all {split != 'query'}); use --split all")
+    return chosen
+
+
+def _build(args: argparse.Namespace) -> int:
+    features = _load_features(args.features, args.split)
+    names = ("nlist", "nprobe", "m", "ef_construction", "ef_search", "pq_m")
+    params = {key: getattr(args, key) for key in names if getattr(args, key) is not None}
+    for key, value in params.items():
+        if value < 1:
+            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {value}")
+    start = time.perf_counter()
+    try:
+        index = GalleryIndex.build(features, args.kind, device=args.device, **params)
+    except ValueError as err:
+        raise UsageError(f"cannot build the {args.kind} index from {args.features}: {err}") from err
+    seconds = time.perf_counter() - start
+    index.save(args.out)
+    print(f"indexed {index.ntotal} x {index.dim} vectors of {args.features} ({args.split} rows, space "
+          f"{index.space.get('space_id', '<unknown>')!r}) as {args.kind} {_params(index)} in {seconds:.2f} s "
+          f"-> {args.out}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    if args.out.suffix not in (".json", ".pt"):
+        raise UsageError(f"--out must end in .json or .pt, got {args.out}")
+    index = GalleryIndex.load(args.index, device=args.device)
+    queries = _load_features(args.queries, args.split)
+    if queries.features.shape[1] != index.dim:
+        raise UsageError(f"queries in {args.queries} have dim {queries.features.shape[1]} but the index "
+                         f"{args.index} holds {index.dim}-d vectors")
+    if not 1 <= args.k <= index.ntotal:
+        raise UsageError(f"--k {args.k} must be between 1 and the gallery size {index.ntotal} of {args.index}")
+    if args.nprobe is not None or args.ef_search is not None:
+        index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    start = time.perf_counter()
+    try:
+        result = search_features(index, queries, args.k, allow_unverified=args.allow_unverified)
+    except IncompatibleSpacesError as err:
+        raise UsageError(f"queries {args.queries} vs index {args.index}: {err} "
+                         "(on the command line: --allow-unverified)") from err
+    seconds = time.perf_counter() - start
+    result.save(args.out)
+    _print_summary(args, index, len(queries.paths), seconds, result.metrics())
+    return 0
+
+
+def _params(index: GalleryIndex) -> str:
+    shown = {k: v for k, v in index.params.items() if k not in ("train_size", "device")}
+    return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
+
+
+def _print_summary(args: argparse.Namespace, index: GalleryIndex, num_query: int, seconds: float,
+                   metrics: dict[str, float]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{num_query} queries x {index.ntotal} gallery, {index.kind} index")
+    for column in ("queries/s", *metrics):
+        table.add_column(column, justify="right")
+    row = [f"{num_query / max(seconds, 1e-9):,.0f}"]
+    row += [f"{v:.0f}" if key == "num_valid_queries" else f"{v:.2f}" for key, v in metrics.items()]
+    table.add_row(*row)
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"wrote top-{args.k} results to {args.out}")

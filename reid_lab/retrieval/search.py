@@ -1,0 +1,220 @@
+"""Searching a gallery index with query features, refusing incompatible embedding spaces.
+
+:func:`search_features` is the one entry point that respects the upgrade contract: before any vector is
+compared it calls :func:`reid_lab.upgrade.space.check_compatible` on the query and gallery space records,
+so a gallery embedded by another model is only searched under a verified compatibility claim (or the
+explicit ``allow_unverified`` override).
+
+The metrics of :class:`SearchResult` are plain retrieval metrics over the returned top-``k`` (every gallery
+item with the query's pid counts as relevant; no same-camera filtering). For the ReID protocol use
+``reid_lab.metrics.evaluate_rank`` on a full distance matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from reid_lab.retrieval.features import FeatureSet, atomic_torch_save
+from reid_lab.retrieval.index import GalleryIndex
+from reid_lab.upgrade.space import check_compatible
+
+
+def recall_at_k(approx_ids: Tensor, exact_ids: Tensor, k: int | None = None) -> float:
+    """Overlap of approximate and exact top-``k`` neighbour sets: mean over queries of ``|A ∩ E| / k``.
+
+    Args:
+        approx_ids: ``(num_query, >= k)`` ids from an approximate search (``-1`` never matches).
+        exact_ids: ``(num_query, >= k)`` ids from exact search.
+        k: cut-off; defaults to ``exact_ids.shape[1]``.
+
+    Returns:
+        A fraction in ``[0, 1]``.
+
+    Example:
+        >>> recall_at_k(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]]))
+        0.75
+    """
+    k = exact_ids.shape[1] if k is None else k
+    if approx_ids.ndim != 2 or exact_ids.ndim != 2 or approx_ids.shape[0] != exact_ids.shape[0]:
+        raise ValueError(f"approx_ids and exact_ids must be (num_query, k) with the same num_query, got "
+                         f"{tuple(approx_ids.shape)} and {tuple(exact_ids.shape)}")
+    if not 1 <= k <= min(approx_ids.shape[1], exact_ids.shape[1]):
+        raise ValueError(f"k={k} must be between 1 and the number of returned neighbours "
+                         f"{min(approx_ids.shape[1], exact_ids.shape[1])}")
+    a, e = approx_ids[:, :k], exact_ids[:, :k]
+    hits = ((a.unsqueeze(2) == e.unsqueeze(1)) & (a.unsqueeze(2) >= 0)).any(dim=2).sum(dim=1)
+    return float(hits.float().mean() / k)
+
+
+@dataclass
+class SearchResult:
+    """Top-``k`` hits of ``num_query`` queries in a gallery index.
+
+    Attributes:
+        ids: ``(num_query, k)`` int64 gallery rows (``-1``: no hit).
+        scores: ``(num_query, k)`` float32 cosine similarities, descending.
+        gallery_pids: ``(num_query, k)`` int64 pids of the hits (``-1`` for no hit).
+        gallery_camids: ``(num_query, k)`` int64 camids of the hits.
+        query_pids: ``(num_query,)`` int64, or ``None`` when unknown.
+        query_camids: ``(num_query,)`` int64, or ``None``.
+        query_paths: ``num_query`` query image paths.
+        num_positives: ``(num_query,)`` gallery items sharing each query's pid, or ``None``.
+        gallery_paths: the index's path list (row ``i`` is gallery item ``i``); not copied.
+        query_space, gallery_space: space ids of both sides.
+    """
+
+    ids: Tensor
+    scores: Tensor
+    gallery_pids: Tensor
+    gallery_camids: Tensor
+    query_pids: Tensor | None = None
+    query_camids: Tensor | None = None
+    query_paths: list[str] = field(default_factory=list)
+    num_positives: Tensor | None = None
+    gallery_paths: list[str] = field(default_factory=list, repr=False)
+    query_space: str = "<unknown>"
+    gallery_space: str = "<unknown>"
+
+    @property
+    def k(self) -> int:
+        """Neighbours returned per query."""
+        return int(self.ids.shape[1])
+
+    def recall_at_k(self, exact: SearchResult | Tensor, k: int | None = None) -> float:
+        """:func:`recall_at_k` of these ids against an exact result (a SearchResult or its ``ids``)."""
+        exact_ids = exact.ids if isinstance(exact, SearchResult) else exact
+        return recall_at_k(self.ids, exact_ids, self.k if k is None else k)
+
+    def matches(self) -> Tensor:
+        """``(num_query, k)`` bool: hit shares the query's pid (a negative pid means unknown: no match)."""
+        if self.query_pids is None:
+            raise ValueError("query pids are unknown; retrieval metrics need them")
+        query_pids = self.query_pids.unsqueeze(1)
+        return (self.gallery_pids == query_pids) & (self.ids >= 0) & (query_pids >= 0)
+
+    def metrics(self) -> dict[str, float]:
+        """R1, P@k and mAP@k in percent over queries with at least one positive in the gallery.
+
+        Queries whose pid is absent from the gallery are skipped, as in the ReID protocol.
+
+        AP@k = Σ_{i≤k} P@i · rel_i / min(k, num_positives), the truncated AP of the Google Landmarks v2
+        benchmark (Weyand et al., CVPR'20). Returns ``{}`` when query pids are unknown.
+        """
+        if self.query_pids is None:
+            return {}
+        match = self.matches().float()
+        # without gallery positive counts every query with a known pid counts (AP then divides by its hits)
+        valid = self.num_positives > 0 if self.num_positives is not None else self.query_pids >= 0
+        if not bool(valid.any()):
+            return {"num_valid_queries": 0.0}
+        match = match[valid]
+        ranks = torch.arange(1, self.k + 1, dtype=torch.float32)
+        precision_at_i = match.cumsum(dim=1) / ranks
+        if self.num_positives is not None:
+            denom = self.num_positives[valid].clamp(max=self.k).float()
+        else:
+            denom = match.sum(dim=1).clamp(min=1)
+        ap = (precision_at_i * match).sum(dim=1) / denom
+        return {
+            "R1": 100.0 * float(match[:, 0].mean()),
+            f"P@{self.k}": 100.0 * float(match.mean()),
+            f"mAP@{self.k}": 100.0 * float(ap.mean()),
+            "num_valid_queries": float(valid.sum()),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain lists for JSON: per-query ids, scores, pids and paths of the hits, and the metrics."""
+        hit_paths = [[self.gallery_paths[i] if 0 <= i < len(self.gallery_paths) else "" for i in row]
+                     for row in self.ids.tolist()]
+        return {
+            "k": self.k,
+            "query_space": self.query_space,
+            "gallery_space": self.gallery_space,
+            "query_paths": list(self.query_paths),
+            "query_pids": None if self.query_pids is None else self.query_pids.tolist(),
+            "ids": self.ids.tolist(),
+            "scores": [[s if s != float("-inf") else None for s in row] for row in self.scores.tolist()],
+            "gallery_pids": self.gallery_pids.tolist(),
+            "gallery_paths": hit_paths,
+            "metrics": self.metrics(),
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``.json`` (:meth:`to_dict`) or ``.pt`` (tensors), atomically."""
+        path = Path(path)
+        if path.suffix == ".json":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
+                with os.fdopen(fd, "w") as fh:
+                    json.dump(self.to_dict(), fh, indent=1)
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return path
+        if path.suffix == ".pt":
+            payload = {
+                "format": "reid_lab.search_result/1",
+                "ids": self.ids, "scores": self.scores, "gallery_pids": self.gallery_pids,
+                "gallery_camids": self.gallery_camids, "query_pids": self.query_pids,
+                "query_camids": self.query_camids, "query_paths": list(self.query_paths),
+                "num_positives": self.num_positives, "query_space": self.query_space,
+                "gallery_space": self.gallery_space, "metrics": self.metrics(),
+            }
+            return atomic_torch_save(payload, path)
+        raise ValueError(f"search results go to a .json or .pt file, got {path}")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def search_features(index: GalleryIndex, queries: FeatureSet, k: int = 10, *,
+                    allow_unverified: bool = False) -> SearchResult:
+    """Search ``index`` with every row of ``queries`` after checking the two embedding spaces agree.
+
+    Args:
+        index: the gallery index.
+        queries: query embeddings with their pids, camids, paths and space (select the query part first,
+            e.g. ``FeatureSet.split()[0]``).
+        k: neighbours per query.
+        allow_unverified: search even without a verified compatibility claim (logged as a warning).
+
+    Returns:
+        The :class:`SearchResult`.
+
+    Raises:
+        IncompatibleSpacesError: the spaces differ and no claim of ``queries.space`` names ``index.space``.
+        ValueError: the query dimension is not the index's, or ``k`` is out of range.
+    """
+    check_compatible(queries.space, index.space, allow_unverified=allow_unverified)
+    if queries.features.ndim != 2 or queries.features.shape[1] != index.dim:
+        raise ValueError(f"queries have shape {tuple(queries.features.shape)} but the index holds "
+                         f"{index.dim}-d vectors")
+    scores, ids = index.search(queries.features, k)
+    safe = ids.clamp(min=0)
+    gallery_pids = torch.where(ids >= 0, index.pids[safe], -1)
+    gallery_camids = torch.where(ids >= 0, index.camids[safe], -1)
+    query_pids = queries.pids.long()
+    unique, counts = torch.unique(index.pids, return_counts=True)
+    pos = torch.searchsorted(unique, query_pids).clamp(max=len(unique) - 1)
+    num_positives = torch.where((unique[pos] == query_pids) & (query_pids >= 0), counts[pos], 0)
+    return SearchResult(
+        ids=ids, scores=scores, gallery_pids=gallery_pids, gallery_camids=gallery_camids,
+        query_pids=query_pids, query_camids=queries.camids.long(), query_paths=list(queries.paths),
+        num_positives=num_positives, gallery_paths=index.paths,
+        query_space=queries.space.get("space_id", "<unknown>"),
+        gallery_space=index.space.get("space_id", "<unknown>"),
+    )

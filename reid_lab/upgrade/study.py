@@ -1,0 +1,465 @@
+"""`reid-lab upgrade`: one command runs a whole compatible-upgrade study, in resumable stages.
+
+A study YAML (``experiments/<name>.yaml``) names the shared LightningCLI building blocks, an upgrade
+scenario, the old model, the new model and the methods to compare::
+
+    study:
+      name: synthetic_upgrade
+      out: reports/synthetic_upgrade
+      configs: [configs/data/synthetic.yaml]          # shared by every training stage
+      scenario: configs/scenario/extended_class.yaml   # or an inline mapping
+      old: {configs: [configs/model/bot_r18.yaml], overrides: {trainer.max_epochs: 10}}
+      new: {configs: [configs/model/bot_r34.yaml], overrides: {trainer.max_epochs: 10}}
+      methods:
+        independent: {}                                 # φ_new*, the upper bound
+        bct: {compatible_losses: [{name: bct}]}
+        ract: {compatible_losses: [{name: ract}]}
+      evaluation: {orderings: [random, uncertainty, oracle], independent: independent}
+
+Stages, each under ``<out>/``: ``split/`` (old / new training sets), ``train/<version>/`` (one Lightning
+``fit`` per version, config written to ``config.yaml`` first), ``features/<version>.pt`` (query and
+gallery embeddings with their embedding-space record), and the report (``report.json``, ``report.md``,
+PNG plots). A finished stage leaves a marker and is skipped on the next run; a killed training stage
+resumes from its ``last.ckpt``. After the evaluation, every method that passes the empirical criterion
+M(φ_new, φ_old) > M(φ_old, φ_old) gets a verified compatibility claim on the old space, written into its
+checkpoint and feature file (see :mod:`reid_lab.upgrade.space`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from reid_lab.data.datamodule import ReIDDataModule
+from reid_lab.metrics.backfill import (
+    DEFAULT_BACKFILL_RATIOS,
+    backfill_curves,
+    old_model_uncertainty,
+    order_by_sigma,
+    order_by_uncertainty,
+    order_oracle,
+    order_random,
+)
+from reid_lab.metrics.compatibility import VersionFeatures, compatibility_criterion, compatibility_matrix
+from reid_lab.retrieval.extract import extract
+from reid_lab.retrieval.features import FeatureSet, atomic_torch_save
+from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
+from reid_lab.upgrade.old_model import read_checkpoint, reid_model_from_checkpoint
+from reid_lab.upgrade.report import write_report
+from reid_lab.upgrade.scenarios import ScenarioConfig, load_scenario, save_split
+from reid_lab.upgrade.space import add_claim
+
+log = logging.getLogger(__name__)
+
+ORDERINGS = ("random", "uncertainty", "oracle", "sigma")
+STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation"}
+STAGE_KEYS = {"configs", "overrides"}
+METHOD_KEYS = {"compatible_losses", "adapter", "overrides", "transformation"}
+TRANSFORMATION_KEYS = {"of", "uncertainty", "epochs", "hidden_dim", "lr", "batch_size"}
+EVAL_KEYS = {"orderings", "ratios", "seed", "independent", "distance"}
+
+
+@dataclass
+class StudyConfig:
+    """A parsed study YAML (see the module docstring). Paths are relative to the working directory."""
+
+    name: str
+    out: Path
+    configs: list[str]
+    scenario: ScenarioConfig
+    old: dict[str, Any]
+    new: dict[str, Any]
+    methods: dict[str, dict[str, Any]]
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    source: str = "<dict>"
+
+    @classmethod
+    def load(cls, path_or_dict: str | Path | dict) -> StudyConfig:
+        if isinstance(path_or_dict, dict):
+            raw, source = path_or_dict, "<dict>"
+        else:
+            source = str(path_or_dict)
+            if not Path(source).is_file():
+                raise FileNotFoundError(f"study config {source} does not exist")
+            raw = yaml.safe_load(Path(source).read_text())
+        if not isinstance(raw, dict) or "study" not in raw:
+            raise ValueError(f"{source}: expected a top-level 'study:' mapping")
+        study = raw["study"]
+        _check_keys(study, STUDY_KEYS, f"{source}: study")
+        for key in ("name", "scenario", "old", "new", "methods"):
+            if key not in study:
+                raise ValueError(f"{source}: study.{key} is required")
+        for stage in ("old", "new"):
+            _check_keys(study[stage], STAGE_KEYS, f"{source}: study.{stage}")
+        methods = study["methods"]
+        if not isinstance(methods, dict) or not methods:
+            raise ValueError(f"{source}: study.methods must map method names to settings, got {methods!r}")
+        for name, spec in methods.items():
+            spec = spec or {}
+            methods[name] = spec
+            if name == "old":
+                raise ValueError(f"{source}: 'old' is reserved for the old model; rename the method")
+            _check_keys(spec, METHOD_KEYS, f"{source}: study.methods.{name}")
+            if "transformation" in spec:
+                _check_keys(spec["transformation"], TRANSFORMATION_KEYS, f"{source}: methods.{name}.transformation")
+                base = spec["transformation"].get("of")
+                if base not in methods or "transformation" in (methods.get(base) or {}):
+                    raise ValueError(
+                        f"{source}: methods.{name}.transformation.of must name a trained method, got {base!r}"
+                    )
+        evaluation = study.get("evaluation") or {}
+        _check_keys(evaluation, EVAL_KEYS, f"{source}: study.evaluation")
+        for ordering in evaluation.get("orderings", ["random", "uncertainty", "oracle"]):
+            if ordering not in ORDERINGS:
+                raise ValueError(f"{source}: unknown ordering {ordering!r}; expected one of {ORDERINGS}")
+        return cls(
+            name=str(study["name"]),
+            out=Path(study.get("out", f"reports/{study['name']}")),
+            configs=list(study.get("configs", [])),
+            scenario=load_scenario(study["scenario"]),
+            old=study["old"],
+            new=study["new"],
+            methods=methods,
+            evaluation=evaluation,
+            source=source,
+        )
+
+    @property
+    def trained_methods(self) -> list[str]:
+        return [m for m, spec in self.methods.items() if "transformation" not in spec]
+
+
+class Study:
+    """Runs the stages of a :class:`StudyConfig`; every stage is skipped when its output exists."""
+
+    def __init__(self, config: StudyConfig) -> None:
+        self.config = config
+        self.out = config.out
+        self.timings: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------------ driver
+    def run(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        split_files = self.split()
+        checkpoints = {"old": self.train("old", self.config.old, split_files["old"], self.config.scenario.old_model)}
+        for method in self.config.trained_methods:
+            checkpoints[method] = self.train(
+                method, self.config.new, split_files["new"], self.config.scenario.new_model,
+                method_spec=self.config.methods[method], old_checkpoint=checkpoints["old"],
+            )
+        features = {version: self.embed(version, ckpt) for version, ckpt in checkpoints.items()}
+        return self.evaluate(checkpoints, features, split_files)
+
+    # ------------------------------------------------------------------------------------------- split
+    def datamodule(self, train_subset: str | None = None) -> ReIDDataModule:
+        """The evaluation data, as configured for the old model's stage (all stages share the test split)."""
+        cfg = self.compose(list(self.config.old.get("configs") or []), dict(self.config.old.get("overrides") or {}))
+        data = cfg.get("data") or {}
+        if data.get("class_path", "reid_lab.data.ReIDDataModule").split(".")[-1] != "ReIDDataModule":
+            raise ValueError(f"{self.config.source}: upgrade studies need data.class_path ReIDDataModule")
+        init = dict(data.get("init_args") or {})
+        init["train_subset"] = train_subset
+        return ReIDDataModule(**init)
+
+    def split(self) -> dict[str, str]:
+        """Stage 1: split the training set by the scenario and save it (reused when identical)."""
+        dm = self.datamodule()
+        upgrade_split = self.config.scenario.split(dm.splits.train)
+        files = save_split(upgrade_split, self.out / "split")
+        summary = upgrade_split.summary()
+        log.info("split %s: %s", self.config.scenario.kind, summary)
+        print(f"[split] {self.config.scenario.kind} (old fraction {self.config.scenario.old_fraction}): "
+              f"old {summary['old_ids']} ids / {summary['old_images']} images, "
+              f"new {summary['new_ids']} ids / {summary['new_images']} images")
+        return {"old": str(files["old"]), "new": str(files["new"])}
+
+    # ---------------------------------------------------------------------------------------- training
+    def compose(self, stage_configs: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
+        """Merge the study's shared configs, the stage's configs and dotted overrides; resolve ``${...}``."""
+        merged = OmegaConf.create({})
+        for path in [*self.config.configs, *stage_configs]:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"{self.config.source}: config file {path} does not exist")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for key, value in overrides.items():
+            OmegaConf.update(merged, key, value, merge=False, force_add=True)
+        return OmegaConf.to_container(merged, resolve=True)
+
+    def train(self, version: str, stage: dict[str, Any], train_subset: str, model_overrides: dict[str, Any],
+              method_spec: dict[str, Any] | None = None, old_checkpoint: str | None = None) -> str:
+        """Stage 2: fit one version with the real LightningCLI; returns its best checkpoint."""
+        stage_dir = self.out / "train" / version
+        done = stage_dir / "done.json"
+        if done.is_file():
+            info = json.loads(done.read_text())
+            print(f"[train {version}] done earlier: {info['checkpoint']}")
+            return info["checkpoint"]
+        method_spec = method_spec or {}
+        overrides = dict(stage.get("overrides") or {})
+        overrides.update(method_spec.get("overrides") or {})
+        cfg = self.compose(list(stage.get("configs") or []), overrides)
+        model_args = cfg.setdefault("model", {}).setdefault("init_args", {})
+        model_args.update(model_overrides or {})
+        model_args["space_id"] = f"{self.config.name}/{version}"
+        if method_spec.get("compatible_losses"):
+            model_args["upgrade"] = {
+                "old_checkpoint": str(old_checkpoint),
+                "compatible_losses": method_spec["compatible_losses"],
+                "adapter": method_spec.get("adapter", "linear"),
+            }
+        cfg.setdefault("data", {}).setdefault("init_args", {})["train_subset"] = train_subset
+        trainer = cfg.setdefault("trainer", {})
+        trainer["default_root_dir"] = str(stage_dir)
+        trainer["logger"] = {
+            "class_path": "lightning.pytorch.loggers.WandbLogger",
+            "init_args": {"project": "reid_lab", "name": f"{self.config.name}-{version}", "group": self.config.name,
+                          "save_dir": str(stage_dir), "offline": True},
+        }
+        trainer["callbacks"] = [
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(stage_dir / "checkpoints"), "monitor": "val/mAP", "mode": "max",
+                           "save_last": True, "filename": "epoch{epoch:03d}-mAP{val/mAP:.2f}",
+                           "auto_insert_metric_name": False}},
+            {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+        ]
+        config_path = stage_dir / "config.yaml"
+        _atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
+        args = ["fit", "--config", str(config_path)]
+        last = stage_dir / "checkpoints" / "last.ckpt"
+        if last.is_file():
+            print(f"[train {version}] resuming from {last}")
+            args += ["--ckpt_path", str(last)]
+        print(f"[train {version}] {model_args.get('backbone')} on {train_subset}")
+        from reid_lab.cli import run_lightning_cli
+
+        start = time.perf_counter()
+        cli = run_lightning_cli(args)
+        seconds = time.perf_counter() - start
+        best = cli.trainer.checkpoint_callback.best_model_path or str(last)
+        metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
+        if cli.trainer.logger is not None and hasattr(cli.trainer.logger, "experiment"):
+            cli.trainer.logger.experiment.finish()
+        if cli.trainer.current_epoch < int(trainer.get("max_epochs") or 0):
+            raise RuntimeError(f"training of {version} stopped early at epoch {cli.trainer.current_epoch}")
+        _atomic_write_text(done, json.dumps({"checkpoint": best, "seconds": seconds, "val": metrics}, indent=2))
+        self.timings[f"train/{version}"] = seconds
+        return best
+
+    # ---------------------------------------------------------------------------------------- features
+    def embed(self, version: str, checkpoint: str) -> FeatureSet:
+        """Stage 3: query + gallery embeddings of one version (old-model logits kept for uncertainty)."""
+        path = self.out / "features" / f"{version}.pt"
+        if path.is_file():
+            return FeatureSet.load(path)
+        dm = self.datamodule()
+        model, ckpt = reid_model_from_checkpoint(checkpoint)
+        model.eval()
+        records, is_query = dm.eval_records()
+        keys = ("embedding", "logits") if version == "old" and model.num_classes else ("embedding",)
+        start = time.perf_counter()
+        out = extract(model, records, dm.test_transform, keys=keys, batch_size=dm.eval_batch_size,
+                      num_workers=dm.num_workers)
+        self.timings[f"embed/{version}"] = time.perf_counter() - start
+        if "logits" in out:
+            gallery_logits = out["logits"][~torch.tensor(is_query)]
+            atomic_torch_save({"uncertainty": old_model_uncertainty(gallery_logits)},
+                              self.out / "features" / "old.gallery_uncertainty.pt")
+        features = FeatureSet(
+            out["embedding"], torch.tensor([r.pid for r in records]), torch.tensor([r.camid for r in records]),
+            torch.tensor(is_query), [r.path for r in records], ckpt.get("embedding_space") or {},
+        )
+        features.save(path)
+        return features
+
+    def transformation(self, name: str, spec: dict[str, Any], checkpoints: dict[str, str],
+                       gallery_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """FCT / FastFill: learn h(φ_old) ≈ φ_new on the new training set, apply it to the old gallery.
+
+        Returns the transformed gallery ``(ng, d_new)`` and, with ``uncertainty``, FastFill's log σ².
+        """
+        path = self.out / "features" / f"{name}.transformed_gallery.pt"
+        if path.is_file():
+            saved = torch.load(path, weights_only=True)
+            return saved["gallery"], saved.get("log_var")
+        t = spec["transformation"]
+        dm = self.datamodule(train_subset=str(self.out / "split" / "new.json"))
+        old_model, _ = reid_model_from_checkpoint(checkpoints["old"])
+        new_model, _ = reid_model_from_checkpoint(checkpoints[t["of"]])
+        records = dm.train_records
+        old_train = extract(old_model.eval(), records, dm.test_transform, batch_size=dm.eval_batch_size,
+                            num_workers=dm.num_workers)["embedding"]
+        new_train = extract(new_model.eval(), records, dm.test_transform, batch_size=dm.eval_batch_size,
+                            num_workers=dm.num_workers, keys=("embedding", "logits"))
+        uncertainty = bool(t.get("uncertainty", True))
+        h = FCTTransformation(old_train.shape[1], new_train["embedding"].shape[1],
+                              hidden_dim=int(t.get("hidden_dim", 512)), uncertainty=uncertainty)
+        labels = torch.tensor([r.pid for r in records])
+        classifier = new_model.classifier_weight.detach() if uncertainty else None
+        start = time.perf_counter()
+        h = train_transformation(h, old_train, new_train["embedding"], labels=labels if uncertainty else None,
+                                 new_classifier=classifier, epochs=int(t.get("epochs", 30)),
+                                 lr=float(t.get("lr", 5e-4)), batch_size=int(t.get("batch_size", 256)))
+        self.timings[f"transformation/{name}"] = time.perf_counter() - start
+        with torch.no_grad():
+            out = h(gallery_old)
+        gallery, log_var = (out if uncertainty else (out, None))
+        atomic_torch_save({"gallery": gallery, "log_var": log_var}, path)
+        return gallery, log_var
+
+    # -------------------------------------------------------------------------------------- evaluation
+    def evaluate(self, checkpoints: dict[str, str], features: dict[str, FeatureSet],
+                 split_files: dict[str, str]) -> dict[str, Any]:
+        """Stage 4: compatibility matrix, backfill curves, flips, report, compatibility claims."""
+        ev = self.config.evaluation
+        distance = ev.get("distance", "cosine")
+        ratios = tuple(ev.get("ratios", DEFAULT_BACKFILL_RATIOS))
+        orderings = list(ev.get("orderings", ["random", "uncertainty", "oracle"]))
+        independent = ev.get("independent", "independent" if "independent" in self.config.methods else None)
+        old_q, old_g = features["old"].split()
+        q_pids, q_camids, g_pids, g_camids = old_q.pids, old_q.camids, old_g.pids, old_g.camids
+        versions = {v: VersionFeatures(v, *(fs.features for fs in f.split())) for v, f in features.items()}
+        transformed: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        for name, spec in self.config.methods.items():
+            if "transformation" in spec:
+                transformed[name] = self.transformation(name, spec, checkpoints, old_g.features)
+                base_q = versions[spec["transformation"]["of"]].query
+                versions[name] = VersionFeatures(name, base_q, transformed[name][0])
+
+        start = time.perf_counter()
+        # Trained versions against each other; a transformation version only as (h-query, h-gallery):
+        # φ_new queries against the transformed old gallery h(φ_old), the FCT cross-test.
+        trained = [v for v in versions if v not in transformed]
+        pairs = [(a, b) for a in trained for b in trained if versions[a].dim == versions[b].dim]
+        pairs += [(t, t) for t in transformed]
+        matrix = compatibility_matrix(versions, q_pids, g_pids, q_camids, g_camids, metric=distance, pairs=pairs)
+        self.timings["evaluate/matrix"] = time.perf_counter() - start
+
+        uncertainty_file = self.out / "features" / "old.gallery_uncertainty.pt"
+        curves = {}
+        rows = []
+        start = time.perf_counter()
+        for method, spec in self.config.methods.items():
+            if "transformation" in spec:
+                base = spec["transformation"]["of"]
+                q_new, g_new = versions[base].query, versions[base].gallery
+                stored, log_var = transformed[method]
+            else:
+                q_new, g_new = versions[method].query, versions[method].gallery
+                stored, log_var = None, None
+            if stored is None and versions[method].dim != versions["old"].dim:
+                continue  # no cross-space search possible without an adapter
+            orders = {}
+            for ordering in orderings:
+                if ordering == "random":
+                    orders["random"] = order_random(len(g_pids), seed=int(ev.get("seed", 0)))
+                elif ordering == "uncertainty" and uncertainty_file.is_file():
+                    orders["uncertainty"] = order_by_uncertainty(torch.load(uncertainty_file)["uncertainty"])
+                elif ordering == "oracle" and stored is None:
+                    orders["oracle"] = order_oracle(old_g.features, g_new)
+                elif ordering == "sigma" and log_var is not None:
+                    orders["sigma"] = order_by_sigma(log_var)
+            curves[method] = backfill_curves(
+                q_new, old_g.features, g_new, q_pids, g_pids, q_camids, g_camids, orders, ratios=ratios,
+                old_system=(old_q.features, old_g.features), transformed_old_gallery=stored, metric=distance,
+            )
+            rows.append(self._summary_row(matrix, method, spec, independent))
+        self.timings["evaluate/backfill"] = time.perf_counter() - start
+
+        claims = self.record_claims(matrix, checkpoints, features)
+        files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
+                             title=f"Upgrade study: {self.config.name}")
+        summary = {"matrix": matrix, "curves": curves, "claims": claims, "files": files,
+                   "timings": self.timings}
+        _atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
+        print((self.out / "report.md").read_text())
+        return summary
+
+    @staticmethod
+    def _summary_row(matrix, method: str, spec: dict[str, Any], independent: str | None) -> dict[str, Any]:
+        if "transformation" not in spec:
+            row = {"method": method, "new": method, "old": "old"}
+            if independent is not None and matrix.has(independent, independent):
+                row["independent"] = independent
+            return row
+        # FCT / FastFill: φ_new is the base model; the cross-test searches h(φ_old) gallery features.
+        base = spec["transformation"]["of"]
+        cross, old_self = matrix.cell(method, method), matrix.cell("old", "old")
+        new_self = matrix.cell(base, base)
+        row = {"method": method, "self_test": new_self, "cross_test": cross, "old_self_test": old_self,
+               "criterion": cross > old_self}
+        if independent is not None and matrix.has(independent, independent):
+            denominator = matrix.cell(independent, independent) - old_self
+            row["update_gain"] = (cross - old_self) / denominator if denominator else float("nan")
+        return row
+
+    def record_claims(self, matrix, checkpoints: dict[str, str], features: dict[str, FeatureSet]) -> dict:
+        """Write a verified compatibility claim into each passing method's checkpoint and feature file."""
+        old_space = features["old"].space
+        claims = {}
+        for method in self.config.trained_methods:
+            if not (matrix.has(method, "old") and matrix.has("old", "old")):
+                continue
+            if not compatibility_criterion(matrix, method, "old", "mAP"):
+                claims[method] = False
+                continue
+            space = dict(features[method].space)
+            add_claim(space, old_space, metric="mAP", cross=matrix.cell(method, "old", "mAP"),
+                      reference=matrix.cell("old", "old", "mAP"), dataset=self.config.name)
+            features[method].space = space
+            features[method].save(self.out / "features" / f"{method}.pt")
+            ckpt = read_checkpoint(checkpoints[method])
+            ckpt["embedding_space"] = space
+            atomic_torch_save(ckpt, checkpoints[method])
+            claims[method] = True
+        return claims
+
+
+def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(mapping).__name__}")
+    unknown = sorted(set(mapping) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``reid-lab upgrade --config experiments/<name>.yaml [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="reid-lab upgrade", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="study YAML (experiments/<name>.yaml)")
+    parser.add_argument("--out", default=None, help="report folder (overrides study.out)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = StudyConfig.load(args.config)
+    except (OSError, ValueError) as err:
+        print(f"reid-lab upgrade: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        config.out = Path(args.out)
+    Study(config).run()
+    return 0
