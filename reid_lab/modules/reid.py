@@ -203,6 +203,9 @@ class ReIDModule(L.LightningModule):
         self._eval_step(self.test_metric, batch)
 
     def _log_metric(self, metric: ReIDMetric, prefix: str) -> None:
+        if self.trainer.sanity_checking:  # a few query-only batches: nothing to rank yet
+            metric.reset()
+            return
         results = metric.compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=False)
         metric.reset()

@@ -1,0 +1,159 @@
+"""``ReIDMetric``: a torchmetrics ``Metric`` that collects query and gallery features and reports CMC / mAP / mINP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from reid_lab.metrics.distance import DistanceMetric, evaluate_features
+from reid_lab.metrics.rank import RankResult
+
+__all__ = ["ReIDMetric"]
+
+
+class ReIDMetric(Metric):
+    """Person re-identification retrieval metric over a query set and a gallery set.
+
+    ``update`` stores features with their pids, camera ids and a query/gallery flag (list states concatenated
+    across processes under DDP); ``compute`` evaluates every query against every gallery item with
+    :func:`~reid_lab.metrics.distance.evaluate_features` (Market-1501 protocol: same-pid same-camera gallery items
+    are dropped per query, queries without a positive are skipped; ties: smaller gallery index first, where the
+    gallery order is the order of ``update`` calls).
+
+    Args:
+        metric: ``"cosine"`` (``1 - cos``) or ``"euclidean"`` (squared euclidean).
+        max_rank: length of the CMC curve kept in :attr:`last_result`.
+        normalize: L2-normalise features before the distance; ``None``: True for cosine, False for euclidean.
+        chunk_size: query rows per evaluation block; ``None`` picks one from the gallery size and device.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Attributes:
+        last_result: the :class:`~reid_lab.metrics.rank.RankResult` of the last ``compute`` (per-query AP/INP,
+            first-match ranks, full CMC), or ``None`` before the first one.
+
+    Example:
+        >>> m = ReIDMetric()
+        >>> m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 2]), torch.tensor([0, 0]), True)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.2, 1.0]]), torch.tensor([1, 2, 2]),
+        ...          torch.tensor([1, 1, 1]), False)
+        >>> {k: round(float(v), 2) for k, v in m.compute().items()}
+        {'R1': 100.0, 'R5': 100.0, 'R10': 100.0, 'mAP': 100.0, 'mINP': 100.0}
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    features: list[torch.Tensor]
+    pids: list[torch.Tensor]
+    camids: list[torch.Tensor]
+    is_query: list[torch.Tensor]
+
+    def __init__(
+        self,
+        metric: DistanceMetric = "cosine",
+        max_rank: int = 50,
+        normalize: bool | None = None,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if metric not in ("cosine", "euclidean"):
+            raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
+        if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
+            raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
+        self.metric = metric
+        self.max_rank = max_rank
+        self.normalize = normalize
+        self.chunk_size = chunk_size
+        self.last_result: RankResult | None = None
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("pids", default=[], dist_reduce_fx="cat")
+        self.add_state("camids", default=[], dist_reduce_fx="cat")
+        self.add_state("is_query", default=[], dist_reduce_fx="cat")
+
+    def update(
+        self,
+        features: torch.Tensor,
+        pids: torch.Tensor,
+        camids: torch.Tensor,
+        is_query: torch.Tensor | bool,
+    ) -> None:
+        """Store a batch.
+
+        Args:
+            features: ``(batch, dim)`` embeddings.
+            pids: ``(batch,)`` integer identities.
+            camids: ``(batch,)`` integer camera ids.
+            is_query: ``(batch,)`` bool, True for query items, False for gallery items; a Python bool applies
+                to the whole batch.
+        """
+        if not isinstance(features, torch.Tensor) or features.dim() != 2:
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise ValueError(f"features must be a 2-d tensor (batch, dim), got {shape}")
+        batch = features.shape[0]
+        if self.features and features.shape[1] != self.features[0].shape[1]:
+            raise ValueError(
+                f"features has dim {features.shape[1]} but earlier batches had dim {self.features[0].shape[1]}"
+            )
+        pids = self._ids(pids, "pids", batch)
+        camids = self._ids(camids, "camids", batch)
+        if isinstance(is_query, bool):
+            is_query = torch.full((batch,), is_query, dtype=torch.bool, device=features.device)
+        if not isinstance(is_query, torch.Tensor) or is_query.dtype != torch.bool or is_query.shape != (batch,):
+            got = f"{is_query.dtype} {tuple(is_query.shape)}" if isinstance(is_query, torch.Tensor) else repr(is_query)
+            raise ValueError(f"is_query must be a bool tensor of shape ({batch},) or a Python bool, got {got}")
+        self.features.append(features.detach())
+        self.pids.append(pids)
+        self.camids.append(camids)
+        self.is_query.append(is_query)
+
+    @staticmethod
+    def _ids(ids: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+            raise TypeError(f"{name} must hold integers, got {ids.dtype}")
+        if ids.shape != (batch,):
+            raise ValueError(f"{name} must have shape ({batch},) to match features, got {tuple(ids.shape)}")
+        return ids.to(torch.int64)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """``{"R1", "R5", "R10", "mAP", "mINP"}`` in percent, as float tensors on the metric's device.
+
+        Raises:
+            ValueError: if nothing was stored, there is no query or no gallery item, or no query has a positive.
+        """
+        if not self.features:
+            raise ValueError("ReIDMetric.compute() called before any update()")
+        features = dim_zero_cat(self.features)
+        pids = dim_zero_cat(self.pids)
+        camids = dim_zero_cat(self.camids)
+        is_query = dim_zero_cat(self.is_query)
+        num_query = int(is_query.sum())
+        if num_query == 0 or num_query == is_query.numel():
+            raise ValueError(
+                f"ReIDMetric needs both query and gallery items, got {num_query} query and "
+                f"{is_query.numel() - num_query} gallery items"
+            )
+        is_gallery = ~is_query
+        result = evaluate_features(
+            features[is_query],
+            features[is_gallery],
+            pids[is_query],
+            pids[is_gallery],
+            camids[is_query],
+            camids[is_gallery],
+            metric=self.metric,
+            max_rank=self.max_rank,
+            chunk_size=self.chunk_size,
+            normalize=self.normalize,
+        )
+        self.last_result = result
+        return {
+            key: torch.tensor(value, dtype=torch.float32, device=self.device)
+            for key, value in result.summary().items()
+        }
