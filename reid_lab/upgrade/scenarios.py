@@ -558,7 +558,7 @@ class ScenarioConfig:
 MODEL_OVERRIDE_KEYS: tuple[str, ...] = (
     "backbone", "last_stride", "pooling", "embedding_dim", "neck_feat", "weights", "timm_kwargs", "losses",
     "optimizer", "lr", "weight_decay", "momentum", "center_lr", "scheduler", "milestones", "gamma",
-    "warmup_epochs", "warmup_factor", "distance", "flip_test", "max_rank", "space_id",
+    "warmup_epochs", "warmup_factor", "distance", "flip_test", "max_rank", "space_id", "upgrade",
 )
 
 
