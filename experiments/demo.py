@@ -19,35 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
-from reid_lab.data.datasets import load_dataset
 from reid_lab.data.synthetic import generate_synthetic
-from reid_lab.metrics.distance import compute_distance
-from reid_lab.metrics.rank import evaluate_rank
+from reid_lab.data.synthetic.baseline import raw_pixel_baseline
 from reid_lab.upgrade.study import Study, StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def raw_pixel_baseline(root: Path) -> dict[str, float]:
-    """R1 / mAP / mINP (percent) of flattened raw pixels compared by cosine distance."""
-    splits = load_dataset("synthetic", root)
-
-    def pixels(records):
-        return torch.from_numpy(
-            np.stack([np.asarray(Image.open(r.path).convert("RGB"), dtype=np.float32).ravel() for r in records])
-        )
-
-    q, g = splits.query, splits.gallery
-    distmat = compute_distance(pixels(q), pixels(g), metric="cosine")
-    result = evaluate_rank(
-        distmat, np.array([r.pid for r in q]), np.array([r.pid for r in g]),
-        np.array([r.camid for r in q]), np.array([r.camid for r in g]),
-    )
-    return result.summary()
 
 
 def main(argv: list[str] | None = None) -> int:
