@@ -209,6 +209,8 @@ class ReIDModule(L.LightningModule):
         results = metric.compute()
         self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=False)
         metric.reset()
+        summary = "  ".join(f"{k} {float(v):.2f}" for k, v in results.items())
+        self.print(f"[epoch {self.current_epoch}] {prefix}: {summary}")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric(self.val_metric, "val")
