@@ -44,9 +44,9 @@ class ReIDModule(L.LightningModule):
         lr / weight_decay / momentum: optimiser settings.
         center_lr: learning rate of the center-loss centres inside the main optimiser (``None``: the main
             ``lr``). BoT trains them with a separate SGD at lr 0.5; with Adam the main lr works well.
-        scheduler: ``multistep``, ``cosine`` or ``none``; stepped per epoch.
+        scheduler: ``multistep``, ``cosine`` or ``none``; updated every optimiser step (epochs converted to steps).
         milestones / gamma: multistep decay points (epochs) and factor.
-        warmup_epochs / warmup_factor: linear warm-up from ``warmup_factor * lr``.
+        warmup_epochs / warmup_factor: linear warm-up (per step, may be fractional) from ``warmup_factor * lr``.
         distance: ``cosine`` or ``euclidean`` (squared) for evaluation.
         flip_test: average the embeddings of each image and its horizontal flip at test time.
         max_rank: CMC length.
@@ -77,7 +77,7 @@ class ReIDModule(L.LightningModule):
         scheduler: str = "multistep",
         milestones: list[int] | None = None,
         gamma: float = 0.1,
-        warmup_epochs: int = 10,
+        warmup_epochs: float = 10,
         warmup_factor: float = 0.01,
         distance: str = "cosine",
         flip_test: bool = False,
@@ -247,30 +247,46 @@ class ReIDModule(L.LightningModule):
         else:
             raise ValueError(f"optimizer must be one of adam, adamw, sgd; got {hp.optimizer!r}")
         max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 120
+        total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else max_epochs
+        steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
         schedule = lr_schedule(
             hp.scheduler, max_epochs, hp.milestones if hp.milestones is not None else [40, 70], hp.gamma,
-            hp.warmup_epochs, hp.warmup_factor,
+            hp.warmup_epochs, hp.warmup_factor, steps_per_epoch=steps_per_epoch,
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(groups))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def lr_schedule(
-    kind: str, max_epochs: int, milestones: list[int], gamma: float, warmup_epochs: int, warmup_factor: float
+    kind: str,
+    max_epochs: int,
+    milestones: list[int],
+    gamma: float,
+    warmup_epochs: float,
+    warmup_factor: float,
+    steps_per_epoch: int = 1,
 ):
-    """Learning-rate multiplier per epoch: linear warm-up, then multistep or cosine decay (or constant)."""
+    """Learning-rate multiplier per optimiser step: linear warm-up, then multistep or cosine decay.
+
+    Epoch quantities (``warmup_epochs``, ``milestones``, ``max_epochs``) are converted with
+    ``steps_per_epoch``, so the warm-up ramps smoothly over its steps (fast-reid warms up per iteration) and
+    short CPU schedules do not lose a whole epoch at 1% of the learning rate.
+    """
     if kind not in ("multistep", "cosine", "none"):
         raise ValueError(f"scheduler must be one of multistep, cosine, none; got {kind!r}")
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
 
-    def factor(epoch: int) -> float:
+    def factor(step: int) -> float:
+        epoch = step / steps_per_epoch
         if epoch < warmup_epochs:
             alpha = epoch / warmup_epochs
             return warmup_factor * (1 - alpha) + alpha
         if kind == "multistep":
             return gamma ** sum(epoch >= m for m in milestones)
         if kind == "cosine":
-            span = max(1, max_epochs - warmup_epochs)
-            return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / span))
+            span = max(1e-8, max_epochs - warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (epoch - warmup_epochs) / span)))
         return 1.0
 
     return factor
