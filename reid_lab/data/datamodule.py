@@ -193,7 +193,7 @@ def _select_subset(records: list[ImageRecord], subset_file: str) -> list[ImageRe
     missing = wanted - {r.path for r in selected}
     if missing:
         raise ValueError(
-            f"train_subset file {path} names {len(missing)} image(s) not in the {records and 'training'} split, "
+            f"train_subset file {path} names {len(missing)} image(s) not in the training split, "
             f"e.g. {sorted(missing)[0]!r}"
         )
     return selected

@@ -378,8 +378,13 @@ class Study:
         self.timings["evaluate/backfill"] = time.perf_counter() - start
 
         claims = self.record_claims(matrix, checkpoints, features)
-        files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
-                             title=f"Upgrade study: {self.config.name}")
+        run = _report_run(self.config.name, self.out)
+        try:
+            files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
+                                 title=f"Upgrade study: {self.config.name}", logger=run)
+        finally:
+            if run is not None:
+                run.finish()
         summary = {"matrix": matrix, "curves": curves, "claims": claims, "files": files,
                    "timings": self.timings}
         _atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
@@ -424,6 +429,14 @@ class Study:
             atomic_torch_save(ckpt, checkpoints[method])
             claims[method] = True
         return claims
+
+
+def _report_run(name: str, out: Path):
+    """An offline wandb run (grouped with the study's training runs) that receives the report."""
+    import wandb
+
+    return wandb.init(project="reid_lab", name=f"{name}-report", group=name, job_type="upgrade-report",
+                      dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
 
 
 def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
