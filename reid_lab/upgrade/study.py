@@ -152,6 +152,9 @@ class Study:
     # ------------------------------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
+        fractions = self.config.scenario.fractions
+        if fractions is not None and len(fractions) > 2:
+            return self.run_chain()
         split_files = self.split()
         checkpoints = {"old": self.train("old", self.config.old, split_files["old"], self.config.scenario.old_model)}
         for method in self.config.trained_methods:
@@ -409,26 +412,95 @@ class Study:
             row["update_gain"] = (cross - old_self) / denominator if denominator else float("nan")
         return row
 
-    def record_claims(self, matrix, checkpoints: dict[str, str], features: dict[str, FeatureSet]) -> dict:
-        """Write a verified compatibility claim into each passing method's checkpoint and feature file."""
-        old_space = features["old"].space
+    def record_claims(self, matrix, checkpoints: dict[str, str], features: dict[str, FeatureSet],
+                      pairs: list[tuple[str, str]] | None = None) -> dict[str, bool]:
+        """Write a verified compatibility claim into each passing version's checkpoint and feature file.
+
+        ``pairs`` lists (new version, old version); by default every trained method against ``old``.
+        """
+        if pairs is None:
+            pairs = [(m, "old") for m in self.config.trained_methods]
         claims = {}
-        for method in self.config.trained_methods:
-            if not (matrix.has(method, "old") and matrix.has("old", "old")):
+        for new, old in pairs:
+            if not (matrix.has(new, old) and matrix.has(old, old)):
                 continue
-            if not compatibility_criterion(matrix, method, "old", "mAP"):
-                claims[method] = False
+            if not compatibility_criterion(matrix, new, old, "mAP"):
+                claims[new] = False
                 continue
-            space = dict(features[method].space)
-            add_claim(space, old_space, metric="mAP", cross=matrix.cell(method, "old", "mAP"),
-                      reference=matrix.cell("old", "old", "mAP"), dataset=self.config.name)
-            features[method].space = space
-            features[method].save(self.out / "features" / f"{method}.pt")
-            ckpt = read_checkpoint(checkpoints[method])
+            space = dict(features[new].space)
+            add_claim(space, features[old].space, metric="mAP", cross=matrix.cell(new, old, "mAP"),
+                      reference=matrix.cell(old, old, "mAP"), dataset=self.config.name)
+            features[new].space = space
+            features[new].save(self.out / "features" / f"{new}.pt")
+            ckpt = read_checkpoint(checkpoints[new])
             ckpt["embedding_space"] = space
-            atomic_torch_save(ckpt, checkpoints[method])
-            claims[method] = True
+            atomic_torch_save(ckpt, checkpoints[new])
+            claims[new] = True
         return claims
+
+    # ------------------------------------------------------------------------------------ chains
+    def run_chain(self) -> dict[str, Any]:
+        """Multi-step upgrades φ1 → φ2 → … → φT (BCT §5, CoReS): every method trains its own chain.
+
+        Step 1 is the shared old model; step ``t`` of a method is trained on the ``t``-th training set of the
+        chain and, for a compatible method, against step ``t - 1`` of the same method. Evaluated with the
+        lower-triangular compatibility matrix C[t][k] = M(φ_t, φ_k), AC and AM (CoReS).
+        """
+        from reid_lab.metrics.compatibility import multi_step_scores
+
+        dm = self.datamodule()
+        steps = self.config.scenario.chain(dm.splits.train)
+        step_files = []
+        for t, records in enumerate(steps, start=1):
+            path = self.out / "split" / f"step{t}.json"
+            payload = json.dumps({"paths": sorted(r.path for r in records), "step": t,
+                                  "kind": self.config.scenario.kind, "seed": self.config.scenario.seed}, indent=1)
+            if path.is_file() and path.read_text() != payload:
+                raise FileExistsError(f"{path} holds a different chain split; use a new study.out")
+            if not path.is_file():
+                _atomic_write_text(path, payload)
+            step_files.append(str(path))
+            print(f"[split] chain step {t}: {len({r.pid for r in records})} ids / {len(records)} images")
+        checkpoints = {"old": self.train("old", self.config.old, step_files[0], self.config.scenario.old_model)}
+        chains: dict[str, list[str]] = {}
+        for method in self.config.trained_methods:
+            chain, previous = ["old"], checkpoints["old"]
+            for t in range(2, len(steps) + 1):
+                version = f"{method}@{t}"
+                previous = checkpoints[version] = self.train(
+                    version, self.config.new, step_files[t - 1], self.config.scenario.new_model,
+                    method_spec=self.config.methods[method], old_checkpoint=previous,
+                )
+                chain.append(version)
+            chains[method] = chain
+        features = {version: self.embed(version, ckpt) for version, ckpt in checkpoints.items()}
+        old_q, old_g = features["old"].split()
+        versions = {v: VersionFeatures(v, *(fs.features for fs in f.split())) for v, f in features.items()}
+        pairs = sorted({(chain[t], chain[k]) for chain in chains.values() for t in range(len(chain))
+                        for k in range(t + 1) if versions[chain[t]].dim == versions[chain[k]].dim})
+        matrix = compatibility_matrix(versions, old_q.pids, old_g.pids, old_q.camids, old_g.camids,
+                                      metric=self.config.evaluation.get("distance", "cosine"), pairs=pairs)
+        scores = {m: multi_step_scores(matrix, chain) for m, chain in chains.items()}
+        claims = self.record_claims(matrix, checkpoints, features,
+                                    pairs=[(c[t], c[t - 1]) for c in chains.values() for t in range(1, len(c))])
+        rows = [{"method": m, "new": chain[-1], "old": "old", "AC": scores[m]["AC"], "AM": scores[m]["AM"]}
+                for m, chain in chains.items()]
+        run = _report_run(self.config.name, self.out)
+        try:
+            files = write_report(self.out, matrix=matrix, summary_rows=rows, logger=run,
+                                 title=f"Multi-step upgrade study: {self.config.name}")
+        finally:
+            if run is not None:
+                run.finish()
+        lines = ["", "## Multi-step compatibility (CoReS)", "",
+                 "| method | chain | AC | AM (mAP %) |", "|---|---|---|---|"]
+        lines += [f"| {m} | {' → '.join(chains[m])} | {scores[m]['AC']:.2f} | {scores[m]['AM']:.2f} |"
+                  for m in chains]
+        report_md = self.out / "report.md"
+        _atomic_write_text(report_md, report_md.read_text() + "\n".join(lines) + "\n")
+        print(report_md.read_text())
+        return {"matrix": matrix, "chains": chains, "scores": scores, "claims": claims, "files": files,
+                "timings": self.timings}
 
 
 def _report_run(name: str, out: Path):

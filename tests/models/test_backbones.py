@@ -171,3 +171,20 @@ def test_weights_file_without_matching_keys(tmp_path) -> None:
         build_backbone("resnet18", weights=path)
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         build_backbone("resnet18", weights=tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnet50_ibn_a"])
+def test_random_init_starts_every_residual_block_as_identity(name):
+    # Zero-gamma init (Goyal et al. 2017): with the last BN scale at 0, each block outputs relu(shortcut).
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    backbone = build_backbone(name).eval()
+    blocks = [m for m in backbone.modules() if isinstance(m, (BasicBlock, Bottleneck))]
+    assert blocks
+    for block in blocks:
+        last_bn = block.bn3 if isinstance(block, Bottleneck) else block.bn2
+        assert torch.count_nonzero(last_bn.weight) == 0
+    block = next(b for b in blocks if b.downsample is None)
+    x = torch.randn(1, block.conv1.in_channels, 8, 4).abs()
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), torch.relu(x))

@@ -104,3 +104,28 @@ def test_bad_study_config_is_explained(tmp_path, capsys):
                                                 "old": {}, "new": {}, "methods": {"a": {"losses": []}}}}))
     assert main(["upgrade", "--config", str(config)]) == 2
     assert "unknown key(s) ['losses']" in capsys.readouterr().err
+
+
+def test_multi_step_chain_reports_ac_and_am(tiny_synthetic, tmp_path, cli_argv, capsys):
+    out = tmp_path / "chain"
+    study = _study(tiny_synthetic, out)["study"]
+    for stage in ("old", "new"):
+        study[stage]["overrides"].update({"data.init_args.batch_size": 4, "data.init_args.num_instances": 2,
+                                          "trainer.max_epochs": 1})
+    study["scenario"]["fractions"] = [0.34, 0.67, 1.0]
+    study["scenario"]["old_fraction"] = 0.34
+    study["methods"] = {"bct": {"compatible_losses": [{"name": "bct"}]}}
+    config = tmp_path / "chain.yaml"
+    config.write_text(yaml.safe_dump({"study": study}))
+    assert main(["upgrade", "--config", str(config)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    cells = {(c["query"], c["gallery"]): c["mAP"] for c in report["compatibility_matrix"]["cells"]}
+    chain = ["old", "bct@2", "bct@3"]
+    # AC and AM by hand from the lower-triangular matrix (CoReS definitions).
+    ac = sum(cells[(chain[t], chain[k])] > cells[(chain[k], chain[k])] for t in range(3) for k in range(t)) / 3
+    am = sum(cells[(chain[t], chain[k])] for t in range(3) for k in range(t + 1)) / 6
+    row = next(r for r in report["study"] if r["method"] == "bct")
+    assert row["AC"] == pytest.approx(ac) and row["AM"] == pytest.approx(am)
+    assert "Multi-step compatibility" in (out / "report.md").read_text()
+    steps = [json.loads((out / "split" / f"step{t}.json").read_text())["paths"] for t in (1, 2, 3)]
+    assert set(steps[0]) < set(steps[1]) < set(steps[2])  # extended-class chain: nested training sets
