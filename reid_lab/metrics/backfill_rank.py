@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from reid_lab.metrics.rank import GalleryRanker, QueryStats
+from reid_lab.metrics.rank import GalleryRanker, QueryStats, _flatnonzero
 
 __all__ = ["BackfillRanker", "refresh_steps"]
 
@@ -369,10 +369,3 @@ def _float_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype in (torch.float16, torch.bfloat16):
         return torch.float32
     return torch.float64
-
-
-def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the True entries of a 1-d bool tensor (numpy's is ~3x faster than torch's on CPU)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return mask.nonzero()[:, 0]
