@@ -152,9 +152,13 @@ class ContrastiveN2O(CompatibleLoss):
         self, weight: float = 1.0, temperature: float = 0.05, topk: int | None = None, gather: bool = True
     ) -> None:
         super().__init__(weight)
+        if topk is not None and topk < 1:
+            raise ValueError(f"topk must be a positive int or None, got {topk}")
         self.temperature = float(temperature)
         self.topk = topk
         self.gather = gather
+
+    with_n2n: bool = False  # RACT adds the new-to-new negatives
 
     def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
         loss, diagnostics = n2o_infonce(
@@ -163,7 +167,7 @@ class ContrastiveN2O(CompatibleLoss):
             inputs.labels,
             self.temperature,
             topk=self.topk,
-            with_n2n=False,
+            with_n2n=self.with_n2n,
             gather=self.gather,
         )
         parts = {f"{self.name}/loss": loss.detach()}

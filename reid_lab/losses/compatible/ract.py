@@ -21,10 +21,10 @@ from reid_lab.losses.compatible.base import (
     l2_normalize,
 )
 from reid_lab.losses.compatible.bct import influence_cross_entropy
-from reid_lab.losses.compatible.contrastive import gather_batch, n2o_infonce
+from reid_lab.losses.compatible.contrastive import ContrastiveN2O, gather_batch
 
 
-class RACTLoss(CompatibleLoss):
+class RACTLoss(ContrastiveN2O):
     """RACT regression-alleviating contrastive loss (B. Zhang et al., ICLR 2022, Eq. 3; code ``contra_ract``).
 
     On L2-normalised features, for each local anchor ``i``::
@@ -52,30 +52,12 @@ class RACTLoss(CompatibleLoss):
     """
 
     name = "ract"
+    with_n2n = True
 
     def __init__(
         self, weight: float = 1.0, temperature: float = 0.01, topk: int | None = None, gather: bool = True
     ) -> None:
-        super().__init__(weight)
-        if topk is not None and topk < 1:
-            raise ValueError(f"topk must be a positive int or None, got {topk}")
-        self.temperature = float(temperature)
-        self.topk = topk
-        self.gather = gather
-
-    def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
-        loss, diagnostics = n2o_infonce(
-            inputs.new_features,
-            inputs.old_features,
-            inputs.labels,
-            self.temperature,
-            topk=self.topk,
-            with_n2n=True,
-            gather=self.gather,
-        )
-        parts = {f"{self.name}/loss": loss.detach()}
-        parts.update({f"{self.name}/{key}": value for key, value in diagnostics.items()})
-        return CompatibleLossOutput(loss, parts)
+        super().__init__(weight, temperature, topk, gather)
 
 
 def _euclidean(x: Tensor, y: Tensor) -> Tensor:
