@@ -222,18 +222,39 @@ def _curve_label(method: str, ordering: str) -> str:
     return f"{method} / {ordering}" if ordering else method
 
 
+_LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "x")
+
+
+def _curve_styles(curves: Mapping[str, Mapping[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    """Line style of each ``(method, ordering)`` curve: the colour names the method, the line style and marker
+    the ordering, so a 4-method x 4-ordering study never repeats a look (matplotlib's cycle has 10 colours)."""
+    orderings = list(dict.fromkeys(o for by_ordering in curves.values() for o in by_ordering))
+    styles = {}
+    for m, (method, by_ordering) in enumerate(curves.items()):
+        for ordering in by_ordering:
+            o = orderings.index(ordering)
+            styles[method, ordering] = {
+                "color": f"C{m % 10}",
+                "linestyle": _LINESTYLES[o % len(_LINESTYLES)],
+                "marker": _MARKERS[o % len(_MARKERS)],
+            }
+    return styles
+
+
 def _curves_png(curves: Mapping[str, Mapping[str, BackfillCurve]], metric: str) -> bytes:
     fig = _new_figure()
     ax = fig.add_subplot()
     references: dict[float, None] = {}
+    styles = _curve_styles(curves)
     for method, by_ordering in curves.items():
         for ordering, curve in by_ordering.items():
             ax.plot(
                 curve.ratios,
                 curve.metric(metric),
-                marker="o",
                 markersize=3,
                 label=_curve_label(method, ordering),
+                **styles[method, ordering],
             )
             if curve.old_self_test is not None and metric in curve.old_self_test:
                 references[round(float(curve.old_self_test[metric]), 6)] = None
@@ -252,15 +273,16 @@ def _curves_png(curves: Mapping[str, Mapping[str, BackfillCurve]], metric: str) 
 def _flips_png(curves: Mapping[str, Mapping[str, BackfillCurve]]) -> bytes:
     fig = _new_figure()
     ax = fig.add_subplot()
+    styles = _curve_styles(curves)
     for method, by_ordering in curves.items():
         for ordering, curve in by_ordering.items():
             if "NFR" in curve.values:
                 ax.plot(
                     curve.ratios,
                     curve.metric("NFR"),
-                    marker="o",
                     markersize=3,
                     label=_curve_label(method, ordering),
+                    **styles[method, ordering],
                 )
     ax.set_xlabel("backfill ratio β")
     ax.set_ylabel("negative flip rate NFR (%)")

@@ -161,3 +161,16 @@ def test_matrix_only_report(tmp_path):
     files = write_report(tmp_path, matrix=_matrix(), title="only matrix")
     assert set(files) == {"json", "markdown", "compatibility_matrix"}
     assert "## Upgrade study" not in files["markdown"].read_text()
+
+
+def test_curve_styles_never_repeat_in_a_4x4_study():
+    from reid_lab.upgrade.report import _curve_styles
+
+    orderings = ("random", "uncertainty", "sigma", "oracle")
+    curves = {m: dict.fromkeys(orderings) for m in ("independent", "bct", "ract", "fastfill")}
+    styles = _curve_styles(curves)
+    looks = {(s["color"], s["linestyle"], s["marker"]) for s in styles.values()}
+    assert len(styles) == 16 and len(looks) == 16
+    # one colour per method, one line style per ordering, in every method
+    assert {styles["bct", o]["color"] for o in orderings} == {"C1"}
+    assert {styles[m, "sigma"]["linestyle"] for m in curves} == {":"}
