@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reid_lab.metrics.backfill_rank import BackfillRanker, refresh_steps
-from reid_lab.metrics.distance import compute_distance, evaluate_features
+from reid_lab.metrics.distance import distance_slices, evaluate_features
 from reid_lab.metrics.flips import ap_negative_flips, negative_flips, retrieval_flip_rates, top1_correct
 from reid_lab.metrics.rank import QueryStats, RankResult, check_chunk_size, clip_max_rank, ids_tensor
 
@@ -455,7 +455,8 @@ def _curve_query_stats(
 
     Each block of query rows gets its stored-gallery and new-gallery distances once; a
     :class:`~reid_lab.metrics.backfill_rank.BackfillRanker` turns the two blocks into the stats of every step
-    of every ordering. Blocks hold at most ``chunk_size`` rows, and no more than ``evaluate_features`` uses.
+    of every ordering. Distances come in BLAS-friendly blocks of >= 256 rows, ranked in slices of at most
+    ``chunk_size`` rows (no more than ``evaluate_features`` uses).
     """
     num_query, num_gallery = q_new.shape[0], g_new.shape[0]
     if num_query == 0 or num_gallery == 0:
@@ -470,10 +471,10 @@ def _curve_query_stats(
     ranker = BackfillRanker(gp, gc, steps.to(device), num_steps)
     rows = min(chunk_size, check_chunk_size(None, num_gallery, device))
     parts: list[list[list[QueryStats]]] = [[[] for _ in range(num_steps)] for _ in range(steps.shape[0])]
-    for start in range(0, num_query, rows):
-        stop = min(start + rows, num_query)
-        d_stored = compute_distance(q_stored[start:stop], stored, metric=metric, normalize=False, chunk_size=rows)
-        d_new = compute_distance(q_fresh[start:stop], g_new, metric=metric, normalize=False, chunk_size=rows)
+    stored_slices = distance_slices(q_stored, stored, metric=metric, normalize=False, chunk_size=rows)
+    new_slices = distance_slices(q_fresh, g_new, metric=metric, normalize=False, chunk_size=rows)
+    for (start, d_stored), (_, d_new) in zip(stored_slices, new_slices, strict=True):
+        stop = start + d_stored.shape[0]
         block = ranker(d_stored, d_new, qp[start:stop], qc[start:stop])
         for per_step, block_steps in zip(parts, block):
             for acc, part in zip(per_step, block_steps):

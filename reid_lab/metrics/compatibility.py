@@ -5,10 +5,16 @@ For model versions φ_a, φ_b that embed the same query and gallery images, the 
 (query model first). The diagonal holds the *self-tests*, ``M(new, old)`` is the *cross-test*
 of a backward-compatible upgrade (BCT, Shen et al., CVPR 2020, arXiv 2003.11942).
 
-Example:
-    >>> versions = [VersionFeatures("old", q_old, g_old), VersionFeatures("bct", q_bct, g_bct)]
-    >>> matrix = compatibility_matrix(versions, q_pids, g_pids, q_camids, g_camids)  # doctest: +SKIP
-    >>> compatibility_criterion(matrix, new="bct", old="old")  # M(bct, old) > M(old, old)?  # doctest: +SKIP
+Example (two identities; the old model puts query 2 nearer identity 1, the compatible one does not):
+    >>> import torch
+    >>> g_old = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    >>> q_old, q_bct = torch.tensor([[1.0, 0.1], [1.0, 0.9]]), torch.tensor([[1.0, 0.0], [0.1, 1.0]])
+    >>> versions = [VersionFeatures("old", q_old, g_old), VersionFeatures("bct", q_bct, g_old)]
+    >>> matrix = compatibility_matrix(versions, [1, 2], [1, 2], [0, 0], [1, 1])
+    >>> matrix.cell("old", "old", "R1"), matrix.cell("bct", "old", "R1")
+    (50.0, 100.0)
+    >>> compatibility_criterion(matrix, new="bct", old="old")  # M(bct, old) > M(old, old)
+    True
 """
 
 from __future__ import annotations

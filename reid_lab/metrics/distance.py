@@ -7,6 +7,7 @@ distance ``||q||^2 + ||g||^2 - 2 q.g`` (clamped at 0), which ranks like the eucl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -22,7 +23,7 @@ from reid_lab.metrics.rank import (
     ids_tensor,
 )
 
-__all__ = ["compute_distance", "evaluate_features"]
+__all__ = ["compute_distance", "distance_slices", "evaluate_features"]
 
 DistanceMetric = Literal["cosine", "euclidean"]
 _MIN_MATMUL_ROWS = 256
@@ -81,6 +82,59 @@ def _block(query: torch.Tensor, gallery: torch.Tensor, g_sq: torch.Tensor | None
         out.neg_().add_(1.0)
     else:  # squared euclidean: |q|^2 + |g|^2 - 2 q.g, clamped: rounding can make it slightly negative
         out.mul_(-2.0).add_(g_sq[None, :]).add_(query.pow(2).sum(1, keepdim=True)).clamp_(min=0.0)
+
+
+def _distance_slices(
+    query: torch.Tensor, gallery: torch.Tensor, g_sq: torch.Tensor | None, chunk: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, distances of query rows start:start + len)`` in slices of at most ``chunk`` rows.
+
+    The distances are computed in blocks of at least ``_MIN_MATMUL_ROWS`` query rows (thin matrix multiplies
+    run far below the BLAS peak: 25-row blocks at MSMT17 scale were 1.7x slower) into one reused buffer, so a
+    slice is only valid until the next one is drawn.
+    """
+    num_query, num_gallery = query.shape[0], gallery.shape[0]
+    rows = min(num_query, max(chunk, _MIN_MATMUL_ROWS))
+    buffer = torch.empty((rows, num_gallery), dtype=query.dtype, device=query.device)
+    for start in range(0, num_query, rows):
+        stop = min(start + rows, num_query)
+        block = buffer[: stop - start]
+        _block(query[start:stop], gallery, g_sq, block)
+        for s in range(0, stop - start, chunk):
+            yield start + s, block[s : min(s + chunk, stop - start)]
+
+
+def distance_slices(
+    query_features: torch.Tensor,
+    gallery_features: torch.Tensor,
+    metric: DistanceMetric = "cosine",
+    normalize: bool | None = None,
+    chunk_size: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Query x gallery distances as consecutive slices of query rows, never the whole matrix.
+
+    The same distances as :func:`compute_distance` (same arguments), computed in BLAS-friendly blocks of at
+    least 256 query rows and handed out in slices of ``chunk_size`` rows; memory is one block.
+
+    Args:
+        query_features: ``(num_query, dim)`` features.
+        gallery_features: ``(num_gallery, dim)`` features, same device.
+        metric: ``"cosine"`` or ``"euclidean"`` (squared), as :func:`compute_distance`.
+        normalize: as :func:`compute_distance`.
+        chunk_size: query rows per slice; ``None`` picks ~2M (CPU) / ~16M (GPU) distances per slice.
+
+    Yields:
+        ``(start, block)``: ``block`` is ``(rows, num_gallery)``, the distances of queries ``start:start + rows``.
+        It is a view of a reused buffer: copy it to keep it past the next iteration.
+
+    Example:
+        >>> q, g = torch.eye(3), torch.eye(3)
+        >>> [(start, block.shape) for start, block in distance_slices(q, g, chunk_size=2)]
+        [(0, torch.Size([2, 3])), (2, torch.Size([1, 3]))]
+    """
+    query, gallery, g_sq = _prepare(query_features, gallery_features, metric, normalize)
+    chunk = check_chunk_size(chunk_size, gallery.shape[0], query.device)
+    return _distance_slices(query, gallery, g_sq, chunk)
 
 
 def compute_distance(
@@ -171,16 +225,8 @@ def evaluate_features(
     ranker = GalleryRanker(
         ids_tensor(g_pids, "g_pids", num_gallery, device), ids_tensor(g_camids, "g_camids", num_gallery, device)
     )
-    # Distances in blocks of at least _MIN_MATMUL_ROWS query rows (thin matrix multiplies run far below the
-    # BLAS peak: 25-row blocks at MSMT17 scale were 1.7x slower), ranked in slices of ``chunk`` rows.
-    rows = min(num_query, max(chunk, _MIN_MATMUL_ROWS))
-    buffer = torch.empty((rows, num_gallery), dtype=query.dtype, device=device)
-    parts: list[QueryStats] = []
-    for start in range(0, num_query, rows):
-        stop = min(start + rows, num_query)
-        block = buffer[: stop - start]
-        _block(query[start:stop], gallery, g_sq, block)
-        for s in range(0, stop - start, chunk):
-            e = min(s + chunk, stop - start)
-            parts.append(ranker(block[s:e], qp[start + s : start + e], qc[start + s : start + e]))
+    parts = [
+        ranker(block, qp[start : start + block.shape[0]], qc[start : start + block.shape[0]])
+        for start, block in _distance_slices(query, gallery, g_sq, chunk)
+    ]
     return RankResult.from_query_stats(QueryStats.concat(parts), max_rank)

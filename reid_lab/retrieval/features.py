@@ -12,8 +12,6 @@ Files are written atomically (temporary file in the same folder, then ``os.repla
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
+
+from reid_lab.atomic import atomic_torch_save
 
 FORMAT = "reid_lab.features/1"
 
@@ -79,22 +79,6 @@ class FeatureSet:
             payload["features"], payload["pids"], payload["camids"], payload["is_query"], payload["paths"],
             payload.get("space", {}),
         )
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a feature file is an ordinary shared artefact
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class FeatureWriter(BasePredictionWriter):

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from reid_lab.atomic import umask
 from reid_lab.retrieval.features import FeatureSet
 
 FORMAT = "reid_lab.gallery_index/1"
@@ -327,7 +328,7 @@ class GalleryIndex:
             raise ValueError(f"cannot save an index to {directory}: a non-empty folder that is not an index")
         directory.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the index should be as readable as other files
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the index should be as readable as other files
         old: Path | None = None
         try:
             cpu_index = faiss.index_gpu_to_cpu(self.index) if self.params.get("device") == "gpu" else self.index
@@ -393,12 +394,6 @@ class GalleryIndex:
         out = cls(index, meta["kind"], params, meta["space"], meta["pids"], meta["camids"], meta["paths"])
         out._apply_search_params()
         return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _resolve_params(kind: str, n: int, dim: int, params: dict[str, Any]) -> dict[str, Any]:

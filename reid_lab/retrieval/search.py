@@ -12,9 +12,6 @@ item with the query's pid counts as relevant; no same-camera filtering). For the
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reid_lab.retrieval.features import FeatureSet, atomic_torch_save
+from reid_lab.atomic import atomic_torch_save, atomic_write_json
+from reid_lab.retrieval.features import FeatureSet
 from reid_lab.retrieval.index import GalleryIndex
 from reid_lab.upgrade.space import check_compatible
 
@@ -151,16 +149,7 @@ class SearchResult:
         """Write ``.json`` (:meth:`to_dict`) or ``.pt`` (tensors), atomically."""
         path = Path(path)
         if path.suffix == ".json":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are ordinary files
-                with os.fdopen(fd, "w") as fh:
-                    json.dump(self.to_dict(), fh, indent=1)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_json(path, self.to_dict())
             return path
         if path.suffix == ".pt":
             payload = {
@@ -173,12 +162,6 @@ class SearchResult:
             }
             return atomic_torch_save(payload, path)
         raise ValueError(f"search results go to a .json or .pt file, got {path}")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def search_features(index: GalleryIndex, queries: FeatureSet, k: int = 10, *,

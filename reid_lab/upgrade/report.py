@@ -19,13 +19,13 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from reid_lab.atomic import atomic_write_bytes
 from reid_lab.metrics.backfill import BackfillCurve
 from reid_lab.metrics.compatibility import CompatibilityMatrix, compatibility_criterion, update_gain
 
@@ -35,22 +35,6 @@ _CURVE_METRICS = ("mAP", "R1", "mINP")
 
 
 # ------------------------------------------------------------------------------------------------ file output
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-    return path
 
 
 def _json_ready(value: Any) -> Any:
@@ -370,18 +354,18 @@ def write_report(
 
     # plots first, so a plotting error leaves no half-finished report.json/.md pair
     if matrix is not None and matrix.cells:
-        files["compatibility_matrix"] = _atomic_write_bytes(
+        files["compatibility_matrix"] = atomic_write_bytes(
             out / "compatibility_matrix.png", _heatmap_png(matrix, "mAP")
         )
     if curves:
         all_curves = [c for by_ordering in curves.values() for c in by_ordering.values()]
         for name in _CURVE_METRICS:
             if all(name in c.values for c in all_curves):
-                files[f"backfill_{name}"] = _atomic_write_bytes(
+                files[f"backfill_{name}"] = atomic_write_bytes(
                     out / f"backfill_{name}.png", _curves_png(curves, name)
                 )
         if any("NFR" in c.values for c in all_curves):
-            files["flips"] = _atomic_write_bytes(out / "flips.png", _flips_png(curves))
+            files["flips"] = atomic_write_bytes(out / "flips.png", _flips_png(curves))
 
     report = {
         "title": title,
@@ -391,7 +375,7 @@ def write_report(
         "study": rows,
     }
     text = json.dumps(_json_ready(report), indent=2, allow_nan=False)
-    files["json"] = _atomic_write_bytes(out / "report.json", text.encode("utf-8"))
+    files["json"] = atomic_write_bytes(out / "report.json", text.encode("utf-8"))
 
     sections = [f"# {title}"]
     if matrix is not None:
@@ -404,7 +388,7 @@ def write_report(
     plots = [path for key, path in files.items() if path.suffix == ".png"]
     if plots:
         sections.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots))
-    files["markdown"] = _atomic_write_bytes(out / "report.md", ("\n\n".join(sections) + "\n").encode("utf-8"))
+    files["markdown"] = atomic_write_bytes(out / "report.md", ("\n\n".join(sections) + "\n").encode("utf-8"))
 
     if logger is not None:
         _log_to_wandb(logger, files, matrix, rows, log_prefix)

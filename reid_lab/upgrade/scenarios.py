@@ -64,7 +64,6 @@ import math
 import numbers
 import os
 import random
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -74,6 +73,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from reid_lab.atomic import atomic_write_json
 from reid_lab.data.records import ImageRecord
 
 __all__ = [
@@ -351,22 +351,6 @@ def label_map(old_records: Sequence[ImageRecord], new_records: Sequence[ImageRec
 # ---------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write_json(path: Path, payload: Any) -> None:
-    """Write ``payload`` as JSON via a temporary file in the same folder and ``os.replace``."""
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=1)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        if os.path.exists(temp_name):
-            os.unlink(temp_name)
-        raise
-
-
 def _side_payload(split: UpgradeSplit, side: str, records: list[ImageRecord]) -> dict[str, Any]:
     return {
         "paths": [r.path for r in records],
@@ -448,7 +432,7 @@ def save_split(split: UpgradeSplit, out_dir: str | os.PathLike, overwrite: bool 
         paths["split"].unlink()
         stale = sorted(set(stale) | {"split"}, key=list(payloads).index)
     for name in stale:
-        _atomic_write_json(paths[name], payloads[name])
+        atomic_write_json(paths[name], payloads[name])
     return paths
 
 

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from reid_lab.atomic import atomic_torch_save, atomic_write_text
 from reid_lab.data.datamodule import ReIDDataModule
 from reid_lab.metrics.backfill import (
     DEFAULT_BACKFILL_RATIOS,
@@ -54,7 +54,7 @@ from reid_lab.metrics.backfill import (
 )
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_criterion, compatibility_matrix
 from reid_lab.retrieval.extract import extract
-from reid_lab.retrieval.features import FeatureSet, atomic_torch_save
+from reid_lab.retrieval.features import FeatureSet
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
 from reid_lab.upgrade.old_model import read_checkpoint, reid_model_from_checkpoint
 from reid_lab.upgrade.report import write_report
@@ -238,7 +238,7 @@ class Study:
             {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         ]
         config_path = stage_dir / "config.yaml"
-        _atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
         args = ["fit", "--config", str(config_path)]
         last = stage_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
@@ -256,7 +256,7 @@ class Study:
             cli.trainer.logger.experiment.finish()
         if cli.trainer.current_epoch < int(trainer.get("max_epochs") or 0):
             raise RuntimeError(f"training of {version} stopped early at epoch {cli.trainer.current_epoch}")
-        _atomic_write_text(done, json.dumps({"checkpoint": best, "seconds": seconds, "val": metrics}, indent=2))
+        atomic_write_text(done, json.dumps({"checkpoint": best, "seconds": seconds, "val": metrics}, indent=2))
         self.timings[f"train/{version}"] = seconds
         return best
 
@@ -390,7 +390,7 @@ class Study:
                 run.finish()
         summary = {"matrix": matrix, "curves": curves, "claims": claims, "files": files,
                    "timings": self.timings}
-        _atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
+        atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
         print((self.out / "report.md").read_text())
         return summary
 
@@ -458,7 +458,7 @@ class Study:
             if path.is_file() and path.read_text() != payload:
                 raise FileExistsError(f"{path} holds a different chain split; use a new study.out")
             if not path.is_file():
-                _atomic_write_text(path, payload)
+                atomic_write_text(path, payload)
             step_files.append(str(path))
             print(f"[split] chain step {t}: {len({r.pid for r in records})} ids / {len(records)} images")
         checkpoints = {"old": self.train("old", self.config.old, step_files[0], self.config.scenario.old_model)}
@@ -497,7 +497,7 @@ class Study:
         lines += [f"| {m} | {' → '.join(chains[m])} | {scores[m]['AC']:.2f} | {scores[m]['AM']:.2f} |"
                   for m in chains]
         report_md = self.out / "report.md"
-        _atomic_write_text(report_md, report_md.read_text() + "\n".join(lines) + "\n")
+        atomic_write_text(report_md, report_md.read_text() + "\n".join(lines) + "\n")
         print(report_md.read_text())
         return {"matrix": matrix, "chains": chains, "scores": scores, "claims": claims, "files": files,
                 "timings": self.timings}
@@ -517,19 +517,6 @@ def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
     unknown = sorted(set(mapping) - allowed)
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from reid_lab.metrics.distance import compute_distance, evaluate_features
+from reid_lab.metrics.distance import compute_distance, distance_slices, evaluate_features
 from reid_lab.metrics.rank import evaluate_rank, evaluate_rank_reference
 
 
@@ -40,6 +40,25 @@ def test_compute_distance_matches_pairwise_formula(metric, normalize, chunk_size
     out = compute_distance(query, gallery, metric=metric, normalize=normalize, chunk_size=chunk_size)
     assert out.shape == (5, 7) and out.dtype == torch.float64
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+@pytest.mark.parametrize("chunk_size", [1, 7, 256, 300, None])
+def test_distance_slices_tile_the_matrix_in_order(metric, chunk_size):
+    """600 queries: 256-row matmul blocks cut into slices that never straddle a block, covering each row once."""
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(600, 6, generator=generator, dtype=torch.float64)
+    gallery = torch.randn(9, 6, generator=generator, dtype=torch.float64)
+    expected = naive_distance(query, gallery, metric, metric == "cosine")
+    starts, rows = [], []
+    for start, block in distance_slices(query, gallery, metric=metric, chunk_size=chunk_size):
+        assert block.shape[1] == 9 and block.shape[0] <= (chunk_size or 600)
+        starts.append(start)
+        rows.append(block.clone())  # the slice is a view of a reused buffer
+    assert starts == sorted(starts) and starts[0] == 0
+    torch.testing.assert_close(torch.cat(rows), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="chunk_size"):
+        distance_slices(query, gallery, chunk_size=0)
 
 
 def test_euclidean_is_squared_and_cosine_in_0_2():

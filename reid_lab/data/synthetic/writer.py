@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from reid_lab.atomic import atomic_write_json
 from reid_lab.data.synthetic.attributes import PersonAttributes, sample_identities
 from reid_lab.data.synthetic.cameras import CameraStyle, encode_jpeg, sample_camera_style, sample_view
 from reid_lab.data.synthetic.captions import describe, tokenize
@@ -143,13 +144,6 @@ def _init_worker(ctx: _Context) -> None:
 def _draw_chunk(jobs: list[ImageJob]) -> list[list[str] | None]:
     assert _WORKER_CONTEXT is not None, "worker started without _init_worker"
     return [_draw(job, _WORKER_CONTEXT) for job in jobs]
-
-
-def _write_json(path: Path, payload, indent: int | None = 1) -> None:
-    """Write ``payload`` as JSON through a temporary file and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=indent) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _remove(path: Path) -> None:
@@ -335,9 +329,9 @@ def _write_tree(root: Path, parameters: dict, workers: int) -> dict:
         for job, texts in zip(jobs, captions)
         if texts is not None
     ]
-    _write_json(root / CAPTIONS, records, indent=None)
+    atomic_write_json(root / CAPTIONS, records, indent=None)
     n_train = num_train_ids(p["num_ids"], p["train_fraction"])
-    _write_json(
+    atomic_write_json(
         root / ATTRIBUTES,
         [
             {"id": pid, "split": "train" if pid <= n_train else "test", **a.to_dict()}
@@ -365,5 +359,5 @@ def _write_tree(root: Path, parameters: dict, workers: int) -> dict:
         "files": {"captions": CAPTIONS, "attributes": ATTRIBUTES},
         "cameras": [asdict(c) for c in cameras],
     }
-    _write_json(root / MANIFEST, manifest)
+    atomic_write_json(root / MANIFEST, manifest)
     return json.loads((root / MANIFEST).read_text(encoding="utf-8"))  # exactly what a cached call returns
