@@ -4,11 +4,14 @@ Examples::
 
     reid-lab index build --features gallery.pt --kind hnsw --m 32 --out runs/index-hnsw
     reid-lab index search --index runs/index-hnsw --queries query.pt --k 10 --out results.json
+    reid-lab index search --index runs/index-hnsw --queries query.pt --exact gallery.pt --out results.json
 
 ``build`` indexes the gallery rows of a feature file (``--split all`` for every row); ``search`` searches
 with its query rows (``--split all`` for every row), refusing a gallery of another embedding space unless a
-verified compatibility claim allows it or ``--allow-unverified`` is given. Bad input ends with a one-line
-error and exit code 2.
+verified compatibility claim allows it or ``--allow-unverified`` is given. With ``--exact FILE`` (the feature
+file the index was built from) ``search`` also runs exact brute-force search (chunked torch matrix multiply)
+and reports the index's recall@1 / recall@k against it and the queries/s of both. Bad input ends with a
+one-line error and exit code 2.
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from reid_lab.retrieval.features import FeatureSet
-from reid_lab.retrieval.index import DEVICES, KINDS, GalleryIndex
-from reid_lab.retrieval.search import search_features
+from reid_lab.retrieval.index import DEVICES, KINDS, GalleryIndex, l2_normalize, torch_search
+from reid_lab.retrieval.search import recall_at_k, search_features
 from reid_lab.upgrade.space import IncompatibleSpacesError
 
 PROG = "reid-lab index"
@@ -61,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--out", required=True, type=Path, help="results file: .json or .pt")
     search.add_argument("--allow-unverified", action="store_true",
                         help="search even without a verified compatibility claim between the spaces")
+    search.add_argument("--exact", type=Path,
+                        help="feature file the index was built from: also run exact torch search on it and "
+                             "report recall@1/@k against it and its queries/s")
+    search.add_argument("--exact-split", choices=("gallery", "all"), default="gallery",
+                        help="rows of --exact that were indexed, as in build --split (default: gallery)")
     return parser
 
 
@@ -139,9 +149,33 @@ def _search(args: argparse.Namespace) -> int:
         raise UsageError(f"queries {args.queries} vs index {args.index}: {err} "
                          "(on the command line: --allow-unverified)") from err
     seconds = time.perf_counter() - start
+    metrics = result.metrics()
+    if args.exact is not None:
+        metrics = {**_exact_comparison(args, index, queries, result.ids, seconds), **metrics}
     result.save(args.out)
-    _print_summary(args, index, len(queries.paths), seconds, result.metrics())
+    _print_summary(args, index, len(queries.paths), seconds, metrics)
     return 0
+
+
+def _exact_comparison(args: argparse.Namespace, index: GalleryIndex, queries: FeatureSet, ids: torch.Tensor,
+                      seconds: float) -> dict[str, float]:
+    """Exact top-k of the queries over the ``--exact`` rows; the index's recall against it and the speeds."""
+    gallery = _load_features(args.exact, args.exact_split)
+    if tuple(gallery.features.shape) != (index.ntotal, index.dim):
+        raise UsageError(f"--exact {args.exact} ({args.exact_split} rows) holds {tuple(gallery.features.shape)} "
+                         f"features but the index {args.index} holds ({index.ntotal}, {index.dim}); pass the "
+                         "file and --exact-split it was built from")
+    q, g = l2_normalize(queries.features), l2_normalize(gallery.features)
+    start = time.perf_counter()
+    _, exact = torch_search(q, g, args.k)
+    exact_seconds = time.perf_counter() - start
+    n = len(queries.paths)
+    return {
+        "recall@1": recall_at_k(ids, exact, 1),
+        f"recall@{args.k}": recall_at_k(ids, exact, args.k),
+        "exact queries/s": n / max(exact_seconds, 1e-9),
+        "speed-up": exact_seconds / max(seconds, 1e-9),
+    }
 
 
 def _params(index: GalleryIndex) -> str:
@@ -158,8 +192,16 @@ def _print_summary(args: argparse.Namespace, index: GalleryIndex, num_query: int
     for column in ("queries/s", *metrics):
         table.add_column(column, justify="right")
     row = [f"{num_query / max(seconds, 1e-9):,.0f}"]
-    row += [f"{v:.0f}" if key == "num_valid_queries" else f"{v:.2f}" for key, v in metrics.items()]
+    for key, v in metrics.items():
+        if key in ("num_valid_queries", "exact queries/s"):
+            row.append(f"{v:,.0f}")
+        elif key == "speed-up":
+            row.append(f"{v:.2f}x")
+        elif key.startswith("recall@"):
+            row.append(f"{v:.3f}")
+        else:
+            row.append(f"{v:.2f}")
     table.add_row(*row)
-    console = Console(width=120)
+    console = Console(width=200)
     console.print(table)
     console.print(f"wrote top-{args.k} results to {args.out}")

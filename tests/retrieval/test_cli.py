@@ -118,3 +118,35 @@ def test_bad_arguments_exit_2(tmp_path, feature_file, capsys):
     assert main(["search", "--index", str(tmp_path / "idx"), "--queries", str(path), "--k", "41", "--out",
                  str(tmp_path / "r.json")]) == 2
     assert "--k 41" in capsys.readouterr().err
+
+
+def test_search_against_exact_reports_recall(tmp_path, feature_file, capsys):
+    """--exact: recall@1/@k of the index against brute-force search, checked against numpy's exact top-k."""
+    path, features = feature_file
+    query, gallery = features.split()
+    expected = exact_ids(query.features.numpy(), gallery.features.numpy(), 5)
+    for kind, extra in (("flat", []), ("ivf", ["--nlist", "4", "--nprobe", "1"])):
+        out = tmp_path / kind
+        assert main(["build", "--features", str(path), "--kind", kind, *extra, "--out", str(out)]) == 0
+        capsys.readouterr()
+        assert main(["search", "--index", str(out), "--queries", str(path), "--k", "5", "--exact", str(path),
+                     "--out", str(tmp_path / f"{kind}.json")]) == 0
+        printed = capsys.readouterr().out
+        ids = np.array(json.loads((tmp_path / f"{kind}.json").read_text())["ids"])
+        recall1 = np.mean([ids[i, 0] in expected[i, :1] for i in range(len(ids))])
+        recall5 = np.mean([len(set(ids[i]) & set(expected[i])) / 5 for i in range(len(ids))])
+        assert "recall@1" in printed and "speed-up" in printed
+        assert f"{recall1:.3f}" in printed and f"{recall5:.3f}" in printed
+        if kind == "flat":
+            assert recall1 == recall5 == 1.0
+
+
+def test_exact_file_of_another_gallery_exits_2(tmp_path, feature_file, capsys):
+    path, _ = feature_file
+    other = tmp_path / "other.pt"
+    write_features(other, 3, 12, 8, make_space("toy", 8, space_id="toy-8d"))
+    assert main(["build", "--features", str(path), "--kind", "flat", "--out", str(tmp_path / "idx")]) == 0
+    assert main(["search", "--index", str(tmp_path / "idx"), "--queries", str(path), "--exact", str(other),
+                 "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert "other.pt" in err and "(12, 8)" in err and "(40, 8)" in err
