@@ -250,7 +250,8 @@ def _curves_png(curves: Mapping[str, Mapping[str, BackfillCurve]], metric: str) 
     ax.set_ylabel(f"{metric} (%)")
     ax.set_title(f"Backfilling curves ({metric})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    # outside the axes: with a dozen curves an inside legend hides some of them (bbox_inches="tight" keeps it)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return _figure_png(fig)
 
 
@@ -272,7 +273,8 @@ def _flips_png(curves: Mapping[str, Mapping[str, BackfillCurve]]) -> bytes:
     ax.set_ylabel("negative flip rate NFR (%)")
     ax.set_title("Negative flips vs old system (top-1)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    # outside the axes: with a dozen curves an inside legend hides some of them (bbox_inches="tight" keeps it)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return _figure_png(fig)
 
 
