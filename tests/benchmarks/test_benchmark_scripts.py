@@ -1,0 +1,60 @@
+"""The benchmark scripts run at toy scale (no timing is asserted) and their built-in checks hold.
+
+Benchmarks are run by hand, so nothing else notices when a library change breaks one. Here each script that
+needs no peer package runs at a toy size: backfill's incremental curve must equal its per-β rebuild, the
+exact faiss index must find the exact neighbours, the throughput script must time every mode. The peer-based
+scripts (eval_rank, eval_features, rerank) install fast-reid / torchreid at run time and are not run here.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_backfill_incremental_curve_equals_per_beta_rebuild(capsys):
+    load("backfill").main(["--scale", "tiny", "--dim", "16", "--repeats", "1", "--per-beta", "yes"])
+    out = capsys.readouterr().out
+    for mode in ("evaluate", "backfill x1", "backfill x3", "per-β"):
+        assert re.search(rf"{re.escape(mode)}: median\s+[\d.]+ s", out), out
+    gap = float(re.search(r"max \|difference\| ([\d.e+-]+) over the grid", out).group(1))
+    assert gap < 1e-9
+
+
+def test_search_flat_is_exact_and_every_index_reports_recall(capsys):
+    load("search").main([
+        "--gallery", "3000", "--dim", "16", "--queries", "40", "--kinds", "flat", "ivf", "hnsw",
+        "--nprobe", "4", "--ef-search", "16", "--m", "8", "--ef-construction", "16", "--threads", "1",
+    ])
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line for line in out.splitlines() if re.match(r"(flat|ivf|hnsw)\s", line)}
+    assert set(rows) == {"flat", "ivf", "hnsw"}, out
+    assert rows["flat"].split()[-2:] == ["1.000", "1.000"]  # recall@1, recall@10 of the exact index
+    for kind in ("ivf", "hnsw"):
+        recall_1, recall_10 = (float(v) for v in rows[kind].split()[-2:])
+        assert 0.0 <= recall_1 <= 1.0 and 0.0 <= recall_10 <= 1.0
+
+
+@pytest.mark.slow
+def test_train_throughput_times_every_mode(tiny_synthetic, capsys):
+    load("train_throughput").main([
+        "--data", str(tiny_synthetic), "--backbone", "resnet18", "--image-size", "64", "32",
+        "--batch-size", "8", "--num-instances", "2", "--steps", "2", "--warmup", "1", "--rounds", "1",
+        "--workers", "0", "--threads", "1",
+    ])
+    out = capsys.readouterr().out
+    for mode in ("lightning", "plain", "compute", "data w=0"):
+        assert re.search(rf"^{re.escape(mode)}\s+[\d,.]+\s", out, re.MULTILINE), out
+    assert "lightning / plain:" in out
