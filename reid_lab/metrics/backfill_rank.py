@@ -96,20 +96,8 @@ class BackfillRanker:
         self.steps = steps.to(device=g_pids.device, dtype=torch.int64)
         self.num_steps = int(num_steps)
         self.num_cells = num_cells or min(max(self.num_gallery // 8, 64), 4096)
-        self._ranker = GalleryRanker(g_pids, g_camids)  # exact fallback for non-finite positive distances
-        order = torch.argsort(g_pids, stable=True)  # within a pid, gallery indices stay ascending
-        self._order = order
-        self._uniq, self._counts = torch.unique_consecutive(g_pids[order], return_counts=True)
-        self._starts = torch.cumsum(self._counts, 0) - self._counts
-
-    def _same_pid_pairs(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, gallery index) of every same-pid pair, sorted by row then gallery index."""
-        device = q_pids.device
-        at = torch.searchsorted(self._uniq, q_pids).clamp(max=self._uniq.numel() - 1)
-        count = torch.where(self._uniq[at] == q_pids, self._counts[at], 0)
-        rows = torch.repeat_interleave(torch.arange(q_pids.numel(), device=device), count)
-        offset = torch.arange(rows.numel(), device=device) - (torch.cumsum(count, 0) - count)[rows]
-        return rows, self._order[self._starts[at][rows] + offset]
+        # its pid index finds the positives; its exact path serves blocks with non-finite positive distances
+        self._ranker = GalleryRanker(g_pids, g_camids)
 
     def __call__(
         self, d_stored: torch.Tensor, d_new: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor
@@ -135,7 +123,7 @@ class BackfillRanker:
         d_old, d_new = d_stored.detach().to(dtype).contiguous(), d_new.detach().to(dtype).contiguous()
         num_query, num_gallery = d_old.shape
         device = d_old.device
-        rows, cols = self._same_pid_pairs(q_pids)
+        rows, cols = self._ranker.same_pid_pairs(q_pids)
         junk = q_camids[rows] == self.g_camids[cols]
         pos_rows, pos_cols = rows[~junk], cols[~junk]
         junk_rows, junk_cols = rows[junk], cols[junk]

@@ -277,8 +277,10 @@ class GalleryRanker:
             self._buffers[name] = buf
         return buf[: like.numel()].view(like.shape)
 
-    def _same_pid_pairs(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, gallery index) of every same-pid pair, sorted by row then gallery index."""
+    def same_pid_pairs(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(row, gallery index)`` of every pair of a query row and a gallery item of its pid (positives and
+        junk alike), sorted by row then gallery index; found through the gallery grouped by pid, no dense
+        ``(rows, num_gallery)`` comparison."""
         device = q_pids.device
         at = torch.searchsorted(self._uniq, q_pids).clamp(max=self._uniq.numel() - 1)
         count = torch.where(self._uniq[at] == q_pids, self._counts[at], 0)
@@ -299,7 +301,7 @@ class GalleryRanker:
         dist = _as_float(dist)
         num_query, num_gallery = dist.shape
         device = dist.device
-        rows, cols = self._same_pid_pairs(q_pids)
+        rows, cols = self.same_pid_pairs(q_pids)
         junk = q_camids[rows] == self.g_camids[cols]
         pos_rows, pos_cols = rows[~junk], cols[~junk]
         junk_rows, junk_cols = rows[junk], cols[junk]
