@@ -293,6 +293,10 @@ def _worker(rank: int, port: int, results: dict) -> None:
             loss = out.loss.detach().clone()
             dist.all_reduce(loss)
             results[(plugin.name, rank)] = (loss.item() / 2, (new.grad / 2).tolist())
+        # both ranks done with every collective before either tears gloo down: closing the group while the
+        # peer's last operation is still in flight aborts the peer ("terminate called without an active
+        # exception", seen once in CI-like runs)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
