@@ -32,7 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from reid_lab.metrics.rank import GalleryRanker, QueryStats, _flatnonzero
+from reid_lab.metrics.rank import GalleryRanker, QueryStats, _count_cell_prefix, _flatnonzero
 
 __all__ = ["BackfillRanker", "refresh_steps"]
 
@@ -298,16 +298,7 @@ class _CellTable:
         value, col = values.index_select(0, shared), cols.index_select(0, shared)
         # The thresholds of a cell that precede the item form a prefix of the cell (sorted by distance, then col).
         active = torch.arange(shared.numel(), device=values.device)
-        while active.numel():
-            at_a = at.index_select(0, active)
-            td, tc = self.thr_d.index_select(0, at_a), self.thr_col.index_select(0, at_a)
-            v = value.index_select(0, active)
-            before = (td < v) | ((td == v) & (tc < col.index_select(0, active)))
-            active = active[before]
-            base.index_add_(0, active, torch.ones_like(active))
-            at.index_add_(0, active, torch.ones_like(active))
-            remaining.index_add_(0, active, torch.full_like(active, -1))
-            active = active[remaining.index_select(0, active) > 0]
+        _count_cell_prefix(self.thr_d, self.thr_col, at, remaining, value, col, active, base)
         bucket.index_copy_(0, shared, base)
         return bucket
 

@@ -433,18 +433,37 @@ def _exact_bucket(
     bucket = base
     # The positives of a cell that rank before the item form a prefix of the cell (sorted by distance, then
     # col), so an item leaves the loop at its first "not before" or when its cell is exhausted.
-    active = _flatnonzero(remaining > 0)
+    _count_cell_prefix(sorted_d, sorted_col, at, remaining, value, cols, _flatnonzero(remaining > 0), bucket)
+    return bucket
+
+
+def _count_cell_prefix(
+    sorted_d: torch.Tensor,
+    sorted_col: torch.Tensor,
+    at: torch.Tensor,
+    remaining: torch.Tensor,
+    value: torch.Tensor,
+    col: torch.Tensor,
+    active: torch.Tensor,
+    count: torch.Tensor,
+) -> None:
+    """Add to ``count[i]`` how many sorted entries of item ``i``'s cell rank before it, in place.
+
+    Item ``i`` (distance ``value[i]``, gallery index ``col[i]``) starts at sorted position ``at[i]`` with
+    ``remaining[i]`` entries of its cell left; entries are sorted by (distance, gallery index), so those before
+    the item form a prefix and an item leaves the loop at its first "not before" or when its cell is exhausted.
+    ``at`` and ``remaining`` are advanced in place; only the items listed in ``active`` are walked.
+    """
     while active.numel():
         at_a = at.index_select(0, active)
         pd, pc = sorted_d.index_select(0, at_a), sorted_col.index_select(0, at_a)
         v = value.index_select(0, active)
-        before = (pd < v) | ((pd == v) & (pc < cols.index_select(0, active)))
+        before = (pd < v) | ((pd == v) & (pc < col.index_select(0, active)))
         active = active[before]
-        bucket.index_add_(0, active, torch.ones_like(active))
+        count.index_add_(0, active, torch.ones_like(active))
         at.index_add_(0, active, torch.ones_like(active))
         remaining.index_add_(0, active, torch.full_like(active, -1))
         active = active[remaining.index_select(0, active) > 0]
-    return bucket
 
 
 def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
