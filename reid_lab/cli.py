@@ -16,7 +16,7 @@ from collections.abc import Callable
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from reid_lab.retrieval.features import FeatureWriter
+from reid_lab.embedding.features import FeatureWriter
 
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
@@ -93,7 +93,7 @@ def _synth(argv: list[str]) -> int:
 
 
 def _upgrade(argv: list[str]) -> int:
-    from reid_lab.upgrade.study import main
+    from reid_lab.studies.study import main
 
     return main(argv)
 

@@ -13,7 +13,7 @@ from reid_lab.losses import build_loss
 from reid_lab.metrics.reid_metric import ReIDMetric
 from reid_lab.models.reid_model import ReIDModel
 from reid_lab.upgrade.host import CompatibilityHost
-from reid_lab.upgrade.space import make_space
+from reid_lab.embedding.space import make_space
 
 DEFAULT_LOSSES: list[dict[str, Any]] = [
     {"name": "ce", "epsilon": 0.1},
@@ -126,7 +126,7 @@ class ReIDModule(L.LightningModule):
         return embedding
 
     def embedding_space(self) -> dict[str, Any]:
-        """The embedding-space record of this model (see :mod:`reid_lab.upgrade.space`)."""
+        """The embedding-space record of this model (see :mod:`reid_lab.embedding.space`)."""
         if self._space is None:
             self._space = make_space(
                 self.hparams.backbone,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.features import FeatureSet
 from reid_lab.retrieval.index import DEVICES, KINDS, GalleryIndex, l2_normalize, torch_search
 from reid_lab.retrieval.search import recall_at_k, search_features
-from reid_lab.upgrade.space import IncompatibleSpacesError
+from reid_lab.embedding.space import IncompatibleSpacesError
 
 PROG = "reid-lab index"
 

@@ -2,7 +2,7 @@
 
 A :class:`GalleryIndex` keeps a faiss index whose inner product is the cosine similarity (every vector is
 L2-normalised on the way in) together with what a search result needs to be read: the gallery pids,
-camids, image paths and the embedding-space record (``reid_lab.upgrade.space``). Kinds:
+camids, image paths and the embedding-space record (``reid_lab.embedding.space``). Kinds:
 
 - ``"flat"``: ``IndexFlatIP``, exact.
 - ``"ivf"``: ``IndexIVFFlat`` with ``nlist`` k-means cells trained on a sample; ``nprobe`` cells are
@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from reid_lab.atomic import umask
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.features import FeatureSet
 
 FORMAT = "reid_lab.gallery_index/1"
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")

@@ -1,7 +1,7 @@
 """Searching a gallery index with query features, refusing incompatible embedding spaces.
 
 :func:`search_features` is the one entry point that respects the upgrade contract: before any vector is
-compared it calls :func:`reid_lab.upgrade.space.check_compatible` on the query and gallery space records,
+compared it calls :func:`reid_lab.embedding.space.check_compatible` on the query and gallery space records,
 so a gallery embedded by another model is only searched under a verified compatibility claim (or the
 explicit ``allow_unverified`` override).
 
@@ -20,9 +20,9 @@ import torch
 from torch import Tensor
 
 from reid_lab.atomic import atomic_torch_save, atomic_write_json
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.features import FeatureSet
 from reid_lab.retrieval.index import GalleryIndex
-from reid_lab.upgrade.space import check_compatible
+from reid_lab.embedding.space import check_compatible
 
 
 def recall_at_k(approx_ids: Tensor, exact_ids: Tensor, k: int | None = None) -> float:

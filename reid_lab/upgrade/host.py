@@ -29,7 +29,7 @@ from reid_lab.data.records import ImageRecord
 from reid_lab.losses.compatible import CompatibleInputs, build_compatible_loss
 from reid_lab.losses.compatible.classifier_synthesis import class_means, synthesize_old_classifier
 from reid_lab.losses.compatible.prototypes import class_boundaries, class_centres, refine_prototypes
-from reid_lab.retrieval.extract import extract
+from reid_lab.embedding.extract import extract
 from reid_lab.upgrade.adapters import DimensionAdapter
 from reid_lab.upgrade.old_model import FrozenEncoder, reid_model_from_checkpoint
 from reid_lab.upgrade.scenarios import label_map

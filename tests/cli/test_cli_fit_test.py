@@ -10,7 +10,7 @@ import yaml
 
 from reid_lab.cli import main, run_lightning_cli
 from reid_lab.data.datasets import load_dataset
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.features import FeatureSet
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from reid_lab.retrieval.cli import main
-from reid_lab.retrieval.features import FeatureSet
-from reid_lab.upgrade.space import make_space
+from reid_lab.embedding.features import FeatureSet
+from reid_lab.embedding.space import make_space
 
 
 def write_features(path, num_query: int, num_gallery: int, dim: int, space: dict, seed: int = 0) -> FeatureSet:

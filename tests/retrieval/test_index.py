@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.features import FeatureSet
 from reid_lab.retrieval.index import GalleryIndex, torch_search
 from reid_lab.retrieval.search import SearchResult, recall_at_k, search_features
-from reid_lab.upgrade.space import IncompatibleSpacesError, add_claim, make_space
+from reid_lab.embedding.space import IncompatibleSpacesError, add_claim, make_space
 
 
 def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0, noise: float = 0.4) -> np.ndarray:

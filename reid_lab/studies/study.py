@@ -22,7 +22,7 @@ gallery embeddings with their embedding-space record), and the report (``report.
 PNG plots). A finished stage leaves a marker and is skipped on the next run; a killed training stage
 resumes from its ``last.ckpt``. After the evaluation, every method that passes the empirical criterion
 M(φ_new, φ_old) > M(φ_old, φ_old) gets a verified compatibility claim on the old space, written into its
-checkpoint and feature file (see :mod:`reid_lab.upgrade.space`).
+checkpoint and feature file (see :mod:`reid_lab.embedding.space`).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ from reid_lab.metrics.backfill import (
     order_random,
 )
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_criterion, compatibility_matrix
-from reid_lab.retrieval.extract import extract
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.extract import extract
+from reid_lab.embedding.features import FeatureSet
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
 from reid_lab.upgrade.old_model import read_checkpoint, reid_model_from_checkpoint
-from reid_lab.upgrade.report import write_report
+from reid_lab.studies.report import write_report
 from reid_lab.upgrade.scenarios import ScenarioConfig, load_scenario, save_split
-from reid_lab.upgrade.space import add_claim
+from reid_lab.embedding.space import add_claim
 
 log = logging.getLogger(__name__)
 

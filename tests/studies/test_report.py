@@ -8,7 +8,7 @@ from PIL import Image
 
 from reid_lab.metrics.backfill import BackfillCurve
 from reid_lab.metrics.compatibility import CompatibilityMatrix
-from reid_lab.upgrade.report import study_rows, write_report
+from reid_lab.studies.report import study_rows, write_report
 
 RATIOS = (0.0, 0.5, 1.0)
 OLD_SELF = {"R1": 70.0, "R5": 85.0, "R10": 90.0, "mAP": 40.0, "mINP": 10.0}
@@ -164,7 +164,7 @@ def test_matrix_only_report(tmp_path):
 
 
 def test_curve_styles_never_repeat_in_a_4x4_study():
-    from reid_lab.upgrade.report import _curve_styles
+    from reid_lab.studies.report import _curve_styles
 
     orderings = ("random", "uncertainty", "sigma", "oracle")
     curves = {m: dict.fromkeys(orderings) for m in ("independent", "bct", "ract", "fastfill")}

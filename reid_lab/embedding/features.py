@@ -5,7 +5,7 @@ A feature file is a ``torch.save`` dictionary::
     {"format": "reid_lab.features/1", "features": (N, D) float32, "pids": (N,) int64, "camids": (N,) int64,
      "is_query": (N,) bool, "paths": [str] * N, "space": {...}}
 
-``space`` records which embedding space the vectors live in (see ``reid_lab.upgrade.space``); searching
+``space`` records which embedding space the vectors live in (see ``reid_lab.embedding.space``); searching
 features of one space with queries of another is refused unless a compatibility claim says it is safe.
 Files are written atomically (temporary file in the same folder, then ``os.replace``).
 """

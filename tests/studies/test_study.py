@@ -11,7 +11,7 @@ import yaml
 
 from reid_lab.cli import main
 from reid_lab.metrics.rank import evaluate_rank_reference
-from reid_lab.retrieval.features import FeatureSet
+from reid_lab.embedding.features import FeatureSet
 
 pytestmark = pytest.mark.slow
 
