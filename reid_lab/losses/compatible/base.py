@@ -4,7 +4,8 @@ A plugin receives a :class:`CompatibleInputs` (new features, frozen old features
 classifier / prototypes when it needs them) and returns a :class:`CompatibleLossOutput` (a scalar loss and
 named parts for logging). The host LightningModule multiplies the loss by ``plugin.weight`` and adds it to
 the model's own losses. Plugins that need dataset-level state (class means of old features, refined
-prototypes, ...) say so in :attr:`CompatibleLoss.needs`; the host fills those fields of the inputs.
+prototypes, ...) say so in :attr:`CompatibleLoss.needs` / :attr:`CompatibleLoss.uses` /
+:attr:`CompatibleLoss.refreshes_prototypes`; the host fills those fields of the inputs.
 """
 
 from __future__ import annotations
@@ -14,26 +15,47 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+#: Keys of :attr:`CompatibleInputs.extras` that a plugin may list in ``needs`` / ``uses``.
+EXTRAS_KEYS: frozenset[str] = frozenset({"new_classifier", "boundaries", "old_class_index"})
+
 
 @dataclass
 class CompatibleInputs:
     """Everything a compatible-loss plugin may look at for one training batch.
 
+    Shapes: ``B`` batch size, ``d_old`` / ``d_new`` the old / new embedding dimensions, ``C_new`` the number of
+    classes of the *new* training set (labels ``0 .. C_new-1``), ``C_old`` the number of classes of the old
+    model's trained classifier.
+
     Attributes:
         new_features: ``(B, d_old)`` embedding of the new model, already mapped to the old space's dimension
-            by the host's dimension adapter when ``d_new != d_old`` (not L2-normalised; plugins normalise
-            where their formula says so). Carries gradients.
+            by the host's dimension adapter when ``d_new != d_old`` (identity when equal; not L2-normalised,
+            plugins normalise where their formula says so). Carries gradients.
         old_features: ``(B, d_old)`` embedding of the same images by the frozen old model (no gradients).
         labels: ``(B,)`` int64 class labels in the *new* training set's label space.
-        new_logits: ``(B, C_new)`` logits of the new model's own classifier, if it has one.
-        old_logits: ``(B, C_old)`` logits of the frozen old classifier on these images, if it has one.
-        old_classifier: ``(C_new, d_old)`` rows of the old classifier indexed by new labels (rows for classes
+        new_logits: ``(B, C_new)`` logits of the new model's own classifier, if it has one (with gradients).
+        old_logits: ``(B, C_old)`` logits of the frozen old model's classifier on these images, i.e.
+            ``old_features @ old_class_weight.T`` for a bias-free head (no gradients).
+        old_classifier: ``(C_new, d_old)`` rows of the old classifier indexed by *new* labels (rows for classes
             the old model never saw are synthesised from old-feature class means; BCT §3.2). No gradients.
-        prototypes: ``(C_new, d_old)`` class prototypes in the old space (old-feature class means on the new
-            training data, optionally refined; UniBCT). No gradients.
-        new_all_features: ``(B, d_new)`` the new model's features before the dimension adapter (for
-            new-to-new terms in the new model's own space); defaults to ``new_features``.
+        prototypes: ``(C_new, d_old)`` unit-norm class prototypes in the old space: old-feature class centres
+            on the new training data (:func:`~reid_lab.losses.compatible.prototypes.class_centres`), or their
+            UniBCT refinement (:func:`~reid_lab.losses.compatible.prototypes.refine_prototypes`), which has
+            the same unit-norm convention. No gradients.
+        new_all_features: ``(B, d_new)`` the new model's features before the dimension adapter (for terms in
+            the new model's own space); defaults to ``new_features``.
+        old_class_weight: ``(C_old, d_old)`` the old model's trained classifier matrix in the old label space
+            (logits ``= features @ old_class_weight.T``, no bias). Frozen, no gradients. Unlike
+            ``old_classifier`` it is not re-indexed by new labels and has no synthesised rows.
         epoch: current training epoch (plugins with warm-up schedules read it).
+        extras: named tensors for single plugins, each listed in a plugin's ``needs`` / ``uses`` when read:
+
+            - ``"new_classifier"``: ``(C_new, d_old)`` the new model's classifier weight, mapped to the old
+              dimension by the *same* adapter as ``new_features`` (with gradients). LCE, ``bct_ract``.
+            - ``"boundaries"``: ``(C_new,)`` LCE boundary cosines
+              (:func:`~reid_lab.losses.compatible.prototypes.class_boundaries`). No gradients.
+            - ``"old_class_index"``: ``(C_old,)`` int64; old class ``j`` is new-logit column
+              ``old_class_index[j]`` (PCT, when ``C_new != C_old``).
     """
 
     new_features: Tensor
@@ -46,6 +68,18 @@ class CompatibleInputs:
     new_all_features: Tensor | None = None
     epoch: int = 0
     extras: dict[str, Tensor] = field(default_factory=dict)
+    old_class_weight: Tensor | None = None
+
+    def has(self, key: str) -> bool:
+        """True when the optional input ``key`` (a field name or an :data:`EXTRAS_KEYS` key) is present."""
+        if key in EXTRAS_KEYS:
+            return self.extras.get(key) is not None
+        return getattr(self, key) is not None
+
+
+_OPTIONAL_FIELDS = frozenset(
+    {"new_logits", "old_logits", "old_classifier", "prototypes", "new_all_features", "old_class_weight"}
+)
 
 
 @dataclass
@@ -59,9 +93,18 @@ class CompatibleLossOutput:
 class CompatibleLoss(nn.Module):
     """Base class of compatible-loss plugins.
 
-    Subclasses implement :meth:`compute` and list in ``needs`` which optional fields of
-    :class:`CompatibleInputs` must be present (``"old_classifier"``, ``"prototypes"``, ``"old_logits"``,
-    ``"new_logits"``). :meth:`forward` checks them and raises a clear error when the host did not provide one.
+    Subclasses implement :meth:`compute` and declare what they read beyond ``new_features``,
+    ``old_features``, ``labels`` and ``epoch``, so that the host prepares exactly that and nothing is
+    special-cased by name:
+
+    - ``needs``: optional inputs that must be present (fields of :class:`CompatibleInputs` such as
+      ``"old_classifier"``, ``"prototypes"``, ``"old_logits"``, ``"new_logits"``, ``"old_class_weight"``, or
+      :data:`EXTRAS_KEYS` such as ``"boundaries"``); :meth:`forward` raises a clear error when one is missing.
+    - ``uses``: optional inputs read *when present* (e.g. PCT's ``"old_class_index"``); the host should
+      provide them when it can.
+    - ``refreshes_prototypes``: the plugin may ask, through :meth:`on_train_epoch_start`, for ``prototypes``
+      recomputed with the current new model (UniBCT); the host then keeps the old features of the training
+      set and calls :func:`~reid_lab.losses.compatible.prototypes.refine_prototypes`.
 
     Args:
         weight: multiplier applied by the host when adding this loss to the total.
@@ -69,16 +112,28 @@ class CompatibleLoss(nn.Module):
 
     name: str = "compatible"
     needs: frozenset[str] = frozenset()
+    uses: frozenset[str] = frozenset()
+    refreshes_prototypes: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        unknown = (set(cls.needs) | set(cls.uses)) - _OPTIONAL_FIELDS - EXTRAS_KEYS
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.needs/uses name unknown inputs {sorted(unknown)}; known: "
+                f"{sorted(_OPTIONAL_FIELDS | EXTRAS_KEYS)}"
+            )
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
         self.weight = float(weight)
 
     def forward(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
-        for key in self.needs:
-            if getattr(inputs, key) is None:
+        for key in sorted(self.needs):
+            if not inputs.has(key):
+                where = f"inputs.extras[{key!r}]" if key in EXTRAS_KEYS else f"inputs.{key}"
                 raise ValueError(
-                    f"compatible loss {type(self).__name__!r} needs inputs.{key}, but the host gave None; "
+                    f"compatible loss {type(self).__name__!r} needs {where}, but the host gave None; "
                     f"configure the upgrade so that {key} is provided"
                 )
         out = self.compute(inputs)
@@ -90,7 +145,10 @@ class CompatibleLoss(nn.Module):
         raise NotImplementedError
 
     def on_train_epoch_start(self, epoch: int) -> bool:
-        """Called by the host at each epoch start. Return True if the plugin wants its prototypes refreshed."""
+        """Called by the host at each epoch start. Return True if the plugin wants its prototypes refreshed.
+
+        Only plugins with ``refreshes_prototypes = True`` may return True.
+        """
         return False
 
 

@@ -4,11 +4,13 @@
   (arXiv 2011.09161): focal distillation, FD-KL and FD-LM. Implementation details follow the
   re-implementation in miccunifi/negative_flip_MPT ``loss.py``.
 - LwF: Li & Hoiem, "Learning without Forgetting", TPAMI 2017 (knowledge-distillation loss on the old
-  tasks' outputs), used by BCT as a baseline.
+  tasks' outputs), in the form BCT uses as a compatibility baseline (openBCT ``--lwf``, OpenCompatible
+  ``lwf``): the *frozen old classifier* scores the *new* features.
 
-Both compare the new model's logits *over the old classes* with the old model's logits. When the new label
-space is larger, the host passes ``extras["old_class_index"]`` ``(C_old,)`` (int64): old class ``j`` is new
-column ``old_class_index[j]``; labels are in the new label space.
+PCT compares the new model's own logits *over the old classes* with the old model's logits. When the new
+label space is larger, the host passes ``extras["old_class_index"]`` ``(C_old,)`` (int64): old class ``j`` is
+new column ``old_class_index[j]``; labels are in the new label space. LwF needs no index: both of its
+distributions live in the old label space.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class FocalDistillationLoss(CompatibleLoss):
 
     name = "pct"
     needs = frozenset({"new_logits", "old_logits"})
+    uses = frozenset({"old_class_index"})
 
     def __init__(
         self,
@@ -131,19 +134,39 @@ class FocalDistillationLoss(CompatibleLoss):
 
 
 class LwFLoss(CompatibleLoss):
-    """Learning without Forgetting distillation (Li & Hoiem, TPAMI 2017).
+    """Learning-without-Forgetting distillation through the frozen old classifier (BCT's LwF baseline).
 
-    ``L = T**2 * mean_i KL(softmax(z_o(x_i)/T) || softmax(z_n(x_i)/T))`` over the old classes, no focal
-    weighting. The ``T**2`` factor (Hinton et al., 2015) keeps gradient magnitudes comparable across
-    temperatures; LwF's paper writes the equivalent cross-entropy form with ``T = 2``.
+    With ``W_o = inputs.old_class_weight`` ``(C_old, d_old)`` (frozen, bias-free), ``n_i`` the new feature in
+    the old dimension (``inputs.new_features``) and ``z_o(x_i) = W_o φ_o(x_i)`` the old logits
+    (``inputs.old_logits``)::
+
+        L = T**2 * mean_i KL( softmax(z_o(x_i) / T) || softmax(W_o n_i / T) )
+
+    The old model's predictions are the soft targets for the *new* features scored by the *old* classifier,
+    so the new embedding must reproduce the old class posterior: a compatibility loss (Shen et al., CVPR 2020,
+    §4 baselines; Li & Hoiem, TPAMI 2017). Code: openBCT ``main.py`` (``--lwf``: ``old_fc`` frozen,
+    ``-Σ softmax(old_fc(φ_o)) · log_softmax(old_fc(φ_n)) / B``) and OpenCompatible ``trainer.py`` (``lwf``:
+    the same with temperature ``distillation_temp``). Differences: KL instead of cross-entropy (same
+    gradient; the target entropy is subtracted so a perfect match gives 0) and the ``T**2`` factor (Hinton
+    et al., 2015) that keeps gradient magnitudes comparable across temperatures. Gradients reach
+    ``new_features`` only: ``W_o`` and the old logits are detached.
 
     Args:
         weight: host-side multiplier.
-        temperature: ``T`` (2 in LwF).
+        temperature: ``T`` (2 in LwF; openBCT uses 1).
+
+    Example:
+        >>> import torch
+        >>> from reid_lab.losses.compatible.base import CompatibleInputs
+        >>> w_old = torch.eye(2)
+        >>> x = CompatibleInputs(new_features=torch.tensor([[1.0, 0.0]]), old_features=torch.zeros(1, 2),
+        ...     labels=torch.tensor([0]), old_logits=torch.tensor([[1.0, 0.0]]), old_class_weight=w_old)
+        >>> LwFLoss(temperature=1.0)(x).loss.item()  # identical distributions
+        0.0
     """
 
     name = "lwf"
-    needs = frozenset({"new_logits", "old_logits"})
+    needs = frozenset({"old_class_weight", "old_logits"})
 
     def __init__(self, weight: float = 1.0, temperature: float = 2.0) -> None:
         super().__init__(weight)
@@ -155,9 +178,22 @@ class LwFLoss(CompatibleLoss):
         """Part ``lwf/kl`` (the loss itself).
 
         Args:
-            inputs: batch with ``new_logits`` ``(B, C_new)``, ``old_logits`` ``(B, C_old)``, optional
-                ``extras["old_class_index"]`` ``(C_old,)``.
+            inputs: batch with ``new_features`` ``(B, d_old)``, ``old_logits`` ``(B, C_old)`` and
+                ``old_class_weight`` ``(C_old, d_old)``.
         """
-        z_n, z_o, _ = _old_class_logits(inputs, type(self).__name__)
+        feats = inputs.new_features
+        weight = inputs.old_class_weight.detach().to(feats.dtype)
+        z_o = inputs.old_logits.detach().to(feats.dtype)
+        if weight.dim() != 2 or weight.shape[1] != feats.shape[1]:
+            raise ValueError(
+                f"LwFLoss: old_class_weight must be (C_old, d_old) with d_old = {feats.shape[1]} "
+                f"(new_features' dim), got {tuple(weight.shape)}"
+            )
+        if z_o.shape != (feats.shape[0], weight.shape[0]):
+            raise ValueError(
+                f"LwFLoss: old_logits must be (B, C_old) = ({feats.shape[0]}, {weight.shape[0]}), "
+                f"got {tuple(z_o.shape)}"
+            )
+        z_n = feats @ weight.t()
         loss = _kl_old_to_new(z_n, z_o, self.temperature).mean() * self.temperature**2
         return CompatibleLossOutput(loss, {"lwf/kl": loss.detach()})

@@ -122,8 +122,6 @@ def test_shape_mismatch_without_index_raises() -> None:
     inputs = make_inputs(new=torch.zeros(4, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="old_class_index"):
         FocalDistillationLoss()(inputs)
-    with pytest.raises(ValueError, match="old_class_index"):
-        LwFLoss()(inputs)
 
 
 def test_bad_mode_raises() -> None:
@@ -131,18 +129,70 @@ def test_bad_mode_raises() -> None:
         FocalDistillationLoss(mode="l2")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
-def test_lwf_matches_naive_loop(t: float) -> None:
-    inputs = make_inputs()
-    out = LwFLoss(temperature=t)(inputs)
-    expected = (
-        t * t * sum(kl(softmax(zo, t), softmax(zn, t)) for zn, zo in zip(NEW.tolist(), OLD.tolist())) / 4
+# LwF (BCT baseline; openBCT --lwf, OpenCompatible lwf): the frozen old classifier W_o scores the *new*
+# features; the old model's logits W_o φ_o are the soft targets.
+GEN = torch.Generator().manual_seed(3)
+W_OLD = torch.randn(3, 5, generator=GEN, dtype=torch.float64)  # (C_old, d_old)
+PHI_OLD = torch.randn(4, 5, generator=GEN, dtype=torch.float64)
+PHI_NEW = torch.randn(4, 5, generator=GEN, dtype=torch.float64)
+
+
+def lwf_inputs(grad_everywhere: bool = False) -> CompatibleInputs:
+    return CompatibleInputs(
+        new_features=PHI_NEW.clone().requires_grad_(True),
+        old_features=PHI_OLD.clone().requires_grad_(grad_everywhere),
+        labels=LABELS,
+        new_logits=NEW.clone().requires_grad_(True),  # the new model's own head: LwF must ignore it
+        old_logits=(PHI_OLD @ W_OLD.t()).requires_grad_(grad_everywhere),
+        old_class_weight=W_OLD.clone().requires_grad_(grad_everywhere),
     )
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0, 4.0])
+def test_lwf_scores_new_features_with_the_old_classifier(t: float) -> None:
+    out = LwFLoss(temperature=t)(lwf_inputs())
+    w_old = W_OLD.tolist()
+    expected = 0.0
+    for n, o in zip(PHI_NEW.tolist(), PHI_OLD.tolist()):
+        z_new = [sum(a * b for a, b in zip(n, w)) for w in w_old]  # W_o φ_n
+        z_old = [sum(a * b for a, b in zip(o, w)) for w in w_old]  # W_o φ_o
+        expected += t * t * kl(softmax(z_old, t), softmax(z_new, t)) / 4
     assert out.loss.item() == pytest.approx(expected, rel=1e-10)
     assert out.parts["lwf/kl"].item() == pytest.approx(expected, rel=1e-10)
 
 
-def test_lwf_is_zero_for_identical_logits_and_uses_index() -> None:
-    new5 = torch.cat([OLD[:, 1:2], torch.randn(4, 1, dtype=torch.float64), OLD[:, 0:1], OLD[:, 2:3]], dim=1)
-    inputs = make_inputs(new=new5, extras={"old_class_index": torch.tensor([2, 0, 3])})
+def test_lwf_gradient_reaches_new_features_only_and_matches_autograd() -> None:
+    inputs = lwf_inputs(grad_everywhere=True)
+    LwFLoss(temperature=2.0)(inputs).loss.backward()
+    # hand-built: 4 * mean_i sum_k p_ik (log p_ik - log q_ik), q = softmax(W_o n_i / 2), p = softmax(W_o o_i / 2)
+    n = PHI_NEW.clone().requires_grad_(True)
+    p = torch.softmax(PHI_OLD @ W_OLD.t() / 2, dim=1)
+    q = torch.softmax(n @ W_OLD.t() / 2, dim=1)
+    (4 * (p * (p.log() - q.log())).sum(dim=1).mean()).backward()
+    torch.testing.assert_close(inputs.new_features.grad, n.grad, rtol=1e-10, atol=1e-12)
+    assert inputs.new_features.grad.abs().sum() > 0
+    assert inputs.new_logits.grad is None
+    assert inputs.old_class_weight.grad is None and inputs.old_logits.grad is None
+    assert inputs.old_features.grad is None
+
+
+def test_lwf_is_zero_when_new_features_equal_old_ones() -> None:
+    inputs = lwf_inputs()
+    inputs.new_features = PHI_OLD.clone()
     assert LwFLoss()(inputs).loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_lwf_needs_and_shape_errors() -> None:
+    assert LwFLoss.needs == {"old_class_weight", "old_logits"}
+    missing = lwf_inputs()
+    missing.old_class_weight = None
+    with pytest.raises(ValueError, match="old_class_weight"):
+        LwFLoss()(missing)
+    wrong_dim = lwf_inputs()
+    wrong_dim.old_class_weight = torch.zeros(3, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="d_old"):
+        LwFLoss()(wrong_dim)
+    wrong_classes = lwf_inputs()
+    wrong_classes.old_logits = torch.zeros(4, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="C_old"):
+        LwFLoss()(wrong_classes)
