@@ -4,6 +4,11 @@ Pure functions. The host runs the frozen old model (and, for refinement, the cur
 *new* training set and calls these with the stacked features; the results feed
 :attr:`CompatibleInputs.prototypes` and ``extras["boundaries"]``.
 
+One scale convention: prototypes are **unit-norm** rows, before (:func:`class_centres`) and after
+(:func:`refine_prototypes`) refinement, so a plugin that reads ``prototypes`` sees the same scale whichever
+the host last computed, and the logit scale is the plugin's explicit ``scale``. Refinement with the identity
+graph (``alpha = 0``) returns :func:`class_centres` exactly.
+
 References:
     - LCE: Meng et al., "Learning Compatible Embeddings", ICCV 2021 (arXiv 2108.01958);
       the class centre / boundary definitions follow the released code (IrvingMeng/LCE, ``save_lcefeat``).
@@ -65,7 +70,8 @@ def class_centres(old_features: Tensor, labels: Tensor, num_classes: int) -> Ten
         num_classes: ``C``, number of rows of the result.
 
     Returns:
-        ``(C, d)`` unit-norm class centres (dtype at least float32).
+        ``(C, d)`` unit-norm class centres (dtype at least float32); the same convention as
+        :func:`refine_prototypes`.
 
     Raises:
         ValueError: if some class has no sample (the message names the class ids).
@@ -120,18 +126,27 @@ def refine_prototypes(
     alpha: float = 0.9,
     tau: float = 0.05,
 ) -> Tensor:
-    """UniBCT structural prototype refinement (Zhang et al., IJCAI 2022, Eq. 9-10).
+    """UniBCT structural prototype refinement (Zhang et al., IJCAI 2022, Eq. 9-10), as unit-norm prototypes.
 
-    For every class ``c`` with ``n_c`` images, with ``F_o`` ``(n_c, d_old)`` the old features and ``F_n``
-    ``(n_c, d_new)`` the current new model's features of those images:
+    For every class ``c`` with ``n_c`` images, with ``F_o`` ``(n_c, d_old)`` the L2-normalised old features and
+    ``F_n`` ``(n_c, d_new)`` the L2-normalised features of the current new model for those images:
 
     1. ``A = softmax_row(F_n F_n^T / tau)`` with the diagonal set to ``-inf`` (no self-loops), so that each
        row ``i`` is a distribution over the other images ``j`` of the class;
     2. ``F~_o = (1 - alpha) (I - alpha A)^{-1} F_o`` (personalised-PageRank closed form, Eq. 9);
-    3. ``p_c = mean of the rows of F~_o`` (Eq. 10), *not* re-normalised (as MixBCT's re-implementation).
+    3. ``p_c = normalise(mean of the rows of F~_o)`` (Eq. 10, then L2-normalised).
+
+    Scale convention: the result has unit rows like :func:`class_centres`
+    (``normalise(mean(normalise(φ_o)))``), and ``alpha = 0`` (identity graph) returns :func:`class_centres`
+    exactly, so refining never changes the scale the loss sees, only the direction of each prototype.
 
     Deviations from the public re-implementation (yuleung/MixBCT ``refine_prototype.py``):
 
+    - MixBCT propagates the *raw* old features and keeps the raw mean, whereas its unrefined prototypes
+      (``tools/get_feature/get_avg_feature.py``) are L2-normalised means: the prototypes' norm jumps from 1
+      to the old model's feature norm at the first refresh. Here ``F_o`` rows are normalised first (as in
+      :func:`class_centres`) and the prototype is re-normalised, so the scale stays 1 and the logit scale
+      is the plugin's explicit ``scale`` (:class:`~reid_lab.losses.compatible.unibct.UniBCTLoss`).
     - ``F_n`` rows are L2-normalised before the similarity, so ``tau`` acts on cosines whatever the new
       model's feature norm.
     - MixBCT normalises ``A`` over dim 0 (each *column* sums to one). Then ``1^T A = 1^T`` and
@@ -139,13 +154,12 @@ def refine_prototypes(
       ``F_o`` exactly: the refinement is a no-op for the prototype. Here each *row* sums to one, so every row of
       ``F~_o`` is a convex combination of old features and the mean weights each image by how much the other
       images of its class propagate to it: images the new model finds central count more, outliers less.
-    - ``F_o`` is used as given (not normalised), as in MixBCT; normalise before calling if wanted.
 
-    Edge cases: a class with one image keeps its feature (``n_c = 1``: no neighbour, no refinement);
-    ``alpha = 0`` gives the plain class means.
+    Edge cases: a class with one image keeps its (normalised) feature (``n_c = 1``: no neighbour, no
+    refinement); ``alpha = 0`` gives :func:`class_centres`.
 
     Args:
-        old_features: ``(N, d_old)`` frozen old-model features of the new training set.
+        old_features: ``(N, d_old)`` frozen old-model features of the new training set (any norm).
         new_features: ``(N, d_new)`` current new-model features of the same images, same order.
         labels: ``(N,)`` int class labels in ``[0, num_classes)``.
         num_classes: ``C``.
@@ -153,7 +167,7 @@ def refine_prototypes(
         tau: similarity temperature (> 0); 0.05 in MixBCT.
 
     Returns:
-        ``(C, d_old)`` refined prototypes (dtype at least float32, on ``old_features``' device).
+        ``(C, d_old)`` unit-norm refined prototypes (dtype at least float32, on ``old_features``' device).
 
     Raises:
         ValueError: on shape mismatches, ``alpha`` outside ``[0, 1)``, ``tau <= 0``, or a class without sample
@@ -170,7 +184,7 @@ def refine_prototypes(
         )
     dtype = _work_dtype(old_features)
     device = old_features.device
-    f_old = old_features.to(dtype)
+    f_old = l2_normalize(old_features.to(dtype))
     f_new = l2_normalize(new_features.to(device=device, dtype=dtype))
     labels = labels.long().to(device)
 
@@ -196,4 +210,4 @@ def refine_prototypes(
         system = torch.eye(n, dtype=dtype, device=device) - alpha * adj
         refined = (1.0 - alpha) * torch.linalg.solve(system, fo)
         protos[classes] = refined.mean(dim=1)
-    return protos
+    return l2_normalize(protos)

@@ -5,12 +5,16 @@ the new embedding, L2-normalised, is classified by a softmax over fixed old-spac
 the *new* training data (so no trained old classifier is needed, which makes it work for open-class
 upgrades too):
 
-``L = CE(s * <n_hat_i, p_c>_c, y_i)``,
+``L = CE(s * <n_hat_i, p_hat_c>_c, y_i)``,
 
-with ``p_c`` the prototypes from :func:`~reid_lab.losses.compatible.prototypes.class_centres` /
-plain old-feature means or from :func:`~reid_lab.losses.compatible.prototypes.refine_prototypes`
-(structural refinement, Eq. 9-10). Follows the MixBCT re-implementation (yuleung/MixBCT, ``BCT_Methods/UniBCT``):
-``p_c`` is not re-normalised, no margin, ``s = 1``.
+with ``p_c`` the unit-norm prototypes from :func:`~reid_lab.losses.compatible.prototypes.class_centres`
+(before the first refresh) or :func:`~reid_lab.losses.compatible.prototypes.refine_prototypes` (structural
+refinement, Eq. 9-10), which share one scale convention (unit rows). Follows the MixBCT re-implementation
+(yuleung/MixBCT, ``BCT_Methods/UniBCT``: no margin, refresh schedule) except for the scale: MixBCT's
+unrefined prototypes are unit-norm but its refined ones are raw means of the old features, so its logit
+scale silently jumps from 1 to the old feature norm at the first refresh. Here the prototypes stay unit-norm
+and the scale ``s`` is explicit (default 30, the normed-softmax scale of openBCT and of
+:class:`~reid_lab.losses.compatible.bct.BCTPrototypeLoss`).
 
 The new model's own ArcFace term is the model's own loss, not part of this plugin.
 """
@@ -32,8 +36,9 @@ __all__ = ["UniBCTLoss"]
 class UniBCTLoss(CompatibleLoss):
     """Softmax classification of the normalised new feature against fixed old prototypes (UniBCT).
 
-    ``logits_ic = scale * <n_i / ||n_i||, p_c>`` with ``p_c = inputs.prototypes[c]`` as given (not
-    re-normalised); the loss is the mean cross-entropy with ``labels``.
+    ``logits_ic = scale * <n_i / ||n_i||, p_c / ||p_c||>`` with ``p_c = inputs.prototypes[c]`` (unit-norm by
+    the host's convention; normalised again here so the scale is ``scale`` whatever the caller passes); the
+    loss is the mean cross-entropy with ``labels``.
 
     Schedule: before ``warmup_epochs`` the loss is an exact zero that still carries the graph of
     ``new_features`` (so DDP / unused-parameter checks see the usual graph). At the start of every epoch in
@@ -44,7 +49,7 @@ class UniBCTLoss(CompatibleLoss):
 
     Args:
         weight: host-side multiplier (lambda; 1 in MixBCT).
-        scale: logit multiplier ``s`` (MixBCT uses the raw inner product, ``s = 1``).
+        scale: logit multiplier ``s`` on cosine logits (30, see the module docstring).
         warmup_epochs: epochs ``0 .. warmup_epochs - 1`` give a zero loss.
         refresh_epochs: epochs at whose start the plugin asks for refined prototypes.
 
@@ -53,17 +58,18 @@ class UniBCTLoss(CompatibleLoss):
         >>> from reid_lab.losses.compatible.base import CompatibleInputs
         >>> x = CompatibleInputs(new_features=torch.tensor([[3.0, 0.0]]), old_features=torch.zeros(1, 2),
         ...     labels=torch.tensor([0]), prototypes=torch.eye(2))
-        >>> round(UniBCTLoss()(x).loss.item(), 4)  # -log(e / (e + 1))
+        >>> round(UniBCTLoss(scale=1.0)(x).loss.item(), 4)  # -log(e / (e + 1))
         0.3133
     """
 
     name = "unibct"
     needs = frozenset({"prototypes"})
+    refreshes_prototypes = True
 
     def __init__(
         self,
         weight: float = 1.0,
-        scale: float = 1.0,
+        scale: float = 30.0,
         warmup_epochs: int = 0,
         refresh_epochs: list[int] | None = None,
     ) -> None:
@@ -98,7 +104,7 @@ class UniBCTLoss(CompatibleLoss):
                 f"prototypes must be (C, d_old) with d_old = {feats.shape[1]} (new_features' dim), "
                 f"got {tuple(protos.shape)}"
             )
-        logits = self.scale * l2_normalize(feats) @ protos.to(feats.dtype).t()
+        logits = self.scale * l2_normalize(feats) @ l2_normalize(protos.to(feats.dtype)).t()
         ce = F.cross_entropy(logits, inputs.labels.long())
         return CompatibleLossOutput(ce, {"unibct/ce": ce.detach()})
 

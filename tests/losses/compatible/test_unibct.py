@@ -12,10 +12,13 @@ from reid_lab.losses.compatible.unibct import UniBCTLoss
 
 
 def naive_unibct(new, labels, protos, scale) -> float:
+    """Mean CE of scale * cos(n_i, p_c) (unit prototypes, explicit scale)."""
     total = 0.0
     for n, y in zip(new, labels):
         norm = math.sqrt(sum(x * x for x in n))
-        logits = [scale * sum(a / norm * b for a, b in zip(n, p)) for p in protos]
+        logits = [
+            scale * sum(a / norm * b / math.sqrt(sum(x * x for x in p)) for a, b in zip(n, p)) for p in protos
+        ]
         log_z = math.log(sum(math.exp(z) for z in logits))
         total += log_z - logits[y]
     return total / len(new)
@@ -27,14 +30,14 @@ def make_inputs(epoch: int = 0) -> CompatibleInputs:
         new_features=torch.randn(5, 3, generator=gen, dtype=torch.float64, requires_grad=True),
         old_features=torch.zeros(5, 3),
         labels=torch.tensor([0, 3, 1, 2, 3]),
-        # not unit-norm on purpose: prototypes are used as given
+        # not unit-norm on purpose: the scale must be the plugin's, not the prototypes' norm
         prototypes=2.0 * torch.randn(4, 3, generator=gen, dtype=torch.float64),
         epoch=epoch,
     )
 
 
 def test_hand_worked_logits() -> None:
-    # n = (3, 4) -> n_hat = (0.6, 0.8); p0 = (2, 0), p1 = (0, 1); s = 2 -> logits (2.4, 1.6), label 1.
+    # n = (3, 4) -> n_hat = (0.6, 0.8); p0 = (2, 0) -> (1, 0), p1 = (0, 1); s = 2 -> logits (1.2, 1.6), label 1.
     inputs = CompatibleInputs(
         new_features=torch.tensor([[3.0, 4.0]], dtype=torch.float64),
         old_features=torch.zeros(1, 2),
@@ -42,7 +45,23 @@ def test_hand_worked_logits() -> None:
         prototypes=torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64),
     )
     out = UniBCTLoss(scale=2.0)(inputs)
-    assert out.loss.item() == pytest.approx(math.log(math.exp(2.4) + math.exp(1.6)) - 1.6, abs=1e-12)
+    assert out.loss.item() == pytest.approx(math.log(math.exp(1.2) + math.exp(1.6)) - 1.6, abs=1e-12)
+
+
+def test_scale_is_the_plugins_not_the_prototypes_norm() -> None:
+    # unrefined (class_centres) and refined prototypes share the unit-norm convention; a caller passing raw
+    # means of any norm gets the same loss: only the prototypes' directions matter.
+    unit_protos, scaled = make_inputs(), make_inputs()
+    unit_protos.prototypes = unit_protos.prototypes / unit_protos.prototypes.norm(dim=1, keepdim=True)
+    scaled.prototypes = 25.0 * unit_protos.prototypes
+    assert UniBCTLoss(scale=4.0)(scaled).loss.item() == pytest.approx(
+        UniBCTLoss(scale=4.0)(unit_protos).loss.item(), rel=1e-12
+    )
+
+
+def test_default_scale_and_refresh_flag() -> None:
+    assert UniBCTLoss().scale == 30.0
+    assert UniBCTLoss.refreshes_prototypes and UniBCTLoss.needs == {"prototypes"}
 
 
 @pytest.mark.parametrize("scale", [1.0, 16.0])
