@@ -35,7 +35,7 @@ class LCELoss(CompatibleLoss):
     - ``inputs.prototypes`` ``(C, d_old)``: old class centres ``c_k`` (normalised again here, as LCE does when
       loading them); use :func:`~reid_lab.losses.compatible.prototypes.class_centres`.
     - ``inputs.extras["new_classifier"]`` ``(C, d_old)``: the weight of the new model's classifier (with
-      gradients; LCE requires the classifier to live in the old space's dimension).
+      gradients), mapped to the old dimension by the host's adapter when ``d_new != d_old``.
     - ``inputs.extras["boundaries"]`` ``(C,)``: ``cos theta_k``; use
       :func:`~reid_lab.losses.compatible.prototypes.class_boundaries`.
 
@@ -59,7 +59,7 @@ class LCELoss(CompatibleLoss):
     """
 
     name = "lce"
-    needs = frozenset({"prototypes"})
+    needs = frozenset({"prototypes", "new_classifier", "boundaries"})
 
     def __init__(
         self, weight: float = 1.0, align_weight: float = 100.0, boundary_weight: float = 1.0
@@ -75,12 +75,6 @@ class LCELoss(CompatibleLoss):
             inputs: batch with ``new_features`` ``(B, d_old)``, ``labels`` ``(B,)``, ``prototypes`` ``(C, d_old)``
                 and ``extras["new_classifier"]`` ``(C, d_old)``, ``extras["boundaries"]`` ``(C,)``.
         """
-        for key in ("new_classifier", "boundaries"):
-            if key not in inputs.extras:
-                raise ValueError(
-                    f"LCELoss needs inputs.extras[{key!r}] (new_classifier: the new model's classifier weight "
-                    f"(C, d_old); boundaries: class_boundaries(...) (C,)); the host did not provide it"
-                )
         centres = l2_normalize(inputs.prototypes.detach())
         new_classifier = inputs.extras["new_classifier"]
         boundaries = inputs.extras["boundaries"].detach()

@@ -133,19 +133,24 @@ class BCTRACTLoss(CompatibleLoss):
 
     Cross-entropy over the concatenated logits (target = ``y_i`` in the old block)::
 
-        z_i = [ W_o n_i ; W_n f_i − ∞·e_{y_i} ],   L = −(1/|V|) Σ_{i∈V} log softmax(z_i)[y_i]
+        z_i = [ W_o n_i ; W_n n_i − ∞·e_{y_i} ],   L = −(1/|V|) Σ_{i∈V} log softmax(z_i)[y_i]
 
-    ``W_o = inputs.old_classifier`` (``(C, d_old)``, frozen), ``n_i`` = ``inputs.new_features``. The new block is
-    the new model's own classifier on its own features ``f_i`` (``inputs.new_all_features``, falling back to
-    ``new_features``), taken from ``inputs.extras["new_classifier"]`` (``(C_new, d_new)``, gradients flow into
-    it as in OpenCompatible); if that key is missing, ``inputs.new_logits`` (``(B, C_new)``) are used as given
-    (then they must be on the old block's scale). The target column of the new block is masked, so the new
-    feature must score its own *old* prototype above every other old prototype and every other *new*
-    prototype — the point-to-centre version of RACT's new-to-new negatives.
+    - ``n_i`` = ``inputs.new_features`` ``(B, d_old)``: the new feature in the old space's dimension;
+    - ``W_o`` = ``inputs.old_classifier`` ``(C_old_rows, d_old)``, frozen (detached);
+    - ``W_n`` = ``inputs.extras["new_classifier"]`` ``(C_new, d_old)``: the new model's classifier mapped to
+      the old dimension by the *same* dimension adapter as ``n_i`` (the host does this), with gradients
+      (OpenCompatible trains the new head through this term too).
+
+    Every product is in ``d_old``: with ``d_new != d_old`` the new model's own features
+    (``new_all_features``, ``d_new``) are never mixed with the adapted classifier. When ``d_new == d_old``
+    the adapter is the identity, so ``W_n n_i`` is the new model's own logit, as in OpenCompatible. The
+    target column of the new block is masked, so the new feature must score its own *old* prototype above
+    every other old prototype and every other *new* prototype — the point-to-centre version of RACT's
+    new-to-new negatives.
 
     ``scale=None``: plain dot products (as the public code). ``scale=s``: cosine logits times ``s`` in both
-    blocks (for normalised-softmax heads). ``V`` = samples whose label has an old row (``y_i < C``); part
-    ``bct_ract/valid_fraction``.
+    blocks (for normalised-softmax heads). ``V`` = samples whose label has an old row (``y_i <`` rows of
+    ``W_o``); part ``bct_ract/valid_fraction``.
 
     Args:
         weight: multiplier applied by the host.
@@ -153,7 +158,7 @@ class BCTRACTLoss(CompatibleLoss):
     """
 
     name = "bct_ract"
-    needs = frozenset({"old_classifier"})
+    needs = frozenset({"old_classifier", "new_classifier"})
 
     def __init__(self, weight: float = 1.0, scale: float | None = None) -> None:
         super().__init__(weight)
@@ -164,28 +169,20 @@ class BCTRACTLoss(CompatibleLoss):
             return features @ classifier.t()
         return self.scale * l2_normalize(features) @ l2_normalize(classifier).t()
 
-    def _new_block(self, inputs: CompatibleInputs) -> Tensor:
-        new_classifier = inputs.extras.get("new_classifier")
-        if new_classifier is not None:
-            features = inputs.new_all_features if inputs.new_all_features is not None else inputs.new_features
-            if features.shape[1] != new_classifier.shape[1]:
-                raise ValueError(
-                    f"bct_ract: extras['new_classifier'] is {tuple(new_classifier.shape)} but the new model's "
-                    f"features are {tuple(features.shape)}; pass new_all_features in the classifier's space"
-                )
-            return self._logits(features, new_classifier)
-        if inputs.new_logits is not None:
-            return inputs.new_logits
-        raise ValueError(
-            "compatible loss 'BCTRACTLoss' needs the new model's classifier: put its weight (C_new, d_new) in "
-            "inputs.extras['new_classifier'] or give inputs.new_logits"
-        )
-
     def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
         assert inputs.old_classifier is not None
+        feats = inputs.new_features
+        old_classifier = inputs.old_classifier.detach().to(feats.dtype)
+        new_classifier = inputs.extras["new_classifier"]
+        for what, matrix in (("old_classifier", old_classifier), ("extras['new_classifier']", new_classifier)):
+            if matrix.dim() != 2 or matrix.shape[1] != feats.shape[1]:
+                raise ValueError(
+                    f"bct_ract: {what} must be (C, d_old) with d_old = {feats.shape[1]} (new_features' dim, "
+                    f"after the host's dimension adapter), got {tuple(matrix.shape)}"
+                )
         labels = inputs.labels.long()
-        old_block = self._logits(inputs.new_features, inputs.old_classifier.detach())
-        new_block = self._new_block(inputs)
+        old_block = self._logits(feats, old_classifier)
+        new_block = self._logits(feats, new_classifier.to(feats.dtype))
         num_old, num_new = old_block.shape[1], new_block.shape[1]
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= num_new):
             raise ValueError(f"bct_ract: labels must lie in [0, {num_new}) (the new classifier's classes)")

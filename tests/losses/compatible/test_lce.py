@@ -93,7 +93,15 @@ def test_missing_extras_raise_clear_errors(missing: str) -> None:
 
 def test_missing_prototypes_is_reported() -> None:
     inputs = CompatibleInputs(
-        new_features=torch.ones(1, 2), old_features=torch.ones(1, 2), labels=torch.tensor([0])
+        new_features=torch.ones(1, 2),
+        old_features=torch.ones(1, 2),
+        labels=torch.tensor([0]),
+        extras={"new_classifier": torch.eye(2), "boundaries": torch.zeros(2)},
     )
     with pytest.raises(ValueError, match="prototypes"):
         LCELoss()(inputs)
+
+
+def test_needs_lists_every_input_read() -> None:
+    # the host prepares exactly what `needs` lists: LCE reads both extras as well as the prototypes
+    assert LCELoss.needs == {"prototypes", "new_classifier", "boundaries"}

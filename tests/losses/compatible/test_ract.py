@@ -59,18 +59,20 @@ def naive_triplet_ract(new, old, labels, margin: float, topk: int | None) -> flo
     return sum(pairs_old) / max(len(pairs_old), 1) + sum(pairs_new) / max(len(pairs_new), 1)
 
 
-def naive_bct_ract(new, new_own, old_classifier, new_classifier, labels, scale: float | None) -> float:
-    """CE over [W_o n_i ; W_n f_i without column y_i], target y_i in the old block; skip y_i >= C_old."""
+def naive_bct_ract(new, old_classifier, new_classifier, labels, scale: float | None) -> float:
+    """CE over [W_o n_i ; W_n n_i without column y_i], target y_i in the old block; skip y_i >= C_old.
+
+    ``new`` (B, d_old) and both classifiers (C, d_old) live in the old space's dimension."""
     losses = []
-    for n, f, y in zip(new.tolist(), new_own.tolist(), labels.tolist()):
+    for n, y in zip(new.tolist(), labels.tolist()):
         if y >= len(old_classifier):
             continue
         if scale is None:
             old_logits = [dot(n, w) for w in old_classifier.tolist()]
-            new_logits = [dot(f, w) for w in new_classifier.tolist()]
+            new_logits = [dot(n, w) for w in new_classifier.tolist()]
         else:
             old_logits = [scale * dot(unit(n), unit(w)) for w in old_classifier.tolist()]
-            new_logits = [scale * dot(unit(f), unit(w)) for w in new_classifier.tolist()]
+            new_logits = [scale * dot(unit(n), unit(w)) for w in new_classifier.tolist()]
         logits = old_logits + [z for k, z in enumerate(new_logits) if k != y]
         losses.append(math.log(sum(math.exp(z) for z in logits)) - old_logits[y])
     return sum(losses) / len(losses)
@@ -181,41 +183,73 @@ def test_triplet_ract_without_negatives_is_zero() -> None:
 # ------------------------------------------------------------------------------------------ bct_ract
 
 
-def bct_ract_inputs(seed: int, num_old: int = 5, d_new: int = 4) -> CompatibleInputs:
-    generator = torch.Generator().manual_seed(seed)
-    inputs = make_inputs(seed)
-    inputs.old_classifier = torch.randn(
-        num_old, 4, generator=generator, dtype=torch.float64, requires_grad=True
-    )
-    inputs.new_all_features = torch.randn(
-        8, d_new, generator=generator, dtype=torch.float64, requires_grad=True
-    )
-    inputs.extras["new_classifier"] = torch.randn(
-        5, d_new, generator=generator, dtype=torch.float64, requires_grad=True
-    )
-    return inputs
+class HostShaped:
+    """bct_ract inputs as the host builds them: φ_new's features (B, d_new) and head (C_new, d_new) are leaves;
+    the dimension adapter P (d_old, d_new) maps both to d_old (identity when d_new == d_old)."""
+
+    def __init__(self, seed: int, num_old: int = 5, d_new: int = 4, d_old: int = 4) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.new_all = torch.randn(8, d_new, generator=generator, dtype=torch.float64, requires_grad=True)
+        self.head = torch.randn(5, d_new, generator=generator, dtype=torch.float64, requires_grad=True)
+        self.adapter = (
+            torch.eye(d_old, dtype=torch.float64)
+            if d_new == d_old
+            else torch.randn(d_old, d_new, generator=generator, dtype=torch.float64)
+        )
+        self.old = torch.randn(8, d_old, generator=generator, dtype=torch.float64)
+        self.old_classifier = torch.randn(num_old, d_old, generator=generator, dtype=torch.float64)
+        self.labels = torch.tensor([0, 1, 1, 2, 0, 3, 2, 4])
+
+    def inputs(self) -> CompatibleInputs:
+        return CompatibleInputs(
+            self.new_all @ self.adapter.t(),
+            self.old,
+            self.labels,
+            old_classifier=self.old_classifier.clone().requires_grad_(True),
+            new_all_features=self.new_all,
+            extras={"new_classifier": self.head @ self.adapter.t()},
+        )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("scale", [None, 8.0])
-@pytest.mark.parametrize("d_new", [4, 6])
+@pytest.mark.parametrize("d_new", [4, 6, 3])
 def test_bct_ract_matches_loop(seed: int, scale: float | None, d_new: int) -> None:
-    inputs = bct_ract_inputs(seed, d_new=d_new)
+    """d_new != d_old: every product is in d_old (adapted features against the adapted head)."""
+    case = HostShaped(seed, d_new=d_new)
+    inputs = case.inputs()
     out = BCTRACTLoss(scale=scale)(inputs)
     expected = naive_bct_ract(
-        inputs.new_features,
-        inputs.new_all_features,
-        inputs.old_classifier,
-        inputs.extras["new_classifier"],
-        inputs.labels,
-        scale,
+        inputs.new_features, case.old_classifier, inputs.extras["new_classifier"], case.labels, scale
     )
     assert out.loss.item() == pytest.approx(expected, rel=1e-9)
     assert out.parts["bct_ract/valid_fraction"].item() == 1.0
 
 
+def test_bct_ract_dimension_change_gradients_match_autograd() -> None:
+    # d_new = 6, d_old = 4: the gradient w.r.t. φ_new's own features and head flows through the adapter.
+    case = HostShaped(2, d_new=6)
+    inputs = case.inputs()
+    BCTRACTLoss()(inputs).loss.backward()
+    got_features, got_head = case.new_all.grad.clone(), case.head.grad.clone()
+    assert inputs.old_classifier.grad is None
+    # hand-built: CE over [W_o P f_i ; (W_n P^T)(P f_i) with -inf at y_i], target y_i
+    new_all = case.new_all.detach().clone().requires_grad_(True)
+    head = case.head.detach().clone().requires_grad_(True)
+    n = new_all @ case.adapter.t()
+    w_n = head @ case.adapter.t()
+    total = 0.0
+    for i, y in enumerate(case.labels.tolist()):
+        new_logits = torch.cat([w_n[:y] @ n[i], w_n[y + 1 :] @ n[i]])
+        logits = torch.cat([case.old_classifier @ n[i], new_logits])
+        total = total + torch.logsumexp(logits, 0) - logits[y]
+    (total / 8).backward()
+    torch.testing.assert_close(got_features, new_all.grad)
+    torch.testing.assert_close(got_head, head.grad)
+
+
 def test_bct_ract_hand_worked() -> None:
-    # n = f = (1, 0), W_o = W_n = I, y = 0: logits [1, 0 | (masked), 0] -> log(1 + 2/e).
+    # n = (1, 0), W_o = W_n = I, y = 0: logits [1, 0 | (masked), 0] -> log(1 + 2/e).
     features = torch.tensor([[1.0, 0.0]])
     inputs = CompatibleInputs(
         features,
@@ -227,48 +261,42 @@ def test_bct_ract_hand_worked() -> None:
     assert BCTRACTLoss()(inputs).loss.item() == pytest.approx(math.log(1 + 2 / math.e), rel=1e-6)
 
 
-def test_bct_ract_uses_new_logits_when_no_classifier_and_skips_new_classes() -> None:
-    inputs = bct_ract_inputs(3, num_old=3)  # labels 3 and 4 have no old row
-    new_classifier = inputs.extras.pop("new_classifier")
-    inputs.new_logits = inputs.new_all_features @ new_classifier.t()
+def test_bct_ract_skips_classes_without_old_row() -> None:
+    case = HostShaped(3, num_old=3)  # labels 3 and 4 have no old row
+    inputs = case.inputs()
     out = BCTRACTLoss()(inputs)
     expected = naive_bct_ract(
-        inputs.new_features,
-        inputs.new_all_features,
-        inputs.old_classifier,
-        new_classifier,
-        inputs.labels,
-        None,
+        inputs.new_features, case.old_classifier, inputs.extras["new_classifier"], case.labels, None
     )
     assert out.loss.item() == pytest.approx(expected, rel=1e-9)
-    assert out.parts["bct_ract/valid_fraction"].item() == pytest.approx(7 / 8)
+    assert out.parts["bct_ract/valid_fraction"].item() == pytest.approx(6 / 8)
 
 
 def test_bct_ract_gradients_and_errors() -> None:
-    inputs = bct_ract_inputs(1)
+    case = HostShaped(1)
+    inputs = case.inputs()
     BCTRACTLoss()(inputs).loss.backward()
-    assert inputs.new_features.grad.abs().sum() > 0
-    assert inputs.extras["new_classifier"].grad.abs().sum() > 0  # the new head is trained, as in the code
-    assert inputs.old_classifier.grad is None and inputs.old_features.grad is None
+    assert case.new_all.grad.abs().sum() > 0
+    assert case.head.grad.abs().sum() > 0  # the new head is trained, as in the code
+    assert inputs.old_classifier.grad is None
 
-    missing_head = bct_ract_inputs(0)
+    missing_head = HostShaped(0).inputs()
     del missing_head.extras["new_classifier"]
     with pytest.raises(ValueError, match="new_classifier"):
         BCTRACTLoss()(missing_head)
-    no_old = bct_ract_inputs(0)
+    no_old = HostShaped(0).inputs()
     no_old.old_classifier = None
     with pytest.raises(ValueError, match="old_classifier"):
         BCTRACTLoss()(no_old)
-    wrong_dim = bct_ract_inputs(0)
-    wrong_dim.new_all_features = None  # new_features are 4-d, head is 6-d
-    wrong_dim.extras["new_classifier"] = torch.zeros(5, 6)
-    with pytest.raises(ValueError, match="new_all_features"):
+    wrong_dim = HostShaped(0).inputs()
+    wrong_dim.extras["new_classifier"] = torch.zeros(5, 6)  # not mapped to d_old = 4
+    with pytest.raises(ValueError, match="d_old"):
         BCTRACTLoss()(wrong_dim)
 
 
 def test_names() -> None:
     assert (RACTLoss.name, TripletRACTLoss.name, BCTRACTLoss.name) == ("ract", "triplet_ract", "bct_ract")
-    assert BCTRACTLoss.needs == {"old_classifier"}
+    assert BCTRACTLoss.needs == {"old_classifier", "new_classifier"}
 
 
 # --------------------------------------------------------------------------------- two-process gather
