@@ -1,11 +1,14 @@
 """New-to-old InfoNCE and the cross-rank machinery shared with the RACT losses.
 
-:class:`ContrastiveN2O` is the ``contra`` baseline of openBCT (``--contra``) and OpenCompatible, and the
-ablation of the RACT paper (B. Zhang et al., ICLR 2022, arXiv 2201.09724) without new-to-new negatives.
+:class:`ContrastiveN2O` is the ``contra`` baseline of OpenCompatible and the ablation of the RACT paper
+(B. Zhang et al., ICLR 2022, arXiv 2201.09724) without new-to-new negatives; with
+``positives="same_label"`` it is openBCT's ``--contra`` (all same-label old features as positives).
 :func:`gather_batch` and :func:`n2o_infonce` are reused by :mod:`reid_lab.losses.compatible.ract`.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -83,12 +86,20 @@ def n2o_infonce(
     topk: int | None = None,
     with_n2n: bool = False,
     gather: bool = True,
+    positives: Literal["paired", "same_label"] = "paired",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """InfoNCE with the old feature of the same image as positive and different-label samples as negatives.
+    """InfoNCE of new features against old positives, with different-label samples as negatives.
 
-    RACT Eq. (3) (B. Zhang et al., ICLR 2022), per local anchor ``i``, on L2-normalised ``n, o``::
+    ``positives="paired"`` — RACT Eq. (3) (B. Zhang et al., ICLR 2022), per local anchor ``i``, on
+    L2-normalised ``n, o``::
 
         L_i = −log [ e^{⟨n_i,o_i⟩/τ} / ( e^{⟨n_i,o_i⟩/τ} + Σ_{j∈N_i} e^{⟨n_i,o_j⟩/τ} [+ Σ_{j∈N_i} e^{⟨n_i,n_j⟩/τ}] ) ]
+
+    ``positives="same_label"`` — openBCT ``--contra`` (``main.py``): every old feature of the (gathered) batch
+    with the anchor's label, ``P_i = {j : y_j = y_i}`` (``o_i`` included), is a positive, each in its own
+    softmax against the same negatives, averaged over ``P_i``::
+
+        L_i = (1/|P_i|) Σ_{p∈P_i} −log [ e^{⟨n_i,o_p⟩/τ} / ( e^{⟨n_i,o_p⟩/τ} + Σ_{j∈N_i} e^{⟨n_i,o_j⟩/τ} [+ …] ) ]
 
     ``N_i`` = samples of the (gathered) batch with ``y_j != y_i``; the bracketed new-to-new sum is present when
     ``with_n2n``. With ``topk`` only the ``k`` most similar negatives of each kind are kept. ``L`` is the mean
@@ -110,8 +121,14 @@ def n2o_infonce(
     if with_n2n:
         n2n = (new_n @ new_all.t()).masked_fill(~negatives, float("-inf"))
         blocks.append(hardest(n2n, topk))
-    logits = torch.cat(blocks, dim=1) / temperature
-    loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    if positives == "paired":
+        logits = torch.cat(blocks, dim=1) / temperature
+        loss = (torch.logsumexp(logits, dim=1) - logits[:, 0]).mean()
+    elif positives == "same_label":
+        loss = _same_label_infonce(new_n @ old_all.t(), labels.view(-1, 1) == labels_all.view(1, -1),
+                                   torch.cat(blocks[1:], dim=1), negatives.any(dim=1), temperature)
+    else:
+        raise ValueError(f"positives must be 'paired' or 'same_label', got {positives!r}")
 
     with torch.no_grad():
         has_neg = negatives.any(dim=1)
@@ -128,35 +145,64 @@ def n2o_infonce(
     return loss, diagnostics
 
 
-class ContrastiveN2O(CompatibleLoss):
-    """New-to-old InfoNCE: positive ``o_i``, negatives the old features of different-label samples.
+def _same_label_infonce(
+    pos_sims: Tensor, pos_mask: Tensor, neg_sims: Tensor, has_neg: Tensor, temperature: float
+) -> Tensor:
+    """Mean over anchors of the mean over positives ``p`` of ``log(e^{s_p/τ} + Σ_neg e^{s/τ}) − s_p/τ``.
 
-    The RACT paper's ``contra`` ablation (B. Zhang et al., ICLR 2022) = RACT Eq. (3) without the new-to-new
-    negatives; also openBCT's ``--contra`` baseline (τ = 0.05)::
+    ``pos_sims``/``pos_mask`` ``(B, B_g)``; ``neg_sims`` ``(B, K)`` with ``-inf`` for absent negatives;
+    ``has_neg`` ``(B,)``. Rows without negatives get ``log Σ_neg = -inf`` (loss 0) without NaN gradients.
+    """
+    safe = neg_sims.masked_fill(~has_neg.unsqueeze(1), 0.0) / temperature
+    neg_lse = torch.logsumexp(safe, dim=1).masked_fill(~has_neg, float("-inf")).unsqueeze(1)  # (B, 1)
+    pos = pos_sims / temperature
+    per_positive = torch.logaddexp(pos, neg_lse.expand_as(pos)) - pos  # (B, B_g)
+    mask = pos_mask.to(per_positive.dtype)
+    return ((per_positive * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+
+
+class ContrastiveN2O(CompatibleLoss):
+    """New-to-old InfoNCE: old positives, negatives the old features of different-label samples.
+
+    ``positives="paired"`` (default): the RACT paper's ``contra`` ablation and OpenCompatible ``contra``
+    (B. Zhang et al., ICLR 2022) = RACT Eq. (3) without the new-to-new negatives, the only positive being the
+    old feature of the same image::
 
         L_i = −log [ e^{⟨n_i,o_i⟩/τ} / ( e^{⟨n_i,o_i⟩/τ} + Σ_{j∈N_i} e^{⟨n_i,o_j⟩/τ} ) ],   L = mean_i L_i
 
-    on L2-normalised features, ``N_i`` = samples with a different label (of the global batch when gathering).
-    See :func:`n2o_infonce`.
+    ``positives="same_label"``: openBCT's ``--contra`` baseline (``main.py``, τ = 0.05, "following supervised
+    contrastive learning"): every old feature of the batch with the anchor's label is a positive, each in its
+    own softmax against the negatives, averaged over the positives (see :func:`n2o_infonce`).
+
+    On L2-normalised features, ``N_i`` = samples with a different label (of the global batch when gathering).
 
     Args:
         weight: multiplier applied by the host.
-        temperature: ``τ``.
+        temperature: ``τ`` (openBCT ``--temp`` default 0.05).
         topk: keep only the ``k`` hardest negatives per anchor (None = all).
         gather: all-gather negatives across ranks when a process group is initialised.
+        positives: ``"paired"`` (RACT / OpenCompatible) or ``"same_label"`` (openBCT).
     """
 
     name = "contrastive"
 
     def __init__(
-        self, weight: float = 1.0, temperature: float = 0.05, topk: int | None = None, gather: bool = True
+        self,
+        weight: float = 1.0,
+        temperature: float = 0.05,
+        topk: int | None = None,
+        gather: bool = True,
+        positives: Literal["paired", "same_label"] = "paired",
     ) -> None:
         super().__init__(weight)
         if topk is not None and topk < 1:
             raise ValueError(f"topk must be a positive int or None, got {topk}")
+        if positives not in ("paired", "same_label"):
+            raise ValueError(f"positives must be 'paired' or 'same_label', got {positives!r}")
         self.temperature = float(temperature)
         self.topk = topk
         self.gather = gather
+        self.positives = positives
 
     with_n2n: bool = False  # RACT adds the new-to-new negatives
 
@@ -169,6 +215,7 @@ class ContrastiveN2O(CompatibleLoss):
             topk=self.topk,
             with_n2n=self.with_n2n,
             gather=self.gather,
+            positives=self.positives,
         )
         parts = {f"{self.name}/loss": loss.detach()}
         parts.update({f"{self.name}/{key}": value for key, value in diagnostics.items()})

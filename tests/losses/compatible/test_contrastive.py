@@ -34,6 +34,24 @@ def naive_contrastive(new, old, labels, tau: float, topk: int | None = None) -> 
     return total / len(ys)
 
 
+def naive_openbct_contra(new, old, labels, tau: float, topk: int | None = None) -> float:
+    """openBCT main.py --contra, loop for loop: for anchor i and every old feature o_p with y_p == y_i
+    (o_i included), CE of [<n_i,o_p>, <n_i,o_j> for y_j != y_i] / τ with target 0; mean over p, then over i."""
+    news, olds, ys = [unit(v) for v in new.tolist()], [unit(v) for v in old.tolist()], labels.tolist()
+    contra = 0.0
+    for i in range(len(ys)):
+        pos_scores = [dot(news[i], olds[p]) for p in range(len(ys)) if ys[p] == ys[i]]
+        neg_scores = sorted((dot(news[i], olds[j]) for j in range(len(ys)) if ys[j] != ys[i]), reverse=True)
+        if topk is not None:
+            neg_scores = neg_scores[:topk]
+        inside = 0.0
+        for pos in pos_scores:
+            scores = [pos / tau] + [s / tau for s in neg_scores]
+            inside += math.log(sum(math.exp(z) for z in scores)) - scores[0]
+        contra += inside / len(pos_scores)
+    return contra / len(ys)
+
+
 def make_inputs(seed: int) -> CompatibleInputs:
     generator = torch.Generator().manual_seed(seed)
     new = torch.randn(8, 4, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -80,3 +98,52 @@ def test_gradients_reach_new_features_only() -> None:
 
 def test_name() -> None:
     assert ContrastiveN2O.name == "contrastive" and ContrastiveN2O().temperature == 0.05
+
+
+# ------------------------------------------------------------------- openBCT --contra: same-label positives
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tau", [0.05, 0.5])
+@pytest.mark.parametrize("topk", [None, 2])
+def test_same_label_positives_match_openbct_loop(seed: int, tau: float, topk: int | None) -> None:
+    inputs = make_inputs(seed)
+    out = ContrastiveN2O(temperature=tau, topk=topk, positives="same_label")(inputs)
+    expected = naive_openbct_contra(inputs.new_features, inputs.old_features, inputs.labels, tau, topk)
+    assert out.loss.item() == pytest.approx(expected, rel=1e-9)
+    # labels 0, 1, 2 have several samples: the option changes the loss
+    paired = naive_contrastive(inputs.new_features, inputs.old_features, inputs.labels, tau, topk)
+    assert abs(expected - paired) > 1e-6
+
+
+def test_same_label_positives_gradient_matches_autograd() -> None:
+    inputs = make_inputs(4)
+    ContrastiveN2O(temperature=0.2, positives="same_label")(inputs).loss.backward()
+    new = inputs.new_features.detach().clone().requires_grad_(True)
+    n = torch.nn.functional.normalize(new, dim=1)
+    o = torch.nn.functional.normalize(inputs.old_features.detach(), dim=1)
+    ys = inputs.labels.tolist()
+    total = 0.0
+    for i in range(8):
+        negs = torch.stack([n[i] @ o[j] for j in range(8) if ys[j] != ys[i]]) / 0.2
+        positives = [p for p in range(8) if ys[p] == ys[i]]
+        for p in positives:
+            logits = torch.cat([(n[i] @ o[p]).view(1) / 0.2, negs])
+            total = total + (torch.logsumexp(logits, 0) - logits[0]) / len(positives)
+    (total / 8).backward()
+    torch.testing.assert_close(inputs.new_features.grad, new.grad)
+    assert inputs.old_features.grad is None
+
+
+def test_same_label_positives_without_negatives_is_zero_and_finite() -> None:
+    new = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    inputs = CompatibleInputs(new, torch.randn(3, 4, dtype=torch.float64), torch.tensor([5, 5, 5]))
+    out = ContrastiveN2O(positives="same_label")(inputs)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and torch.isfinite(new.grad).all()
+
+
+def test_positives_option_is_checked() -> None:
+    assert ContrastiveN2O().positives == "paired"
+    with pytest.raises(ValueError, match="positives"):
+        ContrastiveN2O(positives="all")  # type: ignore[arg-type]
