@@ -11,6 +11,7 @@ code (TencentARC/OpenCompatible ``model/loss.py`` and ``trainer``): ``contra_rac
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -81,6 +82,11 @@ class TripletRACTLoss(CompatibleLoss):
     entries of anchors with fewer than ``k`` negatives (hinge 0); we average over real pairs only, which is
     the same whenever every anchor has at least ``k`` negatives. A kind with no pair contributes 0.
 
+    Under DDP (gathered batch over ``W`` ranks) ``P^o`` and ``P^n`` are the pairs of *all* ranks: rank ``r``
+    returns ``W · S_r / |P|`` with ``S_r`` its local hinge sum and ``|P|`` the all-reduced pair count, so the
+    mean of the per-rank losses and the DDP-averaged gradient are those of the global-batch loss even when
+    ranks hold different numbers of pairs (``topk=None``, or anchors with fewer than ``k`` negatives).
+
     Args:
         weight: multiplier applied by the host.
         margin: ``m`` (OpenCompatible default 0.8).
@@ -100,22 +106,28 @@ class TripletRACTLoss(CompatibleLoss):
         self.topk = topk
         self.gather = gather
 
-    def _hinge_mean(self, distances: Tensor, negatives: Tensor, positive: Tensor) -> Tensor:
+    def _hinge_mean(self, distances: Tensor, negatives: Tensor, positive: Tensor, world_size: int) -> Tensor:
+        """Mean hinge over the real (anchor, kept negative) pairs of all ranks (see the class docstring)."""
         distances = distances.masked_fill(~negatives, float("inf"))
         if self.topk is not None and self.topk < distances.shape[1]:
             distances = torch.topk(distances, self.topk, dim=1, largest=False).values
         real = torch.isfinite(distances)
         hinge = F.relu(positive.unsqueeze(1) + self.margin - distances.masked_fill(~real, 0.0))
-        return (hinge * real).sum() / real.sum().clamp(min=1)
+        count = real.sum().to(hinge.dtype)
+        if world_size > 1:
+            count = count.detach().clone()
+            dist.all_reduce(count)
+        return world_size * (hinge * real).sum() / count.clamp(min=1)
 
     def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:
         new_n = l2_normalize(inputs.new_features)
         old_n = l2_normalize(inputs.old_features.detach())
         new_all, old_all, labels_all, _ = gather_batch(new_n, old_n, inputs.labels, self.gather)
+        world_size = new_all.shape[0] // max(new_n.shape[0], 1)  # gather_batch: equal batch on every rank
         negatives = inputs.labels.view(-1, 1) != labels_all.view(1, -1)
         positive = (new_n - old_n).pow(2).sum(dim=1).clamp(min=1e-12).sqrt()
-        loss_n2o = self._hinge_mean(_euclidean(new_n, old_all), negatives, positive)
-        loss_n2n = self._hinge_mean(_euclidean(new_n, new_all), negatives, positive)
+        loss_n2o = self._hinge_mean(_euclidean(new_n, old_all), negatives, positive, world_size)
+        loss_n2n = self._hinge_mean(_euclidean(new_n, new_all), negatives, positive, world_size)
         loss = loss_n2o + loss_n2n
         return CompatibleLossOutput(
             loss,

@@ -59,6 +59,53 @@ def naive_triplet_ract(new, old, labels, margin: float, topk: int | None) -> flo
     return sum(pairs_old) / max(len(pairs_old), 1) + sum(pairs_new) / max(len(pairs_new), 1)
 
 
+def _hardest(values: list[torch.Tensor], topk: int | None, largest: bool) -> list[torch.Tensor]:
+    return sorted(values, key=lambda t: t.item(), reverse=largest)[:topk]
+
+
+def torch_ract_terms(new, old, labels, tau: float, topk: int | None, with_n2n: bool = True) -> torch.Tensor:
+    """Per-anchor RACT Eq. 3 terms L_i (B,), built element by element so autograd sees every path: the
+    anchor n_i, and the new-to-new negatives n_j (gradient into the *other* samples' new features)."""
+    n = torch.nn.functional.normalize(new, dim=1)
+    o = torch.nn.functional.normalize(old.detach(), dim=1)
+    ys = labels.tolist()
+    terms = []
+    for i in range(len(ys)):
+        others = [j for j in range(len(ys)) if ys[j] != ys[i]]
+        negs = _hardest([n[i] @ o[j] for j in others], topk, largest=True)
+        if with_n2n:
+            negs += _hardest([n[i] @ n[j] for j in others], topk, largest=True)
+        logits = torch.stack([n[i] @ o[i]] + negs) / tau
+        terms.append(torch.logsumexp(logits, 0) - logits[0])
+    return torch.stack(terms)
+
+
+def torch_triplet_terms(new, old, labels, margin: float, topk: int | None):
+    """Per-anchor hinge sums and pair counts of triplet-RACT, per kind: (S_o (B,), c_o, S_n (B,), c_n)."""
+    n = torch.nn.functional.normalize(new, dim=1)
+    o = torch.nn.functional.normalize(old.detach(), dim=1)
+    ys = labels.tolist()
+
+    def d(a, b):
+        return (a - b).pow(2).sum().clamp(min=1e-12).sqrt()
+
+    sums_o, counts_o, sums_n, counts_n = [], [], [], []
+    for i in range(len(ys)):
+        pos = d(n[i], o[i])
+        others = [j for j in range(len(ys)) if ys[j] != ys[i]]
+        for sums, counts, other in ((sums_o, counts_o, o), (sums_n, counts_n, n)):
+            kept = _hardest([d(n[i], other[j]) for j in others], topk, largest=False)
+            sums.append(sum((torch.relu(pos + margin - dn) for dn in kept), new.new_zeros(())))
+            counts.append(len(kept))
+    return torch.stack(sums_o), counts_o, torch.stack(sums_n), counts_n
+
+
+def triplet_contribution(terms, anchors) -> torch.Tensor:
+    """Share of the anchors in the global-batch triplet-RACT loss: Σ_{i∈anchors} S_i / (all pairs), per kind."""
+    sums_o, counts_o, sums_n, counts_n = terms
+    return sums_o[anchors].sum() / max(sum(counts_o), 1) + sums_n[anchors].sum() / max(sum(counts_n), 1)
+
+
 def naive_bct_ract(new, old_classifier, new_classifier, labels, scale: float | None) -> float:
     """CE over [W_o n_i ; W_n n_i without column y_i], target y_i in the old block; skip y_i >= C_old.
 
@@ -127,6 +174,39 @@ def test_ract_exceeds_contrastive_by_new_negatives() -> None:
     # Same inputs: RACT's denominator has extra positive terms, so L_RACT > L_contra.
     inputs = make_inputs(5)
     assert RACTLoss(temperature=0.1)(inputs).loss > ContrastiveN2O(temperature=0.1)(inputs).loss
+
+
+def test_ract_default_temperature_is_the_official_one() -> None:
+    # OpenCompatible config.json / docs (and AdvBCT's benchmark): τ = 0.01, weight 1.0
+    # (/work/shared/reference/compatible-learning.md §1.2); openBCT's --contra uses τ = 0.05.
+    assert RACTLoss().temperature == 0.01 and RACTLoss().weight == 1.0
+    assert ContrastiveN2O().temperature == 0.05
+    # OpenCompatible triplet: margin 0.8, top-k negatives required (docs k = 10)
+    assert TripletRACTLoss().margin == 0.8 and TripletRACTLoss().topk == 10
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_ract_gradient_includes_new_to_new_negatives(topk: int | None) -> None:
+    """The gradient w.r.t. n_j has the terms of the anchors that use n_j as a new-to-new negative."""
+    inputs = make_inputs(6)
+    RACTLoss(temperature=0.5, topk=topk)(inputs).loss.backward()
+    new = inputs.new_features.detach().clone().requires_grad_(True)
+    torch_ract_terms(new, inputs.old_features, inputs.labels, 0.5, topk).mean().backward()
+    torch.testing.assert_close(inputs.new_features.grad, new.grad, rtol=1e-9, atol=1e-12)
+    # the n2n paths matter: without them (contra) the gradient differs
+    without = inputs.new_features.detach().clone().requires_grad_(True)
+    torch_ract_terms(without, inputs.old_features, inputs.labels, 0.5, topk, with_n2n=False).mean().backward()
+    assert not torch.allclose(without.grad, new.grad)
+
+
+@pytest.mark.parametrize("topk", [None, 2])
+def test_triplet_ract_gradient_includes_new_to_new_negatives(topk: int | None) -> None:
+    inputs = make_inputs(6)
+    TripletRACTLoss(margin=0.8, topk=topk)(inputs).loss.backward()
+    new = inputs.new_features.detach().clone().requires_grad_(True)
+    terms = torch_triplet_terms(new, inputs.old_features, inputs.labels, 0.8, topk)
+    triplet_contribution(terms, list(range(8))).backward()
+    torch.testing.assert_close(inputs.new_features.grad, new.grad, rtol=1e-7, atol=1e-10)
 
 
 @pytest.mark.parametrize(
@@ -308,19 +388,37 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _ddp_plugins() -> list:
+    return [
+        RACTLoss(temperature=0.1, topk=3),
+        RACTLoss(temperature=0.5),
+        TripletRACTLoss(topk=2),
+        TripletRACTLoss(topk=None),  # ranks hold 22 and 24 (anchor, negative) pairs per kind
+        ContrastiveN2O(topk=3),
+        ContrastiveN2O(temperature=0.5, positives="same_label"),
+    ]
+
+
 def _worker(rank: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         full = make_inputs(7)
-        for plugin in (RACTLoss(temperature=0.1, topk=3), TripletRACTLoss(topk=2), ContrastiveN2O(topk=3)):
-            local = slice(4 * rank, 4 * rank + 4)
+        local = slice(4 * rank, 4 * rank + 4)
+        for k, plugin in enumerate(_ddp_plugins()):
+            # (a) the DDP step: every rank backpropagates its own loss; DDP averages the gradients.
             new = full.new_features.detach()[local].clone().requires_grad_(True)
             out = plugin(CompatibleInputs(new, full.old_features.detach()[local], full.labels[local]))
             out.loss.backward()
             loss = out.loss.detach().clone()
             dist.all_reduce(loss)
-            results[(plugin.name, rank)] = (loss.item() / 2, (new.grad / 2).tolist())
+            results[("step", k, rank)] = (loss.item() / 2, (new.grad / 2).tolist())
+            # (b) where gradients flow: only rank 0's loss is backpropagated; rank 1's features receive
+            # gradient only through what rank 0 gathered from it *with* gradient (new-to-new negatives).
+            new = full.new_features.detach()[local].clone().requires_grad_(True)
+            out = plugin(CompatibleInputs(new, full.old_features.detach()[local], full.labels[local]))
+            (out.loss * (1.0 if rank == 0 else 0.0)).backward()
+            results[("rank0_only", k, rank)] = (new.grad / 2).tolist()
         # both ranks done with every collective before either tears gloo down: closing the group while the
         # peer's last operation is still in flight aborts the peer ("terminate called without an active
         # exception", seen once in CI-like runs)
@@ -329,21 +427,64 @@ def _worker(rank: int, port: int, results: dict) -> None:
         dist.destroy_process_group()
 
 
+def _rank0_share_gradient(plugin, full: CompatibleInputs) -> torch.Tensor:
+    """Single process, hand-built: gradient w.r.t. all 8 new features of the share of anchors 0-3 (rank 0's)
+    in the global-batch loss."""
+    new = full.new_features.detach().clone().requires_grad_(True)
+    rank0 = list(range(4))
+    if isinstance(plugin, TripletRACTLoss):
+        terms = torch_triplet_terms(new, full.old_features, full.labels, plugin.margin, plugin.topk)
+        triplet_contribution(terms, rank0).backward()
+    elif plugin.positives == "same_label":
+        n = torch.nn.functional.normalize(new, dim=1)
+        o = torch.nn.functional.normalize(full.old_features.detach(), dim=1)
+        ys, tau, total = full.labels.tolist(), plugin.temperature, 0.0
+        for i in rank0:
+            negs = torch.stack([n[i] @ o[j] for j in range(8) if ys[j] != ys[i]]) / tau
+            positives = [p for p in range(8) if ys[p] == ys[i]]
+            for p in positives:
+                logits = torch.cat([(n[i] @ o[p]).view(1) / tau, negs])
+                total = total + (torch.logsumexp(logits, 0) - logits[0]) / len(positives)
+        (total / 8).backward()
+    else:
+        terms = torch_ract_terms(
+            new, full.old_features, full.labels, plugin.temperature, plugin.topk, with_n2n=plugin.with_n2n
+        )
+        (terms[rank0].sum() / 8).backward()
+    return new.grad
+
+
 @pytest.mark.slow
-def test_two_process_gather_equals_global_batch() -> None:
-    """Mean of per-rank losses and DDP-averaged gradients equal the single-process loss on the whole batch."""
+def test_two_process_gather_equals_global_batch_and_gradients_flow_across_ranks() -> None:
+    """Per plugin, with the batch split over two gloo ranks:
+
+    - the mean of per-rank losses and the DDP-averaged gradients equal the single-process full-batch loss and
+      gradient (triplet-RACT: averaged over the *global* pair count, although the ranks hold 22 vs 24 pairs);
+    - backpropagating rank 0's loss alone gives rank 0 and rank 1 the slices of the hand-built gradient of rank
+      0's share of the loss: new features gathered from rank 1 receive gradient through RACT / triplet-RACT's
+      new-to-new negatives (non-zero), and none through the contrastive loss (old features only).
+    """
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(_free_port(), results), nprocs=2, join=True)
         results = dict(results)
-    for plugin in (RACTLoss(temperature=0.1, topk=3), TripletRACTLoss(topk=2), ContrastiveN2O(topk=3)):
+    for k, plugin in enumerate(_ddp_plugins()):
         full = make_inputs(7)
         out = plugin(full)
         out.loss.backward()
-        assert results[(plugin.name, 0)][0] == pytest.approx(out.loss.item(), rel=1e-9)
-        gathered = torch.tensor(
-            results[(plugin.name, 0)][1] + results[(plugin.name, 1)][1], dtype=torch.float64
-        )
-        assert torch.allclose(gathered, full.new_features.grad, rtol=1e-7, atol=1e-10)
+        assert results[("step", k, 0)][0] == pytest.approx(out.loss.item(), rel=1e-9), plugin
+        assert results[("step", k, 1)][0] == pytest.approx(out.loss.item(), rel=1e-9), plugin
+        gathered = torch.tensor(results[("step", k, 0)][1] + results[("step", k, 1)][1], dtype=torch.float64)
+        torch.testing.assert_close(gathered, full.new_features.grad, rtol=1e-7, atol=1e-10)
+
+        expected = _rank0_share_gradient(plugin, make_inputs(7))
+        rank0 = torch.tensor(results[("rank0_only", k, 0)], dtype=torch.float64)
+        rank1 = torch.tensor(results[("rank0_only", k, 1)], dtype=torch.float64)
+        torch.testing.assert_close(rank0, expected[:4], rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(rank1, expected[4:], rtol=1e-7, atol=1e-10)
+        if isinstance(plugin, ContrastiveN2O) and not plugin.with_n2n:
+            assert rank1.abs().max() == 0.0, plugin
+        else:
+            assert rank1.abs().max() > 1e-6, plugin
