@@ -1,22 +1,21 @@
-"""The ``reid-lab`` command.
+"""``reid-lab fit | validate | test | predict``: the LightningCLI over the embedding modules.
 
-``reid-lab fit | validate | test | predict`` is a LightningCLI over :class:`~reid_lab.modules.ReIDModule`
-(or any LightningModule given by ``class_path``) and :class:`~reid_lab.data.ReIDDataModule`; YAML building
-blocks from ``configs/`` are combined with repeated ``--config`` (later files override earlier ones) and
-``${...}`` interpolation is resolved after merging (omegaconf+ mode). The project's own subcommands
-(``synth``, ``upgrade``, ...) are plain argparse programs dispatched before LightningCLI starts.
+A LightningCLI over :class:`~reid_lab.modules.base.EmbeddingModule` subclasses (``ReIDModule`` by default,
+any other by ``class_path``) and :class:`~reid_lab.data.ReIDDataModule`; YAML building blocks from
+``configs/`` are combined with repeated ``--config`` (later files override earlier ones) and ``${...}``
+interpolation is resolved after merging (omegaconf+ mode). It sits below the study runner (which trains
+every stage through it) and the ``reid-lab`` entry point (:mod:`reid_lab.cli`).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Callable
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from reid_lab.embedding.features import FeatureWriter
+from reid_lab.modules.base import EmbeddingModule
 
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
@@ -25,16 +24,7 @@ DEFAULT_LOGGER = {
     "init_args": {"project": "reid_lab", "save_dir": "runs", "offline": True},
 }
 DEFAULT_CALLBACKS = [
-    {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {
-            "monitor": "val/mAP",
-            "mode": "max",
-            "save_last": True,
-            "filename": "epoch{epoch:03d}-mAP{val/mAP:.2f}",
-            "auto_insert_metric_name": False,
-        },
-    },
+    {"class_path": "reid_lab.modules.checkpointing.EmbeddingCheckpoint"},  # monitor: the module's key
     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "epoch"}},
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
 ]
@@ -49,7 +39,10 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
 
 
 class ReIDLabCLI(LightningCLI):
-    """LightningCLI with omegaconf+ interpolation, ``num_classes`` linked from the data, a feature writer."""
+    """LightningCLI with omegaconf+ interpolation, ``num_classes`` linked from the data, a feature writer.
+
+    Every module class used here takes ``num_classes`` (0: no classifier), so one link serves them all; checkpoints are selected by the module's own ``monitor`` key (:class:`EmbeddingCheckpoint`).
+    """
 
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("parser_mode", "omegaconf+")
@@ -69,11 +62,10 @@ class ReIDLabCLI(LightningCLI):
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> ReIDLabCLI:
     """Build (and by default run) the LightningCLI; ``args`` replaces ``sys.argv[1:]``."""
     from reid_lab.data.datamodule import ReIDDataModule
-    from reid_lab.modules.reid import ReIDModule
 
     os.environ.setdefault("WANDB_SILENT", "true")
     return ReIDLabCLI(
-        ReIDModule,
+        EmbeddingModule,
         ReIDDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
@@ -84,37 +76,3 @@ def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> ReIDLa
         args=args,
         run=run,
     )
-
-
-def _synth(argv: list[str]) -> int:
-    from reid_lab.data.synthetic import main
-
-    return main(argv)
-
-
-def _upgrade(argv: list[str]) -> int:
-    from reid_lab.studies.study import main
-
-    return main(argv)
-
-
-def _index(argv: list[str]) -> int:
-    from reid_lab.retrieval.cli import main
-
-    return main(argv)
-
-
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index}
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``reid-lab`` console script."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in SUBCOMMANDS:
-        return int(SUBCOMMANDS[argv[0]](argv[1:]) or 0)
-    run_lightning_cli(argv)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

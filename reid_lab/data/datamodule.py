@@ -16,6 +16,7 @@ from reid_lab.data.image_dataset import ImageDataset
 from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
 from reid_lab.data.sampler import PKBatchSampler
 from reid_lab.data.transforms import build_test_transform, build_train_transform
+from reid_lab.data.views import TrainingSetView
 
 PredictSplit = Literal["test", "query", "gallery", "train"]
 
@@ -157,6 +158,16 @@ class ReIDDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()
+
+    def training_set_view(self) -> TrainingSetView:
+        """The training set under the evaluation transform, for the upgrade host's class-level state."""
+        records = self.train_records
+        dataset = ImageDataset(records, self.test_transform)
+
+        def batches() -> DataLoader:
+            return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
+        return TrainingSetView(records=records, raw_records=list(self.splits.train), batches=batches)
 
     def predict_records(self) -> tuple[list[ImageRecord], list[bool]]:
         """The records ``predict`` embeds, per ``predict_split``."""

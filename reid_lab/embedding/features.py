@@ -1,13 +1,15 @@
-"""Feature files: embeddings of a split with their pids, camids, paths and embedding-space metadata.
+"""Feature files: embeddings of a split with their ids, camids, items and embedding-space record.
 
 A feature file is a ``torch.save`` dictionary::
 
-    {"format": "reid_lab.features/1", "features": (N, D) float32, "pids": (N,) int64, "camids": (N,) int64,
-     "is_query": (N,) bool, "paths": [str] * N, "space": {...}}
+    {"format": "reid_lab.features/2", "features": (N, D) float32, "pids": (N,) int64,
+     "camids": (N,) int64 or None, "is_query": (N,) bool, "modality": "image" | "text",
+     "items": [str] * N (image paths or caption texts), "space": {...}}
 
 ``space`` records which embedding space the vectors live in (see ``reid_lab.embedding.space``); searching
 features of one space with queries of another is refused unless a compatibility claim says it is safe.
-Files are written atomically (temporary file in the same folder, then ``os.replace``).
+Version-1 files (``paths`` instead of ``items``, always images with camids) still load. Files are written
+atomically (temporary file in the same folder, then ``os.replace``).
 """
 
 from __future__ import annotations
@@ -21,28 +23,51 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor
 
 from reid_lab.atomic import atomic_torch_save
+from reid_lab.embedding.encoder import MODALITIES
 
-FORMAT = "reid_lab.features/1"
+FORMAT = "reid_lab.features/2"
+READABLE_FORMATS = ("reid_lab.features/1", FORMAT)
 
 
 @dataclass
 class FeatureSet:
-    """Embeddings of ``N`` images and what is known about them."""
+    """Embeddings of ``N`` items (images or captions) and what is known about them.
+
+    Attributes:
+        features: ``(N, D)`` embeddings.
+        pids: ``(N,)`` identity (or class / pair) ids; items of one id match each other.
+        camids: ``(N,)`` camera ids, or None where cameras do not apply (captions, cross-modal search).
+        is_query: ``(N,)`` bool, query rows of an evaluation split.
+        items: ``N`` image paths or caption texts.
+        space: the embedding-space record.
+        modality: ``"image"`` or ``"text"``.
+    """
 
     features: Tensor
     pids: Tensor
-    camids: Tensor
+    camids: Tensor | None
     is_query: Tensor
-    paths: list[str]
+    items: list[str]
     space: dict[str, Any] = field(default_factory=dict)
+    modality: str = "image"
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
         for name in ("pids", "camids", "is_query"):
-            if getattr(self, name).shape[0] != n:
-                raise ValueError(f"FeatureSet.{name} has {getattr(self, name).shape[0]} rows, features has {n}")
-        if len(self.paths) != n:
-            raise ValueError(f"FeatureSet.paths has {len(self.paths)} entries, features has {n} rows")
+            value = getattr(self, name)
+            if value is not None and value.shape[0] != n:
+                raise ValueError(f"FeatureSet.{name} has {value.shape[0]} rows, features has {n}")
+        if len(self.items) != n:
+            raise ValueError(f"FeatureSet.items has {len(self.items)} entries, features has {n} rows")
+        if self.modality not in MODALITIES:
+            raise ValueError(f"FeatureSet.modality must be one of {MODALITIES}, got {self.modality!r}")
+
+    @property
+    def paths(self) -> list[str]:
+        """Image paths (the ``items`` of an image feature set)."""
+        if self.modality != "image":
+            raise ValueError(f"a {self.modality} feature set holds {self.modality} items, not image paths")
+        return self.items
 
     def split(self) -> tuple[FeatureSet, FeatureSet]:
         """(query, gallery) parts by ``is_query``."""
@@ -51,8 +76,8 @@ class FeatureSet:
     def select(self, mask: Tensor) -> FeatureSet:
         idx = torch.nonzero(mask, as_tuple=False).flatten()
         return FeatureSet(
-            self.features[idx], self.pids[idx], self.camids[idx], self.is_query[idx],
-            [self.paths[i] for i in idx.tolist()], dict(self.space),
+            self.features[idx], self.pids[idx], None if self.camids is None else self.camids[idx],
+            self.is_query[idx], [self.items[i] for i in idx.tolist()], dict(self.space), self.modality,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -60,9 +85,10 @@ class FeatureSet:
             "format": FORMAT,
             "features": self.features.detach().cpu().float().contiguous(),
             "pids": self.pids.cpu().long(),
-            "camids": self.camids.cpu().long(),
+            "camids": None if self.camids is None else self.camids.cpu().long(),
             "is_query": self.is_query.cpu().bool(),
-            "paths": list(self.paths),
+            "modality": self.modality,
+            "items": list(self.items),
             "space": dict(self.space),
         }
         return atomic_torch_save(payload, path)
@@ -73,19 +99,21 @@ class FeatureSet:
         if not path.is_file():
             raise FileNotFoundError(f"feature file {path} does not exist")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
             raise ValueError(f"{path} is not a reid_lab feature file (expected format {FORMAT!r})")
+        items = payload["items"] if "items" in payload else payload["paths"]
         return cls(
-            payload["features"], payload["pids"], payload["camids"], payload["is_query"], payload["paths"],
-            payload.get("space", {}),
+            payload["features"], payload["pids"], payload["camids"], payload["is_query"], items,
+            payload.get("space", {}), payload.get("modality", "image"),
         )
 
 
 class FeatureWriter(BasePredictionWriter):
     """Writes the predictions of ``reid-lab predict`` to one feature file.
 
-    The module's ``predict_step`` returns ``embedding``, ``pid``, ``camid``, ``index`` and ``is_query``; the
-    image paths come from the data module's ``predict_records()``. With several devices every rank writes
+    The module's ``predict_step`` returns ``embedding``, ``pid``, ``index``, ``is_query``, ``camid`` (when
+    the data has cameras) and ``modality``; the items (image paths or captions) come from the data module's
+    ``predict_records()``. With several devices every rank writes
     its own part (``<stem>.rank<k>.pt``).
 
     Args:
@@ -101,16 +129,19 @@ class FeatureWriter(BasePredictionWriter):
         if self.output is None or not predictions:
             return
         batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions
-        cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        modality = batches[0].get("modality", "image")
+        cat = {k: torch.cat([b[k] for b in batches]) for k in batches[0] if k != "modality"}
         order = torch.argsort(cat["index"])
         records, _ = trainer.datamodule.predict_records()
         space = pl_module.embedding_space() if hasattr(pl_module, "embedding_space") else {}
+        items = [getattr(records[i], "path", None) or getattr(records[i], "text", "")
+                 for i in cat["index"][order].tolist()]
         features = FeatureSet(
-            cat["embedding"][order], cat["pid"][order], cat["camid"][order], cat["is_query"][order],
-            [records[i].path for i in cat["index"][order].tolist()], space,
+            cat["embedding"][order], cat["pid"][order], cat["camid"][order] if "camid" in cat else None,
+            cat["is_query"][order], items, space, modality,
         )
         path = Path(self.output)
         if trainer.world_size > 1:
             path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
         self.written = features.save(path)
-        print(f"wrote {len(features.paths)} embeddings of dim {features.features.shape[1]} to {self.written}")
+        print(f"wrote {len(features.items)} {modality} embeddings of dim {features.features.shape[1]} to {self.written}")

@@ -2,10 +2,15 @@
 
 Every checkpoint and feature file carries a space record::
 
-    {"space_id": "bot_r18-old-3f2a9c1e", "model": "resnet18", "parent": None, "dim": 512,
+    {"space_id": "synthetic_upgrade-old-512d-3f2a9c1e0b7d4e21", "label": "synthetic_upgrade/old",
+     "model": "resnet18", "parent": None, "dim": 512, "modalities": ["image"],
      "normalized": True, "distance": "cosine",
      "claims": [{"gallery_space": "...", "metric": "mAP", "cross": 61.2, "reference": 58.3,
                  "criterion": "M(new, old) > M(old, old)", "dataset": "synthetic"}]}
+
+A space is identified by the weights that produced it: ``space_id`` ends with a content hash of the
+encoder's state dict (every byte of every tensor), so a retrained model (another seed, one more epoch) is
+a new space even when a config gives it the same human-readable ``label``.
 
 A *claim* says that queries embedded in this space may search a gallery embedded in ``gallery_space``; it
 is only recorded after the empirical criterion of BCT (Shen et al. CVPR'20), M(φ_new, φ_old) > M(φ_old,
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from typing import Any
 
 import torch
@@ -32,38 +38,49 @@ def make_space(
     model: str,
     dim: int,
     *,
-    space_id: str | None = None,
+    state_dict: dict[str, torch.Tensor],
+    label: str | None = None,
     parent: str | None = None,
     normalized: bool = True,
     distance: str = "cosine",
-    state_dict: dict[str, torch.Tensor] | None = None,
+    modalities: tuple[str, ...] | list[str] = ("image",),
 ) -> dict[str, Any]:
-    """A new space record; without ``space_id`` one is derived from ``model`` and a hash of the weights."""
-    if space_id is None:
-        digest = weights_digest(state_dict) if state_dict is not None else "unhashed"
-        space_id = f"{model.replace(':', '-')}-{dim}d-{digest}"
+    """A new space record whose id is ``<label or model>-<dim>d-<hash of state_dict>``.
+
+    Args:
+        model: what produced the vectors (a backbone or model name).
+        dim: embedding dimension.
+        state_dict: the encoder's weights; their content hash identifies the space.
+        label: human-readable name (e.g. ``study/version``); part of the id, never the identity.
+        parent: space id of the model this one was trained to be compatible with.
+        normalized / distance: how the vectors are compared.
+        modalities: which inputs embed into this space (``image``, ``text``).
+    """
+    digest = weights_digest(state_dict)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", label or model).strip("-") or "space"
     return {
-        "space_id": space_id,
+        "space_id": f"{name}-{int(dim)}d-{digest}",
+        "label": label,
         "model": model,
         "parent": parent,
         "dim": int(dim),
+        "modalities": list(modalities),
         "normalized": bool(normalized),
         "distance": distance,
         "claims": [],
     }
 
 
-def weights_digest(state_dict: dict[str, torch.Tensor], length: int = 8) -> str:
-    """A short content hash of a state dict (names, shapes and values)."""
+def weights_digest(state_dict: dict[str, torch.Tensor], length: int = 16) -> str:
+    """Content hash (SHA-1, first ``length`` hex digits) of a state dict: names, dtypes, shapes and every byte."""
     h = hashlib.sha1()
     for name in sorted(state_dict):
         tensor = state_dict[name]
         if not torch.is_tensor(tensor):
             continue
-        h.update(name.encode())
-        h.update(str(tuple(tensor.shape)).encode())
-        h.update(tensor.detach().cpu().contiguous().view(-1).to(torch.float64).numpy().tobytes()[:4096])
-        h.update(str(float(tensor.detach().double().sum())).encode())
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:length]
 
 

@@ -12,13 +12,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from reid_lab.embedding.encoder import Encoder
 from reid_lab.models.backbones import build_backbone
 from reid_lab.models.heads import BNNeckHead
 from reid_lab.models.pooling import build_pooling
 
 
-class ReIDModel(nn.Module):
-    """Backbone + pooling + BNNeck head.
+class ReIDModel(Encoder):
+    """Backbone + pooling + BNNeck head; an image :class:`~reid_lab.embedding.encoder.Encoder`.
 
     Args:
         backbone: backbone name (see :func:`reid_lab.models.build_backbone`).
@@ -36,7 +37,12 @@ class ReIDModel(nn.Module):
         >>> out = model(torch.zeros(2, 3, 64, 32))
         >>> sorted(out), out["embedding"].shape
         (['bn_features', 'embedding', 'features', 'logits'], torch.Size([2, 512]))
+        >>> sorted(model.eval().encode({"image": torch.zeros(2, 3, 64, 32)}))
+        ['image', 'logits']
     """
+
+    modalities = ("image",)
+    init_only_args = ("weights",)  # the checkpoint holds every weight
 
     def __init__(
         self,
@@ -50,6 +56,11 @@ class ReIDModel(nn.Module):
         timm_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.record_init_args(
+            backbone=backbone, num_classes=num_classes, last_stride=last_stride, pooling=pooling,
+            embedding_dim=embedding_dim, neck_feat=neck_feat, weights=None if weights is None else str(weights),
+            timm_kwargs=None if timm_kwargs is None else dict(timm_kwargs),
+        )
         self.backbone = build_backbone(
             backbone, last_stride=last_stride, weights=weights, timm_kwargs=timm_kwargs
         )
@@ -92,3 +103,9 @@ class ReIDModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"ReIDModel expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
         return self.head(self.pooling(self.backbone(images)))
+
+    def encode(self, batch) -> dict[str, Tensor]:
+        """``{"image": (B, D)}`` test embeddings of ``batch["image"]`` and, with a classifier, ``"logits"``."""
+        self.check_batch(batch)
+        out = self(batch["image"])
+        return {"image": out["embedding"], **({"logits": out["logits"]} if "logits" in out else {})}

@@ -28,6 +28,8 @@ checkpoint and feature file (see :mod:`reid_lab.embedding.space`).
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import logging
 import os
@@ -43,6 +45,11 @@ from omegaconf import OmegaConf
 
 from reid_lab.atomic import atomic_torch_save, atomic_write_text
 from reid_lab.data.datamodule import ReIDDataModule
+from reid_lab.embedding.checkpoint import read_checkpoint
+from reid_lab.embedding.extract import extract
+from reid_lab.embedding.features import FeatureSet
+from reid_lab.embedding.space import add_claim
+from reid_lab.lightning_cli import run_lightning_cli
 from reid_lab.metrics.backfill import (
     DEFAULT_BACKFILL_RATIOS,
     backfill_curves,
@@ -53,13 +60,12 @@ from reid_lab.metrics.backfill import (
     order_random,
 )
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_criterion, compatibility_matrix
-from reid_lab.embedding.extract import extract
-from reid_lab.embedding.features import FeatureSet
-from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
-from reid_lab.upgrade.old_model import read_checkpoint, reid_model_from_checkpoint
+from reid_lab.metrics.distance import evaluate_features
 from reid_lab.studies.report import write_report
-from reid_lab.upgrade.scenarios import ScenarioConfig, load_scenario, save_split
-from reid_lab.embedding.space import add_claim
+from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
+from reid_lab.upgrade.old_model import load_embedder
+from reid_lab.upgrade.scenario import ScenarioConfig, load_scenario
+from reid_lab.upgrade.split_files import save_split
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +157,7 @@ class Study:
 
     # ------------------------------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
+        self.validate()
         self.out.mkdir(parents=True, exist_ok=True)
         fractions = self.config.scenario.fractions
         if fractions is not None and len(fractions) > 2:
@@ -164,6 +171,33 @@ class Study:
             )
         features = {version: self.embed(version, ckpt) for version, ckpt in checkpoints.items()}
         return self.evaluate(checkpoints, features, split_files)
+
+    def validate(self) -> None:
+        """Check what every stage will instantiate before anything trains: each stage's module class, the
+        scenario's model overrides against that class's signature, and every compatible-loss plugin."""
+        from reid_lab.upgrade.host import build_plugins
+
+        for stage, overrides in (("old", self.config.scenario.old_model), ("new", self.config.scenario.new_model)):
+            spec = self.config.old if stage == "old" else self.config.new
+            cfg = self.compose(list(spec.get("configs") or []), dict(spec.get("overrides") or {}))
+            class_path = (cfg.get("model") or {}).get("class_path")
+            if not class_path:
+                raise ValueError(f"{self.config.source}: study.{stage} configs give no model.class_path")
+            module_name, _, class_name = class_path.rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module_name), class_name)
+            except (ImportError, AttributeError, ValueError) as err:
+                raise ValueError(f"{self.config.source}: study.{stage} model {class_path!r}: {err}") from err
+            allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes"}
+            unknown = sorted(set(overrides or {}) - allowed)
+            if unknown:
+                raise ValueError(f"{self.config.source}: scenario.{stage}_model has unknown argument(s) {unknown} "
+                                 f"of {class_path}; allowed: {sorted(allowed)}")
+        for method, spec in self.config.methods.items():
+            try:
+                build_plugins(spec.get("compatible_losses"))
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"{self.config.source}: study.methods.{method}: {err}") from err
 
     # ------------------------------------------------------------------------------------------- split
     def datamodule(self, train_subset: str | None = None) -> ReIDDataModule:
@@ -215,7 +249,7 @@ class Study:
         cfg = self.compose(list(stage.get("configs") or []), overrides)
         model_args = cfg.setdefault("model", {}).setdefault("init_args", {})
         model_args.update(model_overrides or {})
-        model_args["space_id"] = f"{self.config.name}/{version}"
+        model_args["space_label"] = f"{self.config.name}/{version}"
         if method_spec.get("compatible_losses"):
             model_args["upgrade"] = {
                 "old_checkpoint": str(old_checkpoint),
@@ -231,10 +265,8 @@ class Study:
                           "save_dir": str(stage_dir), "offline": True},
         }
         trainer["callbacks"] = [
-            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-             "init_args": {"dirpath": str(stage_dir / "checkpoints"), "monitor": "val/mAP", "mode": "max",
-                           "save_last": True, "filename": "epoch{epoch:03d}-mAP{val/mAP:.2f}",
-                           "auto_insert_metric_name": False}},
+            {"class_path": "reid_lab.modules.checkpointing.EmbeddingCheckpoint",
+             "init_args": {"dirpath": str(stage_dir / "checkpoints")}},
             {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         ]
         config_path = stage_dir / "config.yaml"
@@ -245,8 +277,6 @@ class Study:
             print(f"[train {version}] resuming from {last}")
             args += ["--ckpt_path", str(last)]
         print(f"[train {version}] {model_args.get('backbone')} on {train_subset}")
-        from reid_lab.cli import run_lightning_cli
-
         start = time.perf_counter()
         cli = run_lightning_cli(args)
         seconds = time.perf_counter() - start
@@ -267,12 +297,11 @@ class Study:
         if path.is_file():
             return FeatureSet.load(path)
         dm = self.datamodule()
-        model, ckpt = reid_model_from_checkpoint(checkpoint)
-        model.eval()
+        embedder = load_embedder(checkpoint)
         records, is_query = dm.eval_records()
-        keys = ("embedding", "logits") if version == "old" and model.num_classes else ("embedding",)
+        keys = ("logits",) if version == "old" and embedder.encoder.num_classes else ()
         start = time.perf_counter()
-        out = extract(model, records, dm.test_transform, keys=keys, batch_size=dm.eval_batch_size,
+        out = extract(embedder, records, dm.test_transform, keys=keys, batch_size=dm.eval_batch_size,
                       num_workers=dm.num_workers)
         self.timings[f"embed/{version}"] = time.perf_counter() - start
         if "logits" in out:
@@ -281,7 +310,25 @@ class Study:
                               self.out / "features" / "old.gallery_uncertainty.pt")
         features = FeatureSet(
             out["embedding"], torch.tensor([r.pid for r in records]), torch.tensor([r.camid for r in records]),
-            torch.tensor(is_query), [r.path for r in records], ckpt.get("embedding_space") or {},
+            torch.tensor(is_query), [r.path for r in records], embedder.space,
+        )
+        features.save(path)
+        return features
+
+    def embed_into_old_space(self, version: str, checkpoint: str) -> FeatureSet:
+        """Stage 3b (dimension change): the version's embeddings through its learned adapter into the old
+        space, for the cross-test and backfill curves (the same embed path, ``flip_test`` included)."""
+        path = self.out / "features" / f"{version}.in_old_space.pt"
+        if path.is_file():
+            return FeatureSet.load(path)
+        dm = self.datamodule()
+        embedder = load_embedder(checkpoint, into_old_space=True)
+        records, is_query = dm.eval_records()
+        out = extract(embedder, records, dm.test_transform, batch_size=dm.eval_batch_size,
+                      num_workers=dm.num_workers)
+        features = FeatureSet(
+            out["embedding"], torch.tensor([r.pid for r in records]), torch.tensor([r.camid for r in records]),
+            torch.tensor(is_query), [r.path for r in records], embedder.space,
         )
         features.save(path)
         return features
@@ -298,18 +345,17 @@ class Study:
             return saved["gallery"], saved.get("log_var")
         t = spec["transformation"]
         dm = self.datamodule(train_subset=str(self.out / "split" / "new.json"))
-        old_model, _ = reid_model_from_checkpoint(checkpoints["old"])
-        new_model, _ = reid_model_from_checkpoint(checkpoints[t["of"]])
+        old_embedder, new_embedder = load_embedder(checkpoints["old"]), load_embedder(checkpoints[t["of"]])
         records = dm.train_records
-        old_train = extract(old_model.eval(), records, dm.test_transform, batch_size=dm.eval_batch_size,
+        old_train = extract(old_embedder, records, dm.test_transform, batch_size=dm.eval_batch_size,
                             num_workers=dm.num_workers)["embedding"]
-        new_train = extract(new_model.eval(), records, dm.test_transform, batch_size=dm.eval_batch_size,
-                            num_workers=dm.num_workers, keys=("embedding", "logits"))
+        new_train = extract(new_embedder, records, dm.test_transform, batch_size=dm.eval_batch_size,
+                            num_workers=dm.num_workers)
         uncertainty = bool(t.get("uncertainty", True))
         h = FCTTransformation(old_train.shape[1], new_train["embedding"].shape[1],
                               hidden_dim=int(t.get("hidden_dim", 512)), uncertainty=uncertainty)
         labels = torch.tensor([r.pid for r in records])
-        classifier = new_model.classifier_weight.detach() if uncertainty else None
+        classifier = new_embedder.encoder.classifier_weight.detach() if uncertainty else None
         start = time.perf_counter()
         h = train_transformation(h, old_train, new_train["embedding"], labels=labels if uncertainty else None,
                                  new_classifier=classifier, epochs=int(t.get("epochs", 30)),
@@ -347,6 +393,16 @@ class Study:
         pairs = [(a, b) for a in trained for b in trained if versions[a].dim == versions[b].dim]
         pairs += [(t, t) for t in transformed]
         matrix = compatibility_matrix(versions, q_pids, g_pids, q_camids, g_camids, metric=distance, pairs=pairs)
+        # Dimension change: the cross-test searches the old gallery with new queries through the adapter.
+        projected: dict[str, FeatureSet] = {}
+        for method in trained:
+            if method != "old" and versions[method].dim != versions["old"].dim:
+                projected[method] = self.embed_into_old_space(method, checkpoints[method])
+                result = evaluate_features(projected[method].split()[0].features, old_g.features, q_pids, g_pids,
+                                           q_camids, g_camids, metric=distance)
+                matrix.cells[(method, "old")] = {k: float(v) for k, v in result.summary().items()}
+                matrix.results[(method, "old")] = result
+                matrix.not_comparable.pop((method, "old"), None)
         self.timings["evaluate/matrix"] = time.perf_counter() - start
 
         uncertainty_file = self.out / "features" / "old.gallery_uncertainty.pt"
@@ -358,11 +414,12 @@ class Study:
                 base = spec["transformation"]["of"]
                 q_new, g_new = versions[base].query, versions[base].gallery
                 stored, log_var = transformed[method]
+            elif method in projected:  # curves in the old space: adapted new queries and refreshed items
+                q_new, g_new = (fs.features for fs in projected[method].split())
+                stored, log_var = None, None
             else:
                 q_new, g_new = versions[method].query, versions[method].gallery
                 stored, log_var = None, None
-            if stored is None and versions[method].dim != versions["old"].dim:
-                continue  # no cross-space search possible without an adapter
             orders = {}
             for ordering in orderings:
                 if ordering == "random":
@@ -425,6 +482,12 @@ class Study:
             if not (matrix.has(new, old) and matrix.has(old, old)):
                 continue
             if not compatibility_criterion(matrix, new, old, "mAP"):
+                claims[new] = False
+                continue
+            if features[new].space.get("dim") != features[old].space.get("dim"):
+                # its own space cannot search the old gallery; only its adapter's outputs can (not a claim yet)
+                print(f"[claims] {new}: criterion holds through its adapter into {old}'s space; no claim is "
+                      f"recorded on its own {features[new].space.get('dim')}-d space")
                 claims[new] = False
                 continue
             space = dict(features[new].space)

@@ -1,55 +1,64 @@
 """The plugin host: runs the frozen φ_old next to φ_new and adds the configured compatible losses.
 
-One host serves every LightningModule that trains a new model against an old one (ReID now; CLIP and VLM
-encoders later): the module hands it the new model's outputs for a batch and gets back the weighted sum
-of the compatible losses and their parts for logging.
+One host serves every :class:`~reid_lab.modules.base.EmbeddingModule` that trains a new encoder against an
+old one (ReID CNNs, CLIP towers, VLM embedders): the module hands it the batch, the new encoder's training
+embeddings per modality and the labels, and gets back the weighted sum of the compatible losses and their
+parts for logging.
 
-Dataset-level state the plugins ask for (``needs``) is prepared at fit start from one pass of φ_old (and,
-for UniBCT refreshes, φ_new) over the new training set with the evaluation transform:
+**Pairings.** Each pairing ``"<new modality>-><old modality>"`` builds one
+:class:`~reid_lab.losses.compatible.CompatibleInputs` from the new embedding of one modality and the old
+embedding of the same items in another (or the same) modality, and runs every plugin on it:
+``image->image`` for ReID, ``image->image`` + ``text->text`` for a CLIP upgrade, ``text->image`` to keep new
+caption queries searchable in an old image gallery. The plugins never see which pairing they run on;
+their logged parts are prefixed with it (``image2image/bct/loss``).
 
-* ``old_classifier``: BCT's old classifier indexed by new labels, rows of unseen classes synthesised from
-  old-feature class means (Shen et al. CVPR'20 §3.2);
-* ``prototypes``: old-feature class centres (LCE, BCT prototype variant), refined by the new model's
-  intra-class graph for UniBCT (Zhang et al. IJCAI'22);
-* ``extras``: ``new_classifier`` (the new model's classifier, with gradients), ``boundaries`` (LCE) and
-  ``old_class_index`` (PCT / LwF when the new label space contains the old one).
+**Class-level state** (old classifier, prototypes, boundaries, old-class index) follows the plugins' declared
+``needs`` / ``uses`` (:mod:`reid_lab.upgrade.class_state`) and is computed by one call,
+:meth:`CompatibilityHost.prepare`, from a :class:`~reid_lab.data.views.TrainingSetView` the data module
+provides. UniBCT-style refreshes happen inside :meth:`CompatibilityHost.on_train_epoch_start`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from reid_lab.data.records import ImageRecord
-from reid_lab.losses.compatible import CompatibleInputs, build_compatible_loss
-from reid_lab.losses.compatible.classifier_synthesis import class_means, synthesize_old_classifier
-from reid_lab.losses.compatible.prototypes import class_boundaries, class_centres, refine_prototypes
-from reid_lab.embedding.extract import extract
+from reid_lab.data.views import TrainingSetView
+from reid_lab.embedding.embedder import Embedder
+from reid_lab.embedding.extract import embed_batches
+from reid_lab.losses.compatible import CompatibleInputs, CompatibleLoss, build_compatible_loss
 from reid_lab.upgrade.adapters import DimensionAdapter
-from reid_lab.upgrade.old_model import FrozenEncoder, reid_model_from_checkpoint
-from reid_lab.upgrade.scenarios import label_map
+from reid_lab.upgrade.class_state import ClassLevelState, old_label_of_new
+from reid_lab.upgrade.old_model import FrozenEncoder, load_frozen_encoder
 
 log = logging.getLogger(__name__)
 
-UNIBCT = "unibct"
+
+def parse_pairing(pairing: str) -> tuple[str, str]:
+    """``"text->image"`` -> ``("text", "image")``."""
+    new, sep, old = str(pairing).partition("->")
+    if not sep or not new.strip() or not old.strip():
+        raise ValueError(f"a pairing reads '<new modality>-><old modality>', e.g. 'image->image'; got {pairing!r}")
+    return new.strip(), old.strip()
 
 
 class CompatibilityHost(nn.Module):
-    """Frozen old model + dimension adapter + compatible-loss plugins.
+    """Frozen old encoder + dimension adapter + compatible-loss plugins.
 
     Args:
-        old_checkpoint: checkpoint of φ_old (any ``ReIDModule`` checkpoint).
+        old_checkpoint: checkpoint of φ_old (any reid_lab checkpoint; its encoder is rebuilt from it).
         compatible_losses: plugin specs ``[{"name": "bct", "weight": 1.0, ...}, ...]`` (see
             ``reid_lab.losses.compatible.COMPATIBLE_LOSSES``); an empty list trains an independent φ_new*
-            (useful as the upper bound, still with φ_old loaded for diagnostics).
+            (useful as the upper bound, still with φ_old loaded for the validation cross-test).
         new_dim: embedding dimension of φ_new.
+        new_modalities: what φ_new embeds (the module passes its encoder's ``modalities``).
         adapter: how new features reach the old dimension when they differ: ``linear`` (learned),
             ``truncate`` (first d_old coordinates, openBCT) or ``pad``.
+        pairings: ``["image->image", "text->image", ...]``; default: every modality both models embed,
+            paired with itself.
         old_train_subset: training-subset file of φ_old (default: read from its checkpoint's data
             hyper-parameters); used to map new classes to old classifier rows.
     """
@@ -59,158 +68,159 @@ class CompatibilityHost(nn.Module):
         old_checkpoint: str,
         compatible_losses: list[dict[str, Any]],
         new_dim: int,
+        new_modalities: tuple[str, ...] | list[str] = ("image",),
         adapter: str = "linear",
+        pairings: list[str] | None = None,
         old_train_subset: str | None = None,
     ) -> None:
         super().__init__()
-        old_model, checkpoint = reid_model_from_checkpoint(old_checkpoint)
+        self.old: FrozenEncoder = load_frozen_encoder(old_checkpoint)
         self.old_checkpoint = str(old_checkpoint)
-        self.old = FrozenEncoder(old_model)
-        self.old_space: dict[str, Any] = checkpoint.get("embedding_space") or {}
-        data_hp = checkpoint.get("datamodule_hyper_parameters") or {}
-        self.old_train_subset = old_train_subset if old_train_subset is not None else data_hp.get("train_subset")
-        self.old_dim = old_model.embedding_dim
+        self.old_space: dict[str, Any] = self.old.space
+        self.old_train_subset = old_train_subset if old_train_subset is not None else self.old.train_subset
+        self.old_dim = self.old.embedding_dim
         self.adapter = DimensionAdapter(new_dim, self.old_dim, kind=adapter)
-        self.plugins = nn.ModuleList(_build_plugins(compatible_losses))
-        self.needs: set[str] = set().union(*(set(p.needs) for p in self.plugins)) if self.plugins else set()
-        if any(p.name == "lce" for p in self.plugins):
-            self.needs.add("prototypes")
-        self.register_buffer("old_classifier", None, persistent=False)
-        self.register_buffer("prototypes", None, persistent=False)
-        self.register_buffer("boundaries", None, persistent=False)
-        self.register_buffer("old_class_index", None, persistent=False)
-        self._old_features: Tensor | None = None
-        self._labels: Tensor | None = None
+        self.adapter_kind = adapter
+        self.plugins = nn.ModuleList(build_plugins(compatible_losses))
+        if pairings is None:
+            pairings = [f"{m}->{m}" for m in new_modalities if m in self.old.modalities]
+        self.pairings = [parse_pairing(p) for p in pairings]
+        for new, old in self.pairings:
+            if new not in new_modalities or old not in self.old.modalities:
+                raise ValueError(
+                    f"pairing {new}->{old}: the new encoder embeds {list(new_modalities)}, the old one "
+                    f"({self.old_checkpoint}) {list(self.old.modalities)}"
+                )
+        if not self.pairings:
+            raise ValueError(f"the new encoder ({list(new_modalities)}) and the old one "
+                             f"({list(self.old.modalities)}) share no modality; give pairings explicitly")
+        needs: set[str] = set()
+        for plugin in self.plugins:
+            needs |= set(plugin.needs) | set(getattr(plugin, "uses", ()))
+        refresh = any(getattr(p, "refreshes_prototypes", False) for p in self.plugins)
+        self.state = ClassLevelState(needs, refresh=refresh)
+        self._view: TrainingSetView | None = None
+        self._restored_state: dict[str, Any] | None = None
+
+    @property
+    def needs(self) -> set[str]:
+        return self.state.needs
 
     # ------------------------------------------------------------------------------------ preparation
-    def prepare(self, new_records: list[ImageRecord], train_pool: list[ImageRecord], transform,
-                new_model: nn.Module, batch_size: int = 128, num_workers: int = 0) -> None:
-        """Compute the dataset-level state the plugins need, with φ_old over the new training set.
+    def prepare(self, view: TrainingSetView, device: torch.device | str = "cpu") -> None:
+        """Compute the class-level state the plugins need with one pass of φ_old over the training set.
 
-        Args:
-            new_records: training records of φ_new, pids relabelled ``0..C_new-1``.
-            train_pool: the dataset's full training split (pids as parsed), to recover the raw identity
-                of every record and map new classes to old ones.
-            transform: evaluation transform (no augmentation).
-            new_model: φ_new (used for UniBCT's refinement and the new classifier).
+        A state restored from a checkpoint (:meth:`load_state`) replaces the freshly computed one, so a resumed
+        fit continues with the prototypes it had (UniBCT refinements included).
         """
-        if not self.needs and not any(p.name == UNIBCT for p in self.plugins):
-            return
-        device = next(new_model.parameters()).device
-        labels = torch.tensor([r.pid for r in new_records], dtype=torch.long)
-        num_classes = int(labels.max()) + 1
-        old_feats = self._extract(lambda x: self.old(x)["embedding"], new_records, transform, device,
-                                  batch_size, num_workers)
-        self._old_features, self._labels = old_feats, labels
-        means = class_means(old_feats, labels, num_classes)
-        old_of_new = self._old_label_of_new(new_records, train_pool)
-        if "old_classifier" in self.needs:
-            trained = self.old.model.classifier_weight
-            if trained is None:
-                old_of_new = torch.full_like(old_of_new, -1)
-            self.old_classifier = synthesize_old_classifier(
-                None if trained is None else trained.detach().float().cpu(), old_of_new, means
-            ).to(device)
-        if "prototypes" in self.needs:
-            centres = class_centres(old_feats, labels, num_classes)
-            self.prototypes = centres.to(device)
-            self.boundaries = class_boundaries(old_feats, labels, centres).to(device)
-        old_classes = self.old.model.num_classes
-        if old_classes and (old_of_new >= 0).sum() == old_classes:
-            index = torch.full((old_classes,), -1, dtype=torch.long)
-            new_cols = torch.nonzero(old_of_new >= 0).flatten()
-            index[old_of_new[new_cols]] = new_cols
-            self.old_class_index = index.to(device)
+        self._view = view
+        labels = torch.tensor([r.pid for r in view.records], dtype=torch.long)
+        old_features = None
+        if self.state.needs_old_features:
+            old_features = embed_batches(self.old.embedder(), view.batches(), modality=view.modality,
+                                         device=device)["embedding"]
+        old_of_new = old_label_of_new(view.records, view.raw_records, self.old_train_subset)
+        encoder = self.old.encoder
+        self.state.prepare(old_features, labels, old_of_new, encoder.classifier_weight, encoder.num_classes)
+        if self._restored_state is not None:
+            self.state.load_state_dict(self._restored_state)
+            self._restored_state = None
+        self.state.to(device)
         log.info("compatibility host prepared: %d classes (%d seen by the old model), needs %s",
-                 num_classes, int((old_of_new >= 0).sum()), sorted(self.needs))
+                 view.num_classes, int((old_of_new >= 0).sum()), sorted(self.state.needs))
 
-    def refresh_prototypes(self, new_records, transform, new_model, batch_size=128, num_workers=0) -> None:
-        """UniBCT: refine the old prototypes with φ_new's current intra-class similarity graph."""
-        if self._old_features is None:
-            raise RuntimeError("refresh_prototypes called before prepare()")
-        device = next(new_model.parameters()).device
-        was_training = new_model.training
-        new_model.eval()
-        new_feats = self._extract(lambda x: new_model(x)["embedding"], new_records, transform, device,
-                                  batch_size, num_workers)
-        new_model.train(was_training)
-        num_classes = int(self._labels.max()) + 1
-        self.prototypes = refine_prototypes(self._old_features, new_feats, self._labels, num_classes).to(device)
-        log.info("UniBCT prototypes refined with the current new model")
+    def on_train_epoch_start(self, epoch: int, new_embedder: Embedder) -> bool:
+        """Tell the plugins the epoch; refine the prototypes when one asks (UniBCT). True if refined."""
+        wants = any([p.on_train_epoch_start(epoch) for p in self.plugins])
+        if not wants or epoch in self.state.refreshed_epochs:
+            return False
+        if self._view is None:
+            raise RuntimeError("on_train_epoch_start before prepare(): the host has no training set")
+        encoder = new_embedder.encoder
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            new_features = embed_batches(new_embedder, self._view.batches(), modality=self._view.modality,
+                                         device=new_embedder.device)["embedding"]
+        finally:
+            encoder.train(was_training)
+        device = self.state.prototypes.device if self.state.prototypes is not None else "cpu"
+        self.state.refine(new_features.cpu(), epoch)
+        self.state.to(device)
+        log.info("prototypes refined with the new model at epoch %d", epoch)
+        return True
 
-    @staticmethod
-    def _extract(encode, records, transform, device, batch_size, num_workers) -> Tensor:
-        return extract(encode, records, transform, batch_size=batch_size, num_workers=num_workers,
-                       device=device)["embedding"]
+    def state_for_checkpoint(self) -> dict[str, Any]:
+        return self.state.state_dict()
 
-    def _old_label_of_new(self, new_records: list[ImageRecord], train_pool: list[ImageRecord]) -> Tensor:
-        raw_of_path = {r.path: r.pid for r in train_pool}
-        unknown = [r.path for r in new_records if r.path not in raw_of_path]
-        if unknown:  # φ_new trains on another dataset than the pool: no class correspondence
-            return torch.full((len({r.pid for r in new_records}),), -1, dtype=torch.long)
-        new_raw = _raw_records(new_records, raw_of_path)
-        if self.old_train_subset is None:
-            old_raw = list(train_pool)
-        else:
-            paths = set(json.loads(Path(self.old_train_subset).read_text())["paths"])
-            old_raw = [r for r in train_pool if r.path in paths]
-        return label_map(old_raw, new_raw)
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Class-level state from a checkpoint; applied at the next :meth:`prepare`."""
+        self._restored_state = dict(state)
+        self.state.load_state_dict(state)
+
+    def adapter_record(self) -> dict[str, Any]:
+        """How to rebuild the adapter from a checkpoint (see :func:`~reid_lab.upgrade.old_model.load_embedder`)."""
+        return {"kind": self.adapter_kind, "in_dim": self.adapter.in_dim, "out_dim": self.adapter.out_dim,
+                "state_prefix": "host.adapter.", "old_space_id": self.old_space.get("space_id")}
 
     # -------------------------------------------------------------------------------------- training
-    def on_train_epoch_start(self, epoch: int) -> bool:
-        """Tell the plugins the epoch; True when one of them wants refreshed prototypes."""
-        return any([p.on_train_epoch_start(epoch) for p in self.plugins])
-
-    def forward(self, images: Tensor, new_outputs: dict[str, Tensor], labels: Tensor, epoch: int,
-                new_classifier: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted sum of the compatible losses for one batch and their logged parts.
+    def forward(self, batch: dict[str, Any], new_embeddings: dict[str, Tensor], labels: Tensor, epoch: int,
+                new_classifier: Tensor | None = None, new_logits: Tensor | None = None,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Weighted sum of the compatible losses over every pairing for one batch, and the logged parts.
 
         Args:
-            images: ``(B, 3, H, W)`` the batch φ_new saw (φ_old embeds the same augmented images).
-            new_outputs: φ_new's outputs (``embedding`` ``(B, d_new)``, optionally ``logits``).
+            batch: the training batch (φ_old embeds the same, augmented, inputs φ_new saw).
+            new_embeddings: ``{modality: (B, d_new)}`` φ_new's training embeddings (with gradients).
             labels: ``(B,)`` new-training-set labels.
             epoch: current epoch.
             new_classifier: ``(C_new, d_new)`` φ_new's classifier weight (with gradients), if it has one.
+            new_logits: ``(B, C_new)`` φ_new's image logits, if it has a classifier.
         """
-        old_out = self.old(images)
-        new_embedding = new_outputs["embedding"].float()
+        old_modalities = sorted({old for _, old in self.pairings})
+        old_out = self.old.encode({m: batch[m] for m in old_modalities})
+        state = self.state
         extras: dict[str, Tensor] = {}
         if new_classifier is not None:
             extras["new_classifier"] = self.adapter(new_classifier.float())
-        if self.boundaries is not None:
-            extras["boundaries"] = self.boundaries
-        if self.old_class_index is not None:
-            extras["old_class_index"] = self.old_class_index
-        inputs = CompatibleInputs(
-            new_features=self.adapter(new_embedding),
-            old_features=old_out["embedding"],
-            labels=labels,
-            new_logits=new_outputs.get("logits"),
-            old_logits=old_out.get("logits"),
-            old_classifier=self.old_classifier,
-            prototypes=self.prototypes,
-            new_all_features=new_embedding,
-            epoch=epoch,
-            extras=extras,
-        )
-        total = new_embedding.new_zeros(())
+        if state.boundaries is not None:
+            extras["boundaries"] = state.boundaries
+        if state.old_class_index is not None:
+            extras["old_class_index"] = state.old_class_index
+        total: Tensor | None = None
         parts: dict[str, Tensor] = {}
-        for plugin in self.plugins:
-            out = plugin(inputs)
-            total = total + plugin.weight * out.loss
-            parts.update({k: v.detach() for k, v in out.parts.items()})
-            parts.setdefault(f"{plugin.name}/loss", out.loss.detach())
-        with torch.no_grad():
-            parts["compat/n2o_cos"] = nn.functional.cosine_similarity(
-                inputs.new_features.detach(), inputs.old_features, dim=1).mean()
+        for new_m, old_m in self.pairings:
+            new_embedding = new_embeddings[new_m].float()
+            inputs = CompatibleInputs(
+                new_features=self.adapter(new_embedding),
+                old_features=old_out[old_m],
+                labels=labels,
+                new_logits=new_logits if new_m == "image" else None,
+                old_logits=old_out.get("logits") if old_m == "image" else None,
+                old_classifier=state.old_classifier,
+                prototypes=state.prototypes,
+                new_all_features=new_embedding,
+                epoch=epoch,
+                extras=extras,
+                old_class_weight=state.old_class_weight,
+            )
+            prefix = f"{new_m}2{old_m}/"
+            for plugin in self.plugins:
+                out = plugin(inputs)
+                term = plugin.weight * out.loss
+                total = term if total is None else total + term
+                parts.update({prefix + k: v.detach() for k, v in out.parts.items()})
+                parts.setdefault(f"{prefix}{plugin.name}/loss", out.loss.detach())
+            with torch.no_grad():
+                parts[f"{prefix}n2o_cos"] = nn.functional.cosine_similarity(
+                    inputs.new_features.detach(), inputs.old_features, dim=1).mean()
+        if total is None:  # no plugin: an independent φ_new*; a zero that keeps the graph
+            total = sum(e.sum() for e in new_embeddings.values()) * 0.0
         return total, parts
 
 
-def _raw_records(records: list[ImageRecord], raw_of_path: dict[str, int]) -> list[ImageRecord]:
-    return [ImageRecord(r.path, raw_of_path[r.path], r.camid) for r in records]
-
-
-def _build_plugins(specs: list[dict[str, Any]]) -> list[nn.Module]:
+def build_plugins(specs: list[dict[str, Any]] | None) -> list[CompatibleLoss]:
+    """Instantiate ``[{"name": ..., **options}, ...]``; errors name the entry."""
     plugins = []
     for i, spec in enumerate(specs or []):
         if not isinstance(spec, dict) or "name" not in spec:

@@ -1,45 +1,18 @@
-"""Loading a trained reid_lab model as the frozen old model φ_old of an upgrade."""
+"""The frozen old model φ_old of an upgrade, and embedders rebuilt from any reid_lab checkpoint."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from reid_lab.models.reid_model import ReIDModel
-
-MODEL_KEYS = ("backbone", "num_classes", "last_stride", "pooling", "embedding_dim", "neck_feat", "timm_kwargs")
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load`` a Lightning checkpoint on CPU with a clear error for a missing or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
-        raise ValueError(f"{path} is not a reid_lab / Lightning checkpoint (no state_dict / hyper_parameters)")
-    return checkpoint
-
-
-def reid_model_from_checkpoint(path: str | Path) -> tuple[ReIDModel, dict[str, Any]]:
-    """Rebuild the :class:`ReIDModel` of a ``ReIDModule`` checkpoint (weights included) and return its checkpoint.
-
-    Only the encoder is rebuilt: no losses, metrics or nested upgrade host (so chains φ1 → φ2 → φ3 do not
-    load every ancestor). Backbone ``weights`` files are not needed: the checkpoint holds all weights.
-    """
-    checkpoint = read_checkpoint(path)
-    hparams = checkpoint["hyper_parameters"]
-    missing = [k for k in ("backbone", "num_classes") if k not in hparams]
-    if missing:
-        raise ValueError(f"checkpoint {path} has no ReIDModule hyper-parameters {missing}")
-    model = ReIDModel(**{k: hparams[k] for k in MODEL_KEYS if k in hparams})
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state, strict=True)
-    return model, checkpoint
+from reid_lab.embedding.checkpoint import embedding_settings, load_encoder, sub_state_dict
+from reid_lab.embedding.embedder import Embedder
+from reid_lab.embedding.encoder import Encoder
+from reid_lab.upgrade.adapters import DimensionAdapter
 
 
 class FrozenEncoder:
@@ -47,26 +20,83 @@ class FrozenEncoder:
 
     It is deliberately *not* an ``nn.Module`` attribute of the new LightningModule: its weights stay out of
     the new checkpoints, the optimiser and DDP wrapping, and ``LightningModule.train()`` cannot switch it
-    back to training mode (so its BatchNorm statistics never drift). Call :meth:`to` to follow the device.
+    back to training mode (so its BatchNorm statistics never drift). It follows the batch's device.
+
+    Attributes:
+        encoder: the old encoder.
+        space: its embedding-space record.
+        checkpoint: path of the checkpoint it came from.
+        train_subset: the old model's ``train_subset`` file, if its checkpoint recorded one.
     """
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model.eval()
-        for p in self.model.parameters():
+    def __init__(self, encoder: Encoder, space: Mapping[str, Any] | None = None, checkpoint: str = "",
+                 train_subset: str | None = None) -> None:
+        self.encoder = encoder.eval()
+        for p in self.encoder.parameters():
             p.requires_grad_(False)
+        self.space = dict(space or {})
+        self.checkpoint = checkpoint
+        self.train_subset = train_subset
 
-    def to(self, device: torch.device | str) -> FrozenEncoder:
-        self.model.to(device)
-        return self
+    @property
+    def embedding_dim(self) -> int:
+        return self.encoder.embedding_dim
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.encoder.modalities)
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return next(self.encoder.parameters()).device
+
+    def to(self, device: torch.device | str) -> FrozenEncoder:
+        self.encoder.to(device)
+        return self
 
     @torch.no_grad()
-    def __call__(self, images: Tensor) -> dict[str, Tensor]:
-        if self.model.training:  # someone called .train() on it: undo, φ_old must stay frozen
-            self.model.eval()
-        if images.device != self.device:
-            self.to(images.device)
-        return {k: v.detach().float() for k, v in self.model(images).items()}
+    def encode(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        """``{modality: (B, d_old) float32, "logits"?: (B, C_old)}`` for the modalities it embeds."""
+        if self.encoder.training:  # someone called .train() on it: undo, φ_old must stay frozen
+            self.encoder.eval()
+        inputs = {k: v for k, v in batch.items() if k in self.modalities}
+        device = next(v.device for v in inputs.values() if torch.is_tensor(v)) if inputs else self.device
+        if device != self.device:
+            self.to(device)
+        return {k: v.detach().float() for k, v in self.encoder.encode(inputs).items()}
+
+    __call__ = encode
+
+    def embedder(self) -> Embedder:
+        """The old model's test-time embedder (no flip: the old gallery is as it was stored)."""
+        return Embedder(self.encoder, space=self.space)
+
+
+def load_frozen_encoder(path: str | Path) -> FrozenEncoder:
+    """Rebuild the encoder of any reid_lab checkpoint as a frozen φ_old."""
+    encoder, checkpoint = load_encoder(path)
+    data_hp = checkpoint.get("datamodule_hyper_parameters") or {}
+    return FrozenEncoder(encoder, checkpoint.get("embedding_space") or {}, str(path), data_hp.get("train_subset"))
+
+
+def load_embedder(path: str | Path, *, into_old_space: bool = False) -> Embedder:
+    """The test-time embedder of a checkpoint: its encoder, its ``flip_test``, and with ``into_old_space``
+    the learned dimension adapter of its upgrade host (so new queries can search the old gallery).
+
+    Raises:
+        ValueError: ``into_old_space`` for a checkpoint trained without an upgrade host.
+    """
+    encoder, checkpoint = load_encoder(path)
+    encoder.eval()
+    settings = embedding_settings(checkpoint)
+    projection = None
+    space = checkpoint.get("embedding_space") or {}
+    if into_old_space:
+        adapter = settings.get("adapter")
+        if not adapter:
+            raise ValueError(f"{path} was not trained against an old model: it has no adapter into an old space")
+        projection = DimensionAdapter(adapter["in_dim"], adapter["out_dim"], adapter["kind"])
+        projection.load_state_dict(sub_state_dict(checkpoint["state_dict"], adapter["state_prefix"]))
+        projection.eval()
+        space = {**space, "projected_into": adapter.get("old_space_id")}
+    return Embedder(encoder, flip_test=bool(settings.get("flip_test")), projection=projection, space=space)

@@ -8,9 +8,11 @@ import pytest
 import torch
 import yaml
 
-from reid_lab.cli import main, run_lightning_cli
+from reid_lab.cli import main
 from reid_lab.data.datasets import load_dataset
 from reid_lab.embedding.features import FeatureSet
+from reid_lab.embedding.space import weights_digest
+from reid_lab.lightning_cli import run_lightning_cli
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +46,13 @@ def test_fit_then_test_then_predict(tiny_synthetic, tmp_path, cli_argv):
     best = Path(trainer.checkpoint_callback.best_model_path)
     assert best.is_file() and best.suffix == ".ckpt"
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
-    assert ckpt["embedding_space"]["space_id"] == "synthetic_bot_r18"
-    assert ckpt["embedding_space"]["dim"] == 512
+    # The space is identified by the weights: the label names it, a hash of the encoder's weights ends it.
+    encoder_state = {k[len("encoder."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("encoder.")}
+    space_id = ckpt["embedding_space"]["space_id"]
+    assert space_id == f"synthetic_bot_r18-512d-{weights_digest(encoder_state)}"
+    assert ckpt["embedding_space"]["label"] == "synthetic_bot_r18" and ckpt["embedding_space"]["dim"] == 512
+    # Any checkpoint records how to rebuild its encoder (the model's own checkpoint file name names the monitor).
+    assert ckpt["encoder"]["class_path"] == "reid_lab.models.reid_model.ReIDModel" and "-mAP" in best.name
     val_map = float(trainer.callback_metrics["val/mAP"])
     assert 0.0 < val_map <= 100.0
     # wandb wrote a real offline run with the resolved config.
@@ -71,7 +78,7 @@ def test_fit_then_test_then_predict(tiny_synthetic, tmp_path, cli_argv):
     assert features.paths == [r.path for r in splits.query + splits.gallery]
     assert features.pids.tolist() == [r.pid for r in splits.query + splits.gallery]
     assert int(features.is_query.sum()) == len(splits.query)
-    assert features.space["space_id"] == "synthetic_bot_r18"
+    assert features.space["space_id"] == space_id
 
 
 def test_print_config_composes_building_blocks(tmp_path, cli_argv, capsys):

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from reid_lab.modules.reid import ReIDModule, lr_schedule
+from reid_lab.modules.optim import lr_schedule
+from reid_lab.modules.reid import ReIDModule
 
 
 def test_lr_schedule_warmup_then_multistep_by_hand():
@@ -43,13 +44,14 @@ def test_flip_test_averages_the_image_and_its_mirror():
     module = ReIDModule(backbone="resnet18", num_classes=4, last_stride=2, flip_test=True).eval()
     images = torch.randn(2, 3, 64, 32)
     expected = (module.model(images)["embedding"] + module.model(images.flip(3))["embedding"]) / 2
-    torch.testing.assert_close(module.embed(images), expected)
+    torch.testing.assert_close(module.embedder()({"image": images})["image"], expected)
 
 
 def test_embedding_space_record_and_bad_arguments():
-    module = ReIDModule(backbone="resnet18", num_classes=4, space_id="demo/old")
+    module = ReIDModule(backbone="resnet18", num_classes=4, space_label="demo/old")
     space = module.embedding_space()
-    assert space["space_id"] == "demo/old" and space["dim"] == 512 and space["distance"] == "cosine"
+    assert space["label"] == "demo/old" and space["dim"] == 512 and space["distance"] == "cosine"
+    assert space["space_id"].startswith("demo-old-512d-") and space["modalities"] == ["image"]
     with pytest.raises(ValueError, match="num_classes"):
         ReIDModule(backbone="resnet18", num_classes=0)
     with pytest.raises(ValueError, match="mapping with a 'name' key"):

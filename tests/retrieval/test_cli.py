@@ -6,9 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from reid_lab.retrieval.cli import main
 from reid_lab.embedding.features import FeatureSet
 from reid_lab.embedding.space import make_space
+from reid_lab.retrieval.cli import main
+
+
+def toy_space(name: str, dim: int) -> dict:
+    """A space record for hand-made features: one per name (the name stands in for the weights)."""
+    return make_space("toy", dim, state_dict={name: torch.zeros(1)}, label=name)
+
 
 
 def write_features(path, num_query: int, num_gallery: int, dim: int, space: dict, seed: int = 0) -> FeatureSet:
@@ -32,7 +38,7 @@ def exact_ids(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
 
 @pytest.fixture
 def feature_file(tmp_path):
-    space = make_space("toy", 8, space_id="toy-8d")
+    space = toy_space("toy-8d", 8)
     return tmp_path / "feats.pt", write_features(tmp_path / "feats.pt", 7, 40, 8, space)
 
 
@@ -87,7 +93,7 @@ def test_missing_and_foreign_files_exit_2(tmp_path, capsys):
 def test_dim_mismatch_and_incompatible_space_exit_2(tmp_path, feature_file, capsys):
     path, _ = feature_file
     assert main(["build", "--features", str(path), "--out", str(tmp_path / "idx")]) == 0
-    wide = write_features(tmp_path / "wide.pt", 3, 5, 16, make_space("toy", 16, space_id="toy-8d"))
+    wide = write_features(tmp_path / "wide.pt", 3, 5, 16, dict(toy_space("toy-8d", 8), dim=16))
     assert wide.features.shape[1] == 16
     capsys.readouterr()
     assert main(["search", "--index", str(tmp_path / "idx"), "--queries", str(tmp_path / "wide.pt"),
@@ -95,7 +101,7 @@ def test_dim_mismatch_and_incompatible_space_exit_2(tmp_path, feature_file, caps
     err = capsys.readouterr().err
     assert str(tmp_path / "wide.pt") in err and "dim 16" in err and "Traceback" not in err
 
-    write_features(tmp_path / "other.pt", 3, 5, 8, make_space("toy", 8, space_id="other-8d"), seed=1)
+    write_features(tmp_path / "other.pt", 3, 5, 8, toy_space("other-8d", 8), seed=1)
     args = ["search", "--index", str(tmp_path / "idx"), "--queries", str(tmp_path / "other.pt"),
             "--out", str(tmp_path / "r.json")]
     assert main(args) == 2
@@ -144,7 +150,7 @@ def test_search_against_exact_reports_recall(tmp_path, feature_file, capsys):
 def test_exact_file_of_another_gallery_exits_2(tmp_path, feature_file, capsys):
     path, _ = feature_file
     other = tmp_path / "other.pt"
-    write_features(other, 3, 12, 8, make_space("toy", 8, space_id="toy-8d"))
+    write_features(other, 3, 12, 8, toy_space("toy-8d", 8))
     assert main(["build", "--features", str(path), "--kind", "flat", "--out", str(tmp_path / "idx")]) == 0
     assert main(["search", "--index", str(tmp_path / "idx"), "--queries", str(path), "--exact", str(other),
                  "--out", str(tmp_path / "r.json")]) == 2

@@ -5,9 +5,15 @@ import pytest
 import torch
 
 from reid_lab.embedding.features import FeatureSet
+from reid_lab.embedding.space import IncompatibleSpacesError, add_claim, make_space
 from reid_lab.retrieval.index import GalleryIndex, torch_search
 from reid_lab.retrieval.search import SearchResult, recall_at_k, search_features
-from reid_lab.embedding.space import IncompatibleSpacesError, add_claim, make_space
+
+
+def toy_space(name: str, dim: int) -> dict:
+    """A space record for hand-made features: one per name (the name stands in for the weights)."""
+    return make_space("toy", dim, state_dict={name: torch.zeros(1)}, label=name)
+
 
 
 def clustered(n: int, dim: int, clusters: int = 20, seed: int = 0, noise: float = 0.4) -> np.ndarray:
@@ -94,7 +100,7 @@ def test_torch_search_rejects_bad_arguments():
 
 
 def test_add_in_chunks_appends_vectors_and_metadata():
-    space = make_space("toy", 16, space_id="toy-a")
+    space = toy_space("toy-a", 16)
     whole = GalleryIndex.build(feature_set(GALLERY, space), "flat", device="cpu")
     parts = GalleryIndex.build(feature_set(GALLERY, space).select(torch.arange(600) < 250), "flat",
                                device="cpu", chunk_size=7)
@@ -109,7 +115,7 @@ def test_add_in_chunks_appends_vectors_and_metadata():
 @pytest.mark.parametrize("kind,params", [("flat", {}), ("ivf", {"nlist": 8, "nprobe": 2}),
                                          ("hnsw", {"m": 8, "ef_search": 20}), ("ivfpq", {"nlist": 4, "pq_m": 4})])
 def test_save_load_round_trip(tmp_path, kind, params):
-    space = make_space("toy", 16, space_id="toy-a")
+    space = toy_space("toy-a", 16)
     index = GalleryIndex.build(feature_set(GALLERY, space), kind, device="cpu", **params)
     before = index.search(torch.from_numpy(QUERIES), 10)
     index.save(tmp_path / "idx")
@@ -153,8 +159,8 @@ def test_build_rejects_bad_parameters():
 
 
 def test_search_features_checks_spaces():
-    old = make_space("toy", 16, space_id="old")
-    new = make_space("toy", 16, space_id="new")
+    old = toy_space("old", 16)
+    new = toy_space("new", 16)
     index = GalleryIndex.build(feature_set(GALLERY, old), "flat", device="cpu")
     with pytest.raises(IncompatibleSpacesError, match="no verified compatibility claim"):
         search_features(index, feature_set(QUERIES, new), k=5)

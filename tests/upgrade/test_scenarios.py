@@ -10,16 +10,9 @@ from pathlib import Path
 import pytest
 
 from reid_lab.data.records import ImageRecord, relabel
-from reid_lab.upgrade.scenarios import (
-    SCENARIO_KINDS,
-    ScenarioConfig,
-    chain_splits,
-    label_map,
-    load_scenario,
-    load_split,
-    save_split,
-    split_training_set,
-)
+from reid_lab.upgrade.scenario import ScenarioConfig, load_scenario
+from reid_lab.upgrade.split_files import load_split, save_split
+from reid_lab.upgrade.splits import SCENARIO_KINDS, chain_splits, label_map, split_training_set
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "scenario"
 
@@ -298,7 +291,6 @@ def test_load_scenario_accepts_dicts() -> None:
         ({"kind": "open_class", "seed": 1.5}, "seed must be an integer"),
         ({"kind": "open_class", "old_frac": 0.5}, "unknown key.*'old_frac'.*allowed keys: kind, old_fraction"),
         ({"old_fraction": 0.5}, "missing 'kind'"),
-        ({"kind": "open_class", "old_model": {"backbon": "resnet18"}}, "old_model.*'backbon'.*allowed"),
         ({"kind": "open_class", "new_model": {"embedding_dim": -3}}, "embedding_dim must be a positive"),
         ({"kind": "extended_class", "fractions": [0.66, 0.33, 1.0]}, "strictly increasing"),
     ],
@@ -333,13 +325,3 @@ def test_split_rejects_bad_kind_and_records() -> None:
         split_training_set([ImageRecord("a", 0, 0), ImageRecord("b", 0, 1)], "open_class")
     with pytest.raises(ValueError, match="fractions"):
         chain_splits(records, "open_class", [0.5])
-
-
-def test_model_override_keys_match_the_reid_module() -> None:
-    import inspect
-
-    from reid_lab.upgrade.scenarios import MODEL_OVERRIDE_KEYS
-
-    reid = pytest.importorskip("reid_lab.modules.reid")
-    arguments = set(inspect.signature(reid.ReIDModule.__init__).parameters) - {"self", "num_classes"}
-    assert set(MODEL_OVERRIDE_KEYS) == arguments

@@ -1,0 +1,231 @@
+"""``EmbeddingModule``: what every reid_lab LightningModule shares, whatever its encoder.
+
+It owns the encoder (an :class:`~reid_lab.embedding.encoder.Encoder`), the optional upgrade host (a frozen
+old encoder plus compatible-loss plugins), the embedding-space record, the checkpoint contract (the encoder
+spec, so any checkpoint can be the old model of a later upgrade), test-time embedding through one
+:class:`~reid_lab.embedding.embedder.Embedder`, validation / test metrics and ``predict`` rows.
+
+A subclass builds its encoder, passes it to ``super().__init__`` and implements :meth:`training_output`
+(its own losses); it may override :meth:`build_metric` (the evaluation protocol) and ``monitor`` (the
+validation key that selects the best checkpoint).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from reid_lab.embedding.checkpoint import sub_state_dict
+from reid_lab.embedding.embedder import Embedder
+from reid_lab.embedding.encoder import MODALITIES, Encoder
+from reid_lab.embedding.space import make_space, weights_digest
+from reid_lab.metrics.reid_metric import ReIDMetric
+from reid_lab.upgrade.host import CompatibilityHost
+
+log = logging.getLogger(__name__)
+
+ENCODER_PREFIX = "encoder."
+
+
+@dataclass
+class TrainingOutput:
+    """What a subclass's training step produced.
+
+    Attributes:
+        loss: the weighted sum of the module's own losses (scalar, with gradients).
+        embeddings: ``{modality: (B, D)}`` training embeddings (with gradients) for the upgrade host.
+        labels: ``(B,)`` class labels of the batch.
+        parts: named loss values for logging.
+        logits: ``(B, C)`` image classifier logits, if any.
+    """
+
+    loss: Tensor
+    embeddings: dict[str, Tensor]
+    labels: Tensor
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    logits: Tensor | None = None
+
+
+class EmbeddingModule(L.LightningModule):
+    """Base of ``ReIDModule`` and every other embedding module (see the module docstring).
+
+    Args:
+        encoder: the encoder being trained.
+        distance: ``cosine`` or ``euclidean`` for evaluation.
+        flip_test: average each image's embedding with its horizontal flip at test time.
+        max_rank: CMC length.
+        space_label: human-readable name of the embedding space (its identity is the weights' hash).
+        upgrade: train the encoder compatible with an old one (``old_checkpoint``, ``compatible_losses``,
+            ``adapter``, ``pairings``; see :class:`~reid_lab.upgrade.host.CompatibilityHost`). Validation
+            then also reports the cross-test (new queries against old gallery features) as ``val/cross/*``.
+    """
+
+    monitor: str = "val/mAP"
+    monitor_mode: str = "max"
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        distance: str = "cosine",
+        flip_test: bool = False,
+        max_rank: int = 50,
+        space_label: str | None = None,
+        upgrade: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(encoder, Encoder):
+            raise TypeError(f"encoder must be a reid_lab Encoder, got {type(encoder).__name__}")
+        self.encoder = encoder
+        self.distance = distance
+        self.flip_test = bool(flip_test)
+        self.max_rank = max_rank
+        self.space_label = space_label
+        self.val_metric = self.build_metric()
+        self.test_metric = self.build_metric()
+        self.host: CompatibilityHost | None = None
+        if upgrade is not None:
+            self.host = CompatibilityHost(new_dim=encoder.embedding_dim, new_modalities=encoder.modalities,
+                                          **upgrade)
+            self.val_cross_metric = self.build_metric()
+        self._space: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------ embeddings
+    def build_metric(self):
+        """The evaluation metric (ReID protocol by default)."""
+        return ReIDMetric(metric=self.distance, max_rank=self.max_rank)
+
+    def embedder(self, into_old_space: bool = False) -> Embedder:
+        """The test-time embedder: flip TTA as configured, and with ``into_old_space`` the host's adapter."""
+        if into_old_space and self.host is None:
+            raise ValueError("into_old_space needs an upgrade host (this module has no old model)")
+        projection = self.host.adapter if into_old_space else None
+        return Embedder(self.encoder, flip_test=self.flip_test, projection=projection)
+
+    def embedding_space(self) -> dict[str, Any]:
+        """The embedding-space record of the current weights (see :mod:`reid_lab.embedding.space`)."""
+        if self._space is None:
+            self._space = make_space(
+                self.space_model_name(), self.encoder.embedding_dim, state_dict=self.encoder.state_dict(),
+                label=self.space_label, parent=self.host.old_space.get("space_id") if self.host else None,
+                distance=self.distance, normalized=self.distance == "cosine",
+                modalities=self.encoder.modalities,
+            )
+        return self._space
+
+    def space_model_name(self) -> str:
+        """What produced the vectors, for the space record (the encoder's class by default)."""
+        return type(self.encoder).__name__
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._space = None  # the weights may have changed since the record was made
+        checkpoint["encoder"] = {**self.encoder.spec(), "state_prefix": ENCODER_PREFIX}
+        checkpoint["embedding"] = {
+            "flip_test": self.flip_test, "distance": self.distance,
+            "adapter": self.host.adapter_record() if self.host is not None else None,
+        }
+        checkpoint["embedding_space"] = self.embedding_space()
+        if self.host is not None:
+            checkpoint["compatibility_state"] = self.host.state_for_checkpoint()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        if "encoder" not in checkpoint and not any(k.startswith(ENCODER_PREFIX) for k in state):
+            legacy = [k for k in state if k.startswith("model.")]
+            if not legacy:
+                raise ValueError("the checkpoint holds no encoder weights (no 'encoder.' or legacy 'model.' keys)")
+            for key in legacy:  # ReIDModule checkpoints before the encoder contract kept the encoder in .model
+                state[ENCODER_PREFIX + key[len("model."):]] = state.pop(key)
+        space = checkpoint.get("embedding_space")
+        self._space = None
+        if space:
+            digest = weights_digest(sub_state_dict(state, ENCODER_PREFIX))
+            if str(space.get("space_id", "")).endswith(digest):
+                self._space = space
+            else:
+                log.warning("the checkpoint's space record %r does not match its weights (hash %s): it is "
+                            "re-derived and its compatibility claims are dropped", space.get("space_id"), digest)
+        if self.host is not None and checkpoint.get("compatibility_state"):
+            self.host.load_state(checkpoint["compatibility_state"])
+
+    # --------------------------------------------------------------------------------------- training
+    def training_output(self, batch: dict[str, Any]) -> TrainingOutput:  # pragma: no cover - abstract
+        """Run the encoder on a training batch and compute the module's own losses."""
+        raise NotImplementedError
+
+    def on_fit_start(self) -> None:
+        if self.host is not None:
+            self.host.prepare(self.trainer.datamodule.training_set_view(), device=self.device)
+
+    def on_train_epoch_start(self) -> None:
+        if self.host is not None:
+            self.host.on_train_epoch_start(self.current_epoch, self.embedder())
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.training_output(batch)
+        total, parts = out.loss, dict(out.parts)
+        if self.host is not None:
+            compat, compat_parts = self.host(batch, out.embeddings, out.labels, self.current_epoch,
+                                             new_classifier=self.encoder.classifier_weight, new_logits=out.logits)
+            total = total + compat
+            parts.update(compat_parts)
+        batch_size = out.labels.numel()
+        self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=batch_size)
+        if out.logits is not None:
+            acc = (out.logits.argmax(1) == out.labels).float().mean()
+            self.log("train/acc", acc, prog_bar=True, batch_size=batch_size)
+        return total
+
+    # ------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        embedding = self.embedder()(batch)["image"]
+        self.val_metric.update(embedding, batch["pid"], batch["camid"], batch["is_query"])
+        if self.host is not None:  # cross-test: new (adapted) query features against old gallery features
+            new = self.embedder(into_old_space=True)(batch)["image"]
+            old = self.host.old.encode(batch)["image"]
+            mixed = torch.where(batch["is_query"].unsqueeze(1), new, old)
+            self.val_cross_metric.update(mixed, batch["pid"], batch["camid"], batch["is_query"])
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        embedding = self.embedder()(batch)["image"]
+        self.test_metric.update(embedding, batch["pid"], batch["camid"], batch["is_query"])
+
+    def _log_metric(self, metric, prefix: str) -> None:
+        if self.trainer.sanity_checking:  # a few query-only batches: nothing to rank yet
+            metric.reset()
+            return
+        results = metric.compute()
+        self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=False)
+        metric.reset()
+        summary = "  ".join(f"{k} {float(v):.2f}" for k, v in results.items())
+        self.print(f"[epoch {self.current_epoch}] {prefix}: {summary}")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metric(self.val_metric, "val")
+        if self.host is not None:
+            self._log_metric(self.val_cross_metric, "val/cross")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metric(self.test_metric, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """One row per item: ``embedding``, ``pid``, ``index``, ``is_query``, ``camid`` (if any), ``modality``."""
+        modality = next(m for m in MODALITIES if m in batch)
+        rows = {
+            "embedding": self.embedder()(batch)[modality],
+            "pid": batch["pid"],
+            "index": batch["index"],
+            "is_query": batch["is_query"],
+            "modality": modality,
+        }
+        if "camid" in batch:
+            rows["camid"] = batch["camid"]
+        return rows
