@@ -27,6 +27,7 @@ demo: install
 
 lint: install
 	$(VENV)/bin/ruff check reid_lab tests experiments benchmarks
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf runs reports predictions .pytest_cache

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from reid_lab.data.synthetic import generate_synthetic
-from reid_lab.data.synthetic.baseline import raw_pixel_baseline
+from reid_lab.studies.raw_pixels import raw_pixel_baseline
 from reid_lab.studies.study import Study, StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]

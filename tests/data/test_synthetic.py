@@ -16,7 +16,7 @@ from PIL import Image
 from reid_lab.data.datasets import load_dataset
 from reid_lab.data.synthetic import generate_synthetic, main
 from reid_lab.data.synthetic.attributes import Colour, PersonAttributes
-from reid_lab.data.synthetic.baseline import raw_pixel_baseline
+from reid_lab.studies.raw_pixels import raw_pixel_baseline
 from reid_lab.data.synthetic.cameras import ViewConditions
 from reid_lab.data.synthetic.captions import describe, tokenize
 
