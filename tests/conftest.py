@@ -41,3 +41,27 @@ def tiny_synthetic(tmp_path_factory):
 def cli_argv(monkeypatch):
     """LightningCLI warns when both ``args`` and a pytest ``sys.argv`` are present: give it a clean argv."""
     monkeypatch.setattr(sys, "argv", ["reid-lab"])
+
+
+def save_module_checkpoint(module, path, datamodule_hparams: dict | None = None):
+    """Write ``module`` as Lightning does (state dict, hyper-parameters, then the module's own hook)."""
+    import torch
+
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    if datamodule_hparams is not None:
+        checkpoint["datamodule_hyper_parameters"] = datamodule_hparams
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.fixture
+def old_checkpoint(tmp_path):
+    """A ResNet-18 ReIDModule checkpoint (4 classes, random weights) written as Lightning writes it."""
+    import torch
+
+    from reid_lab.modules.reid import ReIDModule
+
+    torch.manual_seed(0)
+    module = ReIDModule(backbone="resnet18", num_classes=4, last_stride=2, space_label="old")
+    return save_module_checkpoint(module, tmp_path / "old.ckpt")

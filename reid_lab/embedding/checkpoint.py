@@ -79,7 +79,11 @@ def load_encoder(source: str | Path | dict[str, Any]) -> tuple[Encoder, dict[str
     spec = encoder_spec(checkpoint, where)
     encoder = build_encoder(spec)
     state = sub_state_dict(checkpoint["state_dict"], spec["state_prefix"])
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = encoder.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{where}: the weights under {spec['state_prefix']!r} do not fit {spec['class_path']}: "
+                         f"{err}") from err
     if missing or unexpected:
         raise ValueError(f"{where}: the weights under {spec['state_prefix']!r} do not fit {spec['class_path']} "
                          f"(missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]})")
