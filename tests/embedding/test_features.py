@@ -32,7 +32,7 @@ def test_caption_sets_have_no_cameras_and_no_paths(tmp_path):
     query, gallery = back.split()
     assert query.items == captions[:2] and gallery.items == captions[2:] and query.camids is None
     with pytest.raises(ValueError, match="text items, not image paths"):
-        back.paths
+        _ = back.paths
 
 
 def test_version_one_files_still_load(tmp_path):
