@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from reid_lab.cli import main
-from reid_lab.metrics.rank import evaluate_rank_reference
 from reid_lab.embedding.features import FeatureSet
+from reid_lab.metrics.rank import evaluate_rank_reference
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _study(root: Path, out: Path) -> dict:
             "methods": {
                 "independent": {},
                 "bct": {"compatible_losses": [{"name": "bct"}]},
-                "fastfill": {"transformation": {"of": "independent", "epochs": 2, "hidden_dim": 32}},
+                "fastfill": {"transformation": {"of": "independent", "epochs": 2, "hidden_dim": 32, "warmup_epochs": 0}},
             },
             "evaluation": {"orderings": ["random", "uncertainty", "oracle", "sigma"], "ratios": [0, 0.5, 1.0]},
         }
@@ -129,3 +129,42 @@ def test_multi_step_chain_reports_ac_and_am(tiny_synthetic, tmp_path, cli_argv, 
     assert "Multi-step compatibility" in (out / "report.md").read_text()
     steps = [json.loads((out / "split" / f"step{t}.json").read_text())["paths"] for t in (1, 2, 3)]
     assert set(steps[0]) < set(steps[1]) < set(steps[2])  # extended-class chain: nested training sets
+
+
+def test_every_plugin_and_override_is_checked_before_anything_trains(tiny_synthetic, tmp_path, capsys):
+    study = _study(tiny_synthetic, tmp_path / "s")
+    study["study"]["methods"]["late"] = {"compatible_losses": [{"name": "bcd"}]}  # a typo in the last method
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(study))
+    with pytest.raises(ValueError, match=r"study.methods.late: unknown compatible loss 'bcd'"):
+        main(["upgrade", "--config", str(config)])
+    assert not (tmp_path / "s" / "train").exists()  # nothing trained before the error
+
+    study = _study(tiny_synthetic, tmp_path / "s")
+    study["study"]["scenario"]["new_model"] = {"backbone": "resnet18", "embeding_dim": 64}
+    config.write_text(yaml.safe_dump(study))
+    with pytest.raises(ValueError, match=r"scenario.new_model has unknown argument\(s\) \['embeding_dim'\]"):
+        main(["upgrade", "--config", str(config)])
+
+
+def test_a_dimension_change_study_reports_the_cross_test_through_the_adapter(tiny_synthetic, tmp_path, cli_argv):
+    out = tmp_path / "dim"
+    study = _study(tiny_synthetic, out)["study"]
+    study["scenario"]["new_model"] = {"backbone": "resnet18", "embedding_dim": 64}
+    study["methods"] = {"bct": {"compatible_losses": [{"name": "bct"}], "adapter": "linear"}}
+    study["evaluation"] = {"orderings": ["random"], "ratios": [0, 0.5, 1.0]}
+    config = tmp_path / "dim.yaml"
+    config.write_text(yaml.safe_dump({"study": study}))
+    assert main(["upgrade", "--config", str(config)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    cells = {(c["query"], c["gallery"]): c["mAP"] for c in report["compatibility_matrix"]["cells"]}
+    # The cross cell is the adapted new queries against the old gallery, evaluated independently here.
+    projected = FeatureSet.load(out / "features" / "bct.in_old_space.pt")
+    old_q, old_g = FeatureSet.load(out / "features" / "old.pt").split()
+    q = torch.nn.functional.normalize(projected.split()[0].features, dim=1)
+    g = torch.nn.functional.normalize(old_g.features, dim=1)
+    cross = evaluate_rank_reference(1 - q @ g.T, old_q.pids, old_g.pids, old_q.camids, old_g.camids)
+    assert projected.features.shape[1] == old_g.features.shape[1] == 512
+    assert FeatureSet.load(out / "features" / "bct.pt").features.shape[1] == 64
+    assert cells[("bct", "old")] == pytest.approx(100 * cross.mAP, abs=1e-4)
+    assert "bct" in report["curves"]
