@@ -1,5 +1,6 @@
-"""LightningModules."""
+"""LightningModules: the :class:`EmbeddingModule` base and its encoders' modules."""
 
+from reid_lab.modules.base import EmbeddingModule, TrainingOutput
 from reid_lab.modules.reid import ReIDModule
 
-__all__ = ["ReIDModule"]
+__all__ = ["EmbeddingModule", "ReIDModule", "TrainingOutput"]
