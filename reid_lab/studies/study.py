@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from reid_lab.metrics.backfill import (
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_criterion, compatibility_matrix
 from reid_lab.metrics.distance import evaluate_features
 from reid_lab.studies.report import write_report
+from reid_lab.studies.stage_keys import file_digest, stage_key
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
 from reid_lab.upgrade.old_model import load_embedder
 from reid_lab.upgrade.scenario import ScenarioConfig, load_scenario
@@ -157,6 +159,7 @@ class Study:
         self.config = config
         self.out = config.out
         self.timings: dict[str, float] = {}
+        self.keys: dict[str, str] = {}  # stage key of every trained version and of its checkpoint path
 
     # ------------------------------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
@@ -217,7 +220,11 @@ class Study:
         """Stage 1: split the training set by the scenario and save it (reused when identical)."""
         dm = self.datamodule()
         upgrade_split = self.config.scenario.split(dm.splits.train)
-        files = save_split(upgrade_split, self.out / "split")
+        try:
+            files = save_split(upgrade_split, self.out / "split")
+        except FileExistsError:  # the scenario changed: a new split, and every stage trained on the old one re-runs
+            print(f"[split] the scenario changed since the last run: replacing {self.out / 'split'}")
+            files = save_split(upgrade_split, self.out / "split", overwrite=True)
         summary = upgrade_split.summary()
         log.info("split %s: %s", self.config.scenario.kind, summary)
         print(f"[split] {self.config.scenario.kind} (old fraction {self.config.scenario.old_fraction}): "
@@ -242,10 +249,6 @@ class Study:
         """Stage 2: fit one version with the real LightningCLI; returns its best checkpoint."""
         stage_dir = self.out / "train" / version
         done = stage_dir / "done.json"
-        if done.is_file():
-            info = json.loads(done.read_text())
-            print(f"[train {version}] done earlier: {info['checkpoint']}")
-            return info["checkpoint"]
         method_spec = method_spec or {}
         overrides = dict(stage.get("overrides") or {})
         overrides.update(method_spec.get("overrides") or {})
@@ -260,6 +263,16 @@ class Study:
                 "adapter": method_spec.get("adapter", "linear"),
             }
         cfg.setdefault("data", {}).setdefault("init_args", {})["train_subset"] = train_subset
+        key = stage_key(stage="train", config=cfg, train_subset=file_digest(train_subset),
+                        old=self.keys.get(str(old_checkpoint)) if old_checkpoint else None)
+        if done.is_file():
+            info = json.loads(done.read_text())
+            if info.get("key") == key and Path(info["checkpoint"]).is_file():
+                print(f"[train {version}] done earlier (stage key {key}): {info['checkpoint']}")
+                return self._trained(version, key, info["checkpoint"])
+            print(f"[train {version}] its config, inputs or code changed (stage key {info.get('key')} -> {key}): "
+                  "training again")
+        self._discard_stage(stage_dir, version, keep_checkpoints=self._same_key(stage_dir, key))
         trainer = cfg.setdefault("trainer", {})
         trainer["default_root_dir"] = str(stage_dir)
         trainer["logger"] = {
@@ -274,6 +287,7 @@ class Study:
         ]
         config_path = stage_dir / "config.yaml"
         atomic_write_text(config_path, yaml.safe_dump(cfg, sort_keys=False))
+        atomic_write_text(stage_dir / "key", key)
         args = ["fit", "--config", str(config_path)]
         last = stage_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
@@ -289,15 +303,35 @@ class Study:
             cli.trainer.logger.experiment.finish()
         if cli.trainer.current_epoch < int(trainer.get("max_epochs") or 0):
             raise RuntimeError(f"training of {version} stopped early at epoch {cli.trainer.current_epoch}")
-        atomic_write_text(done, json.dumps({"checkpoint": best, "seconds": seconds, "val": metrics}, indent=2))
+        atomic_write_text(stage_dir / "key", key)
+        atomic_write_text(done, json.dumps({"checkpoint": best, "key": key, "seconds": seconds, "val": metrics},
+                                           indent=2))
         self.timings[f"train/{version}"] = seconds
-        return best
+        return self._trained(version, key, best)
+
+    def _trained(self, version: str, key: str, checkpoint: str) -> str:
+        self.keys[version] = self.keys[str(checkpoint)] = key
+        return checkpoint
+
+    @staticmethod
+    def _same_key(stage_dir: Path, key: str) -> bool:
+        """True when the stage folder was started with this key (its ``last.ckpt`` may be resumed)."""
+        path = stage_dir / "key"
+        return path.is_file() and path.read_text().strip() == key
+
+    def _discard_stage(self, stage_dir: Path, version: str, keep_checkpoints: bool) -> None:
+        """Remove what a stale stage left (its marker, its checkpoints unless resumable, its features)."""
+        (stage_dir / "done.json").unlink(missing_ok=True)
+        if not keep_checkpoints and (stage_dir / "checkpoints").exists():
+            shutil.rmtree(stage_dir / "checkpoints")
+        for path in (self.out / "features").glob(f"{version}.*"):
+            path.unlink()
 
     # ---------------------------------------------------------------------------------------- features
     def embed(self, version: str, checkpoint: str) -> FeatureSet:
         """Stage 3: query + gallery embeddings of one version (old-model logits kept for uncertainty)."""
         path = self.out / "features" / f"{version}.pt"
-        if path.is_file():
+        if path.is_file() and self._fresh(path, self.keys.get(version)):
             return FeatureSet.load(path)
         dm = self.datamodule()
         embedder = load_embedder(checkpoint)
@@ -316,13 +350,14 @@ class Study:
             torch.tensor(is_query), [r.path for r in records], embedder.space,
         )
         features.save(path)
+        self._stamp(path, self.keys.get(version))
         return features
 
     def embed_into_old_space(self, version: str, checkpoint: str) -> FeatureSet:
         """Stage 3b (dimension change): the version's embeddings through its learned adapter into the old
         space, for the cross-test and backfill curves (the same embed path, ``flip_test`` included)."""
         path = self.out / "features" / f"{version}.in_old_space.pt"
-        if path.is_file():
+        if path.is_file() and self._fresh(path, self.keys.get(version)):
             return FeatureSet.load(path)
         dm = self.datamodule()
         embedder = load_embedder(checkpoint, into_old_space=True)
@@ -334,7 +369,19 @@ class Study:
             torch.tensor(is_query), [r.path for r in records], embedder.space,
         )
         features.save(path)
+        self._stamp(path, self.keys.get(version))
         return features
+
+    @staticmethod
+    def _fresh(path: Path, key: str | None) -> bool:
+        """True when ``path`` was written for stage ``key`` (its ``<path>.key`` sidecar matches)."""
+        sidecar = path.with_name(path.name + ".key")
+        return key is not None and sidecar.is_file() and sidecar.read_text().strip() == key
+
+    @staticmethod
+    def _stamp(path: Path, key: str | None) -> None:
+        if key is not None:
+            atomic_write_text(path.with_name(path.name + ".key"), key)
 
     def transformation(self, name: str, spec: dict[str, Any], checkpoints: dict[str, str],
                        gallery_old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -343,10 +390,11 @@ class Study:
         Returns the transformed gallery ``(ng, d_new)`` and, with ``uncertainty``, FastFill's log σ².
         """
         path = self.out / "features" / f"{name}.transformed_gallery.pt"
-        if path.is_file():
+        t = spec["transformation"]
+        key = stage_key(stage="transformation", spec=t, old=self.keys.get("old"), base=self.keys.get(t["of"]))
+        if path.is_file() and self._fresh(path, key):
             saved = torch.load(path, weights_only=True)
             return saved["gallery"], saved.get("log_var")
-        t = spec["transformation"]
         dm = self.datamodule(train_subset=str(self.out / "split" / "new.json"))
         old_embedder, new_embedder = load_embedder(checkpoints["old"]), load_embedder(checkpoints[t["of"]])
         records = dm.train_records
@@ -371,6 +419,7 @@ class Study:
             out = h(gallery_old)
         gallery, log_var = (out if uncertainty else (out, None))
         atomic_torch_save({"gallery": gallery, "log_var": log_var}, path)
+        self._stamp(path, key)
         return gallery, log_var
 
     # -------------------------------------------------------------------------------------- evaluation

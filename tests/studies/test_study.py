@@ -97,6 +97,22 @@ def test_upgrade_study_end_to_end_and_resume(tiny_synthetic, tmp_path, cli_argv,
     assert main(["upgrade", "--config", str(config)]) == 0
     assert "resuming from" in capsys.readouterr().out
 
+    # A changed method re-runs with everything downstream of it; unchanged stages are reused.
+    old_stamp = (out / "train" / "old" / "done.json").stat().st_mtime
+    bct_key = json.loads((out / "train" / "bct" / "done.json").read_text())["key"]
+    bct_features = FeatureSet.load(out / "features" / "bct.pt").features
+    changed = _study(tiny_synthetic, out)
+    changed["study"]["methods"]["bct"] = {"compatible_losses": [{"name": "ract", "weight": 5.0}]}
+    config.write_text(yaml.safe_dump(changed))
+    assert main(["upgrade", "--config", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "[train bct] its config, inputs or code changed" in printed and "[train old] done earlier" in printed
+    assert (out / "train" / "old" / "done.json").stat().st_mtime == old_stamp
+    retrained = json.loads((out / "train" / "bct" / "done.json").read_text())
+    assert retrained["key"] != bct_key
+    assert "ract" in (out / "train" / "bct" / "config.yaml").read_text()
+    assert not torch.equal(FeatureSet.load(out / "features" / "bct.pt").features, bct_features)
+
 
 def test_bad_study_config_is_explained(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
