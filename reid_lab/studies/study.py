@@ -60,8 +60,9 @@ from reid_lab.metrics.backfill import (
     order_oracle,
     order_random,
 )
-from reid_lab.metrics.compatibility import VersionFeatures, compatibility_criterion, compatibility_matrix
+from reid_lab.metrics.compatibility import VersionFeatures, compatibility_matrix
 from reid_lab.metrics.distance import evaluate_features
+from reid_lab.studies.claims import DEFAULT_CLAIM_MARGIN, EVALUATION_SPLIT, chance_level
 from reid_lab.studies.report import write_report
 from reid_lab.studies.stage_keys import file_digest, stage_key
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
@@ -79,7 +80,7 @@ TRANSFORMATION_KEYS = {"of", "uncertainty", "epochs", "hidden_dim", "lr", "batch
 # FCT (Ramanujan et al. NeurIPS'22) trains its transformation with a 2048-wide mixer for 80 epochs, 5 of them
 # warm-up; a study config that uses less says so (experiments/synthetic_upgrade.yaml does, for a CPU budget).
 FCT_DEFAULTS = {"hidden_dim": 2048, "epochs": 80, "warmup_epochs": 5, "lr": 5e-4, "batch_size": 256}
-EVAL_KEYS = {"orderings", "ratios", "seed", "independent", "distance"}
+EVAL_KEYS = {"orderings", "ratios", "seed", "independent", "distance", "claim_margin"}
 
 
 @dataclass
@@ -532,11 +533,18 @@ class Study:
         """
         if pairs is None:
             pairs = [(m, "old") for m in self.config.trained_methods]
+        margin = float(self.config.evaluation.get("claim_margin", DEFAULT_CLAIM_MARGIN))
+        old_q, old_g = features["old"].split()
+        chance, chance_std = chance_level(old_q.pids, old_g.pids, old_q.camids, old_g.camids)
+        chance_margin = max(margin, 3 * chance_std)
         claims = {}
         for new, old in pairs:
             if not (matrix.has(new, old) and matrix.has(old, old)):
                 continue
-            if not compatibility_criterion(matrix, new, old, "mAP"):
+            cross, reference = matrix.cell(new, old, "mAP"), matrix.cell(old, old, "mAP")
+            if not (cross > reference + margin and cross > chance + chance_margin):
+                print(f"[claims] {new} on {old}: no claim (cross-test mAP {cross:.2f}, old self-test "
+                      f"{reference:.2f}, margin {margin:.2f}, chance {chance:.2f} ± {chance_std:.2f})")
                 claims[new] = False
                 continue
             if features[new].space.get("dim") != features[old].space.get("dim"):
@@ -546,8 +554,8 @@ class Study:
                 claims[new] = False
                 continue
             space = dict(features[new].space)
-            add_claim(space, features[old].space, metric="mAP", cross=matrix.cell(new, old, "mAP"),
-                      reference=matrix.cell(old, old, "mAP"), dataset=self.config.name)
+            add_claim(space, features[old].space, metric="mAP", cross=cross, reference=reference, margin=margin,
+                      chance=chance, chance_margin=chance_margin, dataset=self.config.name, split=EVALUATION_SPLIT)
             features[new].space = space
             features[new].save(self.out / "features" / f"{new}.pt")
             ckpt = read_checkpoint(checkpoints[new])
