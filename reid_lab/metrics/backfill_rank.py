@@ -19,8 +19,8 @@ next only moves the newly refreshed items from ``b_stored`` to ``b_new``, so
 and an item with ``b_stored(x) == b_new(x)`` never matters. Items whose stored and new distances are both below
 every threshold (bucket 0 both times) or both above (never counted) need no bucket at all, so only the *candidates*
 (items with a distance inside the thresholds' range in at least one version) are bucketed, exactly: a monotone
-quantisation into cells as in :class:`reid_lab.metrics.rank.GalleryRanker`, and one-by-one comparisons (tie rule
-included) only against the thresholds sharing the item's cell. The dense work per block is a handful of
+quantisation into cells as in :class:`reid_lab.metrics.ranking_engine.GalleryRanker`, and one-by-one comparisons
+(tie rule included) only against the thresholds sharing the item's cell. The dense work per block is a handful of
 elementwise passes (max, min, two comparisons, a row count); orderings share all of it and differ only in the
 step at which each moving candidate changes bucket.
 """
@@ -29,10 +29,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from reid_lab.metrics.rank import GalleryRanker, QueryStats, _count_cell_prefix, _flatnonzero
+from reid_lab.metrics.ranking_engine import (
+    GalleryRanker,
+    QueryStats,
+    count_cell_prefix,
+    flatnonzero,
+    query_stats_from_kept_ranks,
+)
 
 __all__ = ["BackfillRanker", "refresh_steps"]
 
@@ -60,7 +65,8 @@ def refresh_steps(order: torch.Tensor, num_refreshed: Sequence[int]) -> torch.Te
 
 
 class BackfillRanker:
-    """Per-query stats (:class:`~reid_lab.metrics.rank.QueryStats`) of every step of several backfill orderings.
+    """Per-query stats (:class:`~reid_lab.metrics.ranking_engine.QueryStats`) of every step of several backfill
+    orderings.
 
     Call it on blocks of query rows of the stored-gallery and new-gallery distance matrices; the result equals
     ``GalleryRanker`` on ``torch.where(steps[o] <= k, d_new, d_stored)`` for every ordering ``o`` and step ``k``
@@ -68,7 +74,8 @@ class BackfillRanker:
 
     Args:
         g_pids: ``(num_gallery,)`` int64 gallery pids.
-        g_camids: ``(num_gallery,)`` int64 gallery camera ids, same device.
+        g_camids: ``(num_gallery,)`` int64 gallery camera ids, same device; ``None`` for the cross-modal protocol
+            (no junk removal; the queries then carry no camera ids either).
         steps: ``(num_orderings, num_gallery)`` int64, :func:`refresh_steps` of each ordering.
         num_steps: number of grid steps ``K`` (``steps == K``: never refreshed).
         num_cells: quantisation cells per row for bucketing the candidates; results never depend on it.
@@ -84,7 +91,7 @@ class BackfillRanker:
     def __init__(
         self,
         g_pids: torch.Tensor,
-        g_camids: torch.Tensor,
+        g_camids: torch.Tensor | None,
         steps: torch.Tensor,
         num_steps: int,
         num_cells: int | None = None,
@@ -100,7 +107,11 @@ class BackfillRanker:
         self._ranker = GalleryRanker(g_pids, g_camids)
 
     def __call__(
-        self, d_stored: torch.Tensor, d_new: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor
+        self,
+        d_stored: torch.Tensor,
+        d_new: torch.Tensor,
+        q_pids: torch.Tensor,
+        q_camids: torch.Tensor | None = None,
     ) -> list[list[QueryStats]]:
         """Stats of one block of query rows at every step of every ordering.
 
@@ -109,7 +120,7 @@ class BackfillRanker:
             d_new: ``(num_query, num_gallery)`` distances to the new gallery features, same device. Neither is
                 written.
             q_pids: ``(num_query,)`` int64 query pids.
-            q_camids: ``(num_query,)`` int64 query camera ids.
+            q_camids: ``(num_query,)`` int64 query camera ids; ``None`` exactly when the gallery has none.
 
         Returns:
             ``stats[o][k]``: :class:`QueryStats` of the block for ordering ``o`` at step ``k``.
@@ -123,17 +134,14 @@ class BackfillRanker:
         d_old, d_new = d_stored.detach().to(dtype).contiguous(), d_new.detach().to(dtype).contiguous()
         num_query, num_gallery = d_old.shape
         device = d_old.device
-        rows, cols = self._ranker.same_pid_pairs(q_pids)
-        junk = q_camids[rows] == self.g_camids[cols]
-        pos_rows, pos_cols = rows[~junk], cols[~junk]
-        junk_rows, junk_cols = rows[junk], cols[junk]
+        pos_rows, pos_cols, junk_rows, junk_cols = self._ranker.positive_and_junk_pairs(q_pids, q_camids)
         num_pos = torch.bincount(pos_rows, minlength=num_query)
         max_pos = int(num_pos.max()) if pos_rows.numel() else 0
         num_orderings = self.steps.shape[0]
         if max_pos == 0:
             if bool(torch.isnan(d_old).any() or torch.isnan(d_new).any()):
                 raise ValueError("distmat contains NaN; distances must be comparable numbers")
-            empty = _invalid_stats(num_pos)
+            empty = query_stats_from_kept_ranks(num_pos.new_zeros((num_query, 0)), num_pos)
             return [[empty] * self.num_steps for _ in range(num_orderings)]
 
         # Thresholds: the stored and the new key of every positive, sorted per row by (distance, gallery index).
@@ -172,7 +180,7 @@ class BackfillRanker:
         outside[junk_rows, junk_cols] = True
         num_below = below.view(torch.uint8).sum(1, dtype=torch.int32).long()
         del below
-        cand = _flatnonzero(outside.view(-1).logical_not_())
+        cand = flatnonzero(outside.view(-1).logical_not_())
         del outside
         cand_old = d_old.view(-1).index_select(0, cand)
         cand_new = d_new.view(-1).index_select(0, cand)
@@ -181,7 +189,7 @@ class BackfillRanker:
         cand_rows = _floor_div(cand, num_gallery)
         cand_cols = cand - cand_rows * num_gallery
         if not bool(has_pos.all()):  # rows without positives: only inf/-inf pairs can be candidates there
-            keep = _flatnonzero(has_pos.index_select(0, cand_rows))
+            keep = flatnonzero(has_pos.index_select(0, cand_rows))
             cand_rows, cand_cols, cand_old, cand_new = (
                 t.index_select(0, keep) for t in (cand_rows, cand_cols, cand_old, cand_new)
             )
@@ -198,7 +206,7 @@ class BackfillRanker:
         hist_old[:, 0] += num_below
         # Items that change bucket when refreshed, indexed into a (row, step, bucket) histogram; the extra step
         # ``num_steps`` collects the items never refreshed and is dropped.
-        moved = _flatnonzero(b_old != b_new)
+        moved = flatnonzero(b_old != b_new)
         mv_cols = cand_cols.index_select(0, moved)
         mv_base = cand_rows.index_select(0, moved) * ((num_steps + 1) * hist_width)
         mv_old = b_old.index_select(0, moved).add_(mv_base)
@@ -228,11 +236,11 @@ class BackfillRanker:
             at = torch.where(refreshed, at_new[:, None, :], at_old[:, None, :])
             kept_rank = before.gather(2, at) - 1
             kept_rank = torch.where(is_pos[:, None, :], kept_rank, num_gallery).sort(dim=2).values
-            out.append([_stats(kept_rank[:, k], num_pos) for k in range(num_steps)])
+            out.append([query_stats_from_kept_ranks(kept_rank[:, k], num_pos) for k in range(num_steps)])
         return out
 
     def _fallback(
-        self, d_old: torch.Tensor, d_new: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor
+        self, d_old: torch.Tensor, d_new: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor | None
     ) -> list[list[QueryStats]]:
         """Exact per-step evaluation of the mixed block (used when a positive has a non-finite distance)."""
         return [
@@ -288,7 +296,7 @@ class _CellTable:
         """Buckets of items ``(rows, cols)`` with distances ``values``; ``cell_rows = rows * cell_width``."""
         key = self.key(values).add_(cell_rows)
         bucket = self.table.index_select(0, key)
-        shared = _flatnonzero(bucket < 0)
+        shared = flatnonzero(bucket < 0)
         if shared.numel() == 0:
             return bucket
         key = key.index_select(0, shared)
@@ -298,7 +306,7 @@ class _CellTable:
         value, col = values.index_select(0, shared), cols.index_select(0, shared)
         # The thresholds of a cell that precede the item form a prefix of the cell (sorted by distance, then col).
         active = torch.arange(shared.numel(), device=values.device)
-        _count_cell_prefix(self.thr_d, self.thr_col, at, remaining, value, col, active, base)
+        count_cell_prefix(self.thr_d, self.thr_col, at, remaining, value, col, active, base)
         bucket.index_copy_(0, shared, base)
         return bucket
 
@@ -308,37 +316,6 @@ def _floor_div(index: torch.Tensor, divisor: int) -> torch.Tensor:
     if index.device.type == "cpu":
         return torch.from_numpy(index.numpy() // divisor)
     return torch.div(index, divisor, rounding_mode="floor")
-
-
-def _stats(kept_rank: torch.Tensor, num_pos: torch.Tensor) -> QueryStats:
-    """Per-query stats from the ascending 0-based kept-ranks ``(num_query, max_pos)`` of the positives.
-
-    Same float64 operations and shapes as ``GalleryRanker``, so equal ranks give bit-identical AP and INP.
-    """
-    num_query, max_pos = kept_rank.shape
-    device = kept_rank.device
-    kept = kept_rank.to(torch.float64)
-    j = torch.arange(1, max_pos + 1, device=device, dtype=torch.float64)
-    is_pos = j[None, :] <= num_pos[:, None]
-    precision = torch.where(is_pos, j[None, :] / (kept + 1.0), torch.zeros((), dtype=torch.float64))
-    num_pos_f = num_pos.to(torch.float64)
-    ap_t = precision.sum(1) / num_pos_f
-    last = kept.gather(1, (num_pos - 1).clamp(min=0)[:, None])[:, 0]
-    inp_t = num_pos_f / (last + 1.0)
-    first = np.full(num_query, -1, dtype=np.int64)
-    ap = np.full(num_query, np.nan, dtype=np.float64)
-    inp = np.full(num_query, np.nan, dtype=np.float64)
-    valid = (num_pos > 0).cpu().numpy()
-    first[valid] = kept_rank[:, 0].cpu().numpy()[valid]
-    ap[valid] = ap_t.cpu().numpy()[valid]
-    inp[valid] = inp_t.cpu().numpy()[valid]
-    return QueryStats(num_pos.cpu().numpy(), first, ap, inp)
-
-
-def _invalid_stats(num_pos: torch.Tensor) -> QueryStats:
-    num_query = num_pos.numel()
-    nan = np.full(num_query, np.nan, dtype=np.float64)
-    return QueryStats(num_pos.cpu().numpy(), np.full(num_query, -1, dtype=np.int64), nan, nan.copy())
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:

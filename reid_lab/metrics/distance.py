@@ -14,14 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reid_lab.metrics.rank import (
-    GalleryRanker,
-    QueryStats,
-    RankResult,
-    check_chunk_size,
-    clip_max_rank,
-    ids_tensor,
-)
+from reid_lab.metrics.rank import RankResult, check_chunk_size, clip_max_rank, ids_tensor, optional_camids
+from reid_lab.metrics.ranking_engine import GalleryRanker, QueryStats
 
 __all__ = ["compute_distance", "distance_slices", "evaluate_features"]
 
@@ -179,8 +173,8 @@ def evaluate_features(
     gallery_features: torch.Tensor | np.ndarray,
     q_pids: Any,
     g_pids: Any,
-    q_camids: Any,
-    g_camids: Any,
+    q_camids: Any = None,
+    g_camids: Any = None,
     metric: DistanceMetric = "cosine",
     max_rank: int = 50,
     chunk_size: int | None = None,
@@ -190,15 +184,17 @@ def evaluate_features(
 
     Same protocol, tie rule and result as ``evaluate_rank(compute_distance(...), ...)``: each block of query
     rows is turned into distances and evaluated at once by the sort-free core, so memory is
-    O(chunk_size * num_gallery) and everything runs on the features' device.
+    O(chunk_size * num_gallery) and everything runs on the features' device. Without camera ids (both ``None``)
+    the cross-modal protocol applies: nothing is dropped, so a query inside the gallery finds itself (see
+    :func:`~reid_lab.metrics.rank.evaluate_rank`).
 
     Args:
         query_features: ``(num_query, dim)`` features.
         gallery_features: ``(num_gallery, dim)`` features, same device.
         q_pids: ``(num_query,)`` integer query pids.
         g_pids: ``(num_gallery,)`` integer gallery pids.
-        q_camids: ``(num_query,)`` integer query camera ids.
-        g_camids: ``(num_gallery,)`` integer gallery camera ids.
+        q_camids: ``(num_query,)`` integer query camera ids, or ``None`` (cross-modal protocol).
+        g_camids: ``(num_gallery,)`` integer gallery camera ids, or ``None``; ``None`` exactly when ``q_camids`` is.
         metric: ``"cosine"`` or ``"euclidean"`` (squared), see :func:`compute_distance`.
         max_rank: length of the CMC curve, clipped to ``num_gallery``.
         chunk_size: query rows per block; ``None`` picks ~2M (CPU) / ~16M (GPU) distances per block.
@@ -221,12 +217,10 @@ def evaluate_features(
     chunk = check_chunk_size(chunk_size, num_gallery, query.device)
     device = query.device
     qp = ids_tensor(q_pids, "q_pids", num_query, device)
-    qc = ids_tensor(q_camids, "q_camids", num_query, device)
-    ranker = GalleryRanker(
-        ids_tensor(g_pids, "g_pids", num_gallery, device), ids_tensor(g_camids, "g_camids", num_gallery, device)
-    )
-    parts = [
-        ranker(block, qp[start : start + block.shape[0]], qc[start : start + block.shape[0]])
-        for start, block in _distance_slices(query, gallery, g_sq, chunk)
-    ]
+    qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
+    ranker = GalleryRanker(ids_tensor(g_pids, "g_pids", num_gallery, device), gc)
+    parts = []
+    for start, block in _distance_slices(query, gallery, g_sq, chunk):
+        stop = start + block.shape[0]
+        parts.append(ranker(block, qp[start:stop], None if qc is None else qc[start:stop]))
     return RankResult.from_query_stats(QueryStats.concat(parts), max_rank)

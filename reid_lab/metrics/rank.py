@@ -1,28 +1,29 @@
-"""CMC, mAP and mINP for person re-identification (the Market-1501 protocol).
+"""CMC, mAP and mINP of a query x gallery ranking: the ReID protocol (Market-1501) and the cross-modal protocol.
 
 Protocol (``shared/reference/reid-toolboxes.md`` §3; torchreid / fast-reid ``evaluate_rank``):
 
 1. Each query row of the distance matrix is ranked ascending (smaller distance = more similar).
-2. Junk removal, per query: gallery items with the same pid AND the same camera as the query are dropped.
-   Different-id items from the query's camera stay (valid negatives); distractors (pid 0) stay as negatives.
-3. A query with no positive (same pid, other camera) left is skipped ("invalid"); means are over valid queries.
+2. Junk removal, per query, only when camera ids are given (ReID protocol): gallery items with the same pid AND
+   the same camera as the query are dropped. Different-id items from the query's camera stay (valid negatives);
+   distractors (pid 0) stay as negatives. Without camera ids (cross-modal protocol, §3 item 10: e.g. caption
+   queries against an image gallery, as IRRA) nothing is dropped: every same-pid gallery item is a positive.
+3. A query with no positive left is skipped ("invalid"); means are over valid queries.
 4. CMC@k: fraction of valid queries whose first positive sits at kept-rank <= k (1-based), k = 1..max_rank.
 5. AP (non-interpolated) = (1/|G|) * sum over positives of precision at the positive's kept-rank.
 6. INP (Ye et al., "Deep Learning for Person Re-identification: A Survey and Outlook", TPAMI 2021)
    = |G| / R_hard, R_hard the 1-based kept-rank of the last positive.
+
+Without camera ids a query is never removed from its gallery: for image-to-image search with the query images
+inside the gallery, pass camera ids (the query's own entry is then junk) or remove the query from the gallery,
+else every query finds itself at rank 1.
 
 Tie rule (deterministic, unlike the peers' unstable ``np.argsort``): among equal distances the gallery item with
 the smaller gallery index ranks first, i.e. what a stable argsort of the row does.
 
 Two implementations share this contract:
 
-* :func:`evaluate_rank` is sort-free (:class:`GalleryRanker`). Only the kept-ranks of the positives matter, so
-  instead of sorting whole rows it sorts the few positive distances of each query, counts how many gallery items
-  fall before each positive (a histogram over a monotone quantisation of the row, exact comparisons, tie rule
-  included, only for the few items sharing a cell with a positive), and reads the kept-ranks off the cumulative
-  counts. Work is O(num_gallery) per query, memory O(chunk_size * num_gallery); no ``num_query x num_gallery``
-  index matrix is ever built. Runs on whatever device the distance matrix lives on. On a Market-sized
-  3,368 x 15,913 matrix it takes ~0.3 s of one CPU core, ~1/5 of ``np.argsort`` of the matrix alone.
+* :func:`evaluate_rank` runs the sort-free engine (:class:`reid_lab.metrics.ranking_engine.GalleryRanker`) on
+  blocks of query rows; it never sorts whole rows nor builds a ``num_query x num_gallery`` index matrix.
 * :func:`evaluate_rank_reference` is the plain per-query stable-argsort loop, kept as an obviously-correct
   baseline for tests and benchmarks.
 """
@@ -36,45 +37,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from reid_lab.metrics.ranking_engine import GalleryRanker, QueryStats, float_distances
+
 __all__ = [
-    "GalleryRanker",
-    "QueryStats",
     "RankResult",
+    "check_chunk_size",
+    "clip_max_rank",
     "evaluate_rank",
     "evaluate_rank_reference",
+    "ids_tensor",
+    "optional_camids",
 ]
 
 # Elements of one (chunk_size, num_gallery) block when chunk_size is not given. The core keeps ~9 bytes of
 # scratch per element (float keys, int32 keys, a bool mask): ~19 MB per block on CPU (cache-friendly; larger
 # blocks measured slower), ~150 MB on GPU.
 _AUTO_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 24}
-
-
-@dataclass(frozen=True)
-class QueryStats:
-    """Per-query ranking statistics for a block of queries, before averaging.
-
-    Attributes:
-        num_positives: ``(num_query,)`` int64, number of positives left after junk removal (0 = invalid query).
-        first_match_rank: ``(num_query,)`` int64, 0-based kept-rank of the first positive, -1 if invalid.
-        ap: ``(num_query,)`` float64 average precision, NaN if invalid.
-        inp: ``(num_query,)`` float64 inverse negative penalty, NaN if invalid.
-    """
-
-    num_positives: np.ndarray
-    first_match_rank: np.ndarray
-    ap: np.ndarray
-    inp: np.ndarray
-
-    @staticmethod
-    def concat(parts: Sequence[QueryStats]) -> QueryStats:
-        """Concatenate the stats of consecutive query blocks."""
-        return QueryStats(
-            num_positives=np.concatenate([p.num_positives for p in parts]),
-            first_match_rank=np.concatenate([p.first_match_rank for p in parts]),
-            ap=np.concatenate([p.ap for p in parts]),
-            inp=np.concatenate([p.inp for p in parts]),
-        )
 
 
 @dataclass(frozen=True)
@@ -117,8 +95,9 @@ class RankResult:
         num_valid = int(valid.sum())
         if num_valid == 0:
             raise ValueError(
-                f"no valid query: none of the {valid.size} queries has a gallery item with the same pid from a "
-                "different camera (the protocol drops same-pid same-camera gallery items), so CMC/mAP are undefined"
+                f"no valid query: none of the {valid.size} queries has a positive in the gallery (a gallery item "
+                "with its pid; with camera ids, same-pid same-camera items are dropped first), so CMC/mAP are "
+                "undefined"
             )
         first = stats.first_match_rank[valid]
         hits = np.bincount(first[first < max_rank], minlength=max_rank).astype(np.float64)
@@ -196,16 +175,7 @@ def _distance_block(distmat: np.ndarray | torch.Tensor, start: int, stop: int) -
         if not arr.flags.writeable or not arr.flags.c_contiguous:
             arr = np.array(arr, copy=True, order="C")  # torch.from_numpy refuses to alias read-only memory
         block = torch.from_numpy(arr)
-    return _as_float(block)
-
-
-def _as_float(dist: torch.Tensor) -> torch.Tensor:
-    """Contiguous float32/float64 view or copy of ``dist`` with the same ordering of values."""
-    if dist.dtype in (torch.float16, torch.bfloat16):
-        dist = dist.float()  # exact: every half value is representable in float32
-    elif not dist.dtype.is_floating_point:
-        dist = dist.double()  # integer distances: exact below 2**53
-    return dist.contiguous()
+    return float_distances(block)
 
 
 def clip_max_rank(max_rank: int, num_gallery: int) -> int:
@@ -225,303 +195,41 @@ def check_chunk_size(chunk_size: int | None, num_gallery: int, device: torch.dev
     return int(chunk_size)
 
 
-# ------------------------------------------------------------------------------------------ sort-free core
+def optional_camids(
+    q_camids: Any, g_camids: Any, num_query: int, num_gallery: int, device: torch.device
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Camera ids of both sides as int64 on ``device`` (ReID protocol), or ``(None, None)`` (cross-modal protocol).
 
-
-class GalleryRanker:
-    """Sort-free per-query ranking statistics against one gallery; the core of :func:`evaluate_rank`.
-
-    Holds the gallery ids grouped by pid, so the positives and junk items of a query are found without a dense
-    ``num_query x num_gallery`` comparison. Call it on blocks of query rows (also on distance blocks computed on
-    the fly, see :func:`reid_lab.metrics.evaluate_features`).
-
-    Algorithm, per query: sort its positives by ``(distance, gallery index)``; give every gallery item ``x`` the
-    bucket ``b(x)`` = number of positives ranked before it. The items ranked before positive ``j`` (0-based in
-    that order) are exactly the other items with ``b <= j``, so its 0-based kept-rank is
-    ``#{x : b(x) <= j} - 1 - #{junk x : b(x) <= j}``. Only the histogram of ``b`` is needed. It is built from a
-    monotone quantisation of each row into ``num_cells`` cells spanning the positives' distances: a cell without a
-    positive maps to one bucket exactly (monotone map: cells order like distances), and only the few items that
-    share a cell with a positive are compared with those positives one by one, with the tie rule (equal distance:
-    smaller gallery index first). Blocks whose positives include an infinite distance take an exact dense
-    ``torch.searchsorted`` path instead.
-
-    Args:
-        g_pids: ``(num_gallery,)`` int64 gallery pids.
-        g_camids: ``(num_gallery,)`` int64 gallery camera ids, same device.
-        num_cells: quantisation cells per row; ``None`` picks ``clamp(num_gallery // 8, 64, 4096)`` (fewer cells:
-            smaller tables, more items to compare exactly; results never depend on it).
-
-    Example:
-        >>> ranker = GalleryRanker(torch.tensor([1, 2, 3, 1, 1]), torch.tensor([1, 1, 1, 1, 0]))
-        >>> s = ranker(torch.tensor([[0.1, 0.5, 0.2, 0.4, 0.3]]), torch.tensor([1]), torch.tensor([0]))
-        >>> s.first_match_rank.tolist(), s.ap.round(4).tolist(), s.inp.round(4).tolist()
-        ([0], [0.8333], [0.6667])
+    Raises:
+        ValueError: if only one side has camera ids (ambiguous: junk removal needs both).
     """
-
-    def __init__(self, g_pids: torch.Tensor, g_camids: torch.Tensor, num_cells: int | None = None) -> None:
-        self.num_gallery = int(g_pids.shape[0])
-        self.g_camids = g_camids
-        self.num_cells = num_cells or min(max(self.num_gallery // 8, 64), 4096)
-        self._buffers: dict[str, torch.Tensor] = {}
-        order = torch.argsort(g_pids, stable=True)  # within a pid, gallery indices stay ascending
-        self._order = order
-        self._uniq, counts = torch.unique_consecutive(g_pids[order], return_counts=True)
-        self._counts = counts
-        self._starts = torch.cumsum(counts, 0) - counts
-
-    def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A reusable scratch tensor shaped like ``like`` (saves a page-faulting allocation per block)."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.numel() < like.numel() or buf.dtype != dtype or buf.device != like.device:
-            buf = torch.empty(like.numel(), dtype=dtype, device=like.device)
-            self._buffers[name] = buf
-        return buf[: like.numel()].view(like.shape)
-
-    def same_pid_pairs(self, q_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(row, gallery index)`` of every pair of a query row and a gallery item of its pid (positives and
-        junk alike), sorted by row then gallery index; found through the gallery grouped by pid, no dense
-        ``(rows, num_gallery)`` comparison."""
-        device = q_pids.device
-        at = torch.searchsorted(self._uniq, q_pids).clamp(max=self._uniq.numel() - 1)
-        count = torch.where(self._uniq[at] == q_pids, self._counts[at], 0)
-        rows = torch.repeat_interleave(torch.arange(q_pids.numel(), device=device), count)
-        offset = torch.arange(rows.numel(), device=device) - (torch.cumsum(count, 0) - count)[rows]
-        return rows, self._order[self._starts[at][rows] + offset]
-
-    def __call__(self, dist: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor) -> QueryStats:
-        """Per-query stats of one block of query rows.
-
-        Args:
-            dist: ``(num_query, num_gallery)`` float32/float64 distances, on the gallery ids' device.
-            q_pids: ``(num_query,)`` int64 query pids.
-            q_camids: ``(num_query,)`` int64 query camera ids.
-        """
-        if dist.dim() != 2 or dist.shape[1] != self.num_gallery:
-            raise ValueError(f"dist must have shape (num_query, {self.num_gallery}), got {tuple(dist.shape)}")
-        dist = _as_float(dist)
-        num_query, num_gallery = dist.shape
-        device = dist.device
-        rows, cols = self.same_pid_pairs(q_pids)
-        junk = q_camids[rows] == self.g_camids[cols]
-        pos_rows, pos_cols = rows[~junk], cols[~junk]
-        junk_rows, junk_cols = rows[junk], cols[junk]
-        num_pos = torch.bincount(pos_rows, minlength=num_query)
-        max_pos = int(num_pos.max()) if pos_rows.numel() else 0
-        first = np.full(num_query, -1, dtype=np.int64)
-        ap = np.full(num_query, np.nan, dtype=np.float64)
-        inp = np.full(num_query, np.nan, dtype=np.float64)
-        if max_pos == 0:
-            _check_no_nan(dist)
-            return QueryStats(num_pos.cpu().numpy(), first, ap, inp)
-
-        # Positives sorted by (row, distance, col): stable sort by distance, then stable sort by row.
-        pos_d = dist[pos_rows, pos_cols]
-        order = torch.argsort(pos_d, stable=True)
-        order = order[torch.argsort(pos_rows[order], stable=True)]
-        pos_rows, pos_cols, pos_d = pos_rows[order], pos_cols[order], pos_d[order]
-        slot = torch.arange(pos_rows.numel(), device=device) - (torch.cumsum(num_pos, 0) - num_pos)[pos_rows]
-        # Padding sorts after every real positive: +inf distance and gallery index num_gallery.
-        sorted_d = torch.full((num_query, max_pos), float("inf"), dtype=dist.dtype, device=device)
-        sorted_d[pos_rows, slot] = pos_d
-        sorted_col = torch.full((num_query, max_pos), num_gallery, dtype=torch.int64, device=device)
-        sorted_col[pos_rows, slot] = pos_cols
-
-        if bool(torch.isfinite(pos_d).all()):
-            counts, junk_bucket = self._cell_histogram(dist, sorted_d, sorted_col, num_pos, junk_rows, junk_cols)
-        else:
-            counts, junk_bucket = _searchsorted_histogram(dist, sorted_d, sorted_col, junk_rows, junk_cols)
-
-        width = max_pos + 1
-        junk_counts = torch.bincount(junk_rows * width + junk_bucket, minlength=num_query * width)
-        before = counts.cumsum(1) - junk_counts.view(num_query, width).cumsum(1)
-        kept_rank = (before[:, :max_pos] - 1).to(torch.float64)  # (num_query, max_pos), 0-based
-
-        j = torch.arange(1, max_pos + 1, device=device, dtype=torch.float64)
-        is_pos = j[None, :] <= num_pos[:, None]
-        precision = torch.where(is_pos, j[None, :] / (kept_rank + 1.0), torch.zeros((), dtype=torch.float64))
-        num_pos_f = num_pos.to(torch.float64)
-        ap_t = precision.sum(1) / num_pos_f
-        last = kept_rank.gather(1, (num_pos - 1).clamp(min=0)[:, None])[:, 0]
-        inp_t = num_pos_f / (last + 1.0)
-
-        valid = (num_pos > 0).cpu().numpy()
-        first[valid] = kept_rank[:, 0].cpu().numpy().astype(np.int64)[valid]
-        ap[valid] = ap_t.cpu().numpy()[valid]
-        inp[valid] = inp_t.cpu().numpy()[valid]
-        return QueryStats(num_pos.cpu().numpy(), first, ap, inp)
-
-    def _cell_histogram(
-        self,
-        dist: torch.Tensor,
-        sorted_d: torch.Tensor,
-        sorted_col: torch.Tensor,
-        num_pos: torch.Tensor,
-        junk_rows: torch.Tensor,
-        junk_cols: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bucket histogram ``(num_query, max_pos + 1)`` and the buckets of the junk items (finite positives)."""
-        num_query, num_gallery = dist.shape
-        max_pos = sorted_d.shape[1]
-        device = dist.device
-        cells = self.num_cells
-        width = cells + 2  # cell 0: below the first positive's cell range, cell cells + 1: above
-        has_pos = num_pos > 0
-        lo = torch.where(has_pos, sorted_d[:, 0], 0)
-        hi = torch.where(has_pos, sorted_d.gather(1, (num_pos - 1).clamp(min=0)[:, None])[:, 0], 0)
-        span = (hi.double() - lo.double())
-        finfo = torch.finfo(dist.dtype)
-        # Any positive finite scale gives a monotone map; this one spreads [lo, hi] over cells 1 .. cells, so
-        # cells 0 and cells + 1 (below / above all positives) hold no positive.
-        scale = torch.where(span > 0, (cells - 1) / span, 1.0).clamp(finfo.tiny, finfo.max).to(dist.dtype)
-        # key = trunc(clamp((d - lo) * scale + 1, 0, cells + 1)): every step is a correctly rounded, monotone
-        # non-decreasing function of d, so d1 <= d2 implies key1 <= key2 exactly (no fused multiply-add).
-        key_f = torch.sub(dist, lo[:, None], out=self._buffer("key_f", dist, dist.dtype))
-        key_f.mul_(scale[:, None]).add_(1.0).clamp_(0.0, cells + 1.0)
-        if bool(torch.isnan(key_f.max())):
-            raise ValueError("distmat contains NaN; distances must be comparable numbers")
-        key_dtype = torch.int32 if num_query * width < 2**31 else torch.int64
-        key = self._buffer("key", dist, key_dtype).copy_(key_f)
-        key.add_((torch.arange(num_query, device=device, dtype=key_dtype) * width)[:, None])
-        flat_key = key.view(-1)
-
-        cell_items = torch.bincount(flat_key, minlength=num_query * width)
-        real = sorted_col < num_gallery
-        row_base = torch.arange(num_query, device=device)[:, None] * num_gallery
-        cell_pos = torch.bincount(flat_key[(row_base + sorted_col)[real]].long(), minlength=num_query * width)
-        cell_lo = (cell_pos.view(num_query, width).cumsum(1) - cell_pos.view(num_query, width)).view(-1)
-
-        # Cells without a positive: all their items share the bucket "positives in earlier cells".
-        counts = torch.zeros((num_query, max_pos + 1), dtype=torch.int64, device=device)
-        clear = torch.where(cell_pos == 0, cell_items, 0).view(num_query, width)
-        counts.scatter_add_(1, cell_lo.view(num_query, width), clear)
-        counts = counts.view(-1)
-
-        # Items sharing a cell with a positive (the positives included): exact comparison.
-        shared = _flatnonzero(torch.index_select(cell_pos > 0, 0, flat_key))
-        shared_keys = flat_key.index_select(0, shared).long()
-        junk_flat = junk_rows * num_gallery + junk_cols
-        junk_keys = flat_key.index_select(0, junk_flat).long()
-        del key, flat_key
-        tables = (dist.view(-1), sorted_d.view(-1), sorted_col.view(-1), cell_lo, cell_pos, max_pos)
-        shared_rows = shared // num_gallery
-        bucket = _exact_bucket(tables, shared_rows, shared - shared_rows * num_gallery, shared, shared_keys)
-        counts.index_add_(0, shared_rows * (max_pos + 1) + bucket, torch.ones_like(bucket))
-        junk_bucket = _exact_bucket(tables, junk_rows, junk_cols, junk_flat, junk_keys)
-        return counts.view(num_query, max_pos + 1), junk_bucket
-
-
-def _exact_bucket(
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    flat: torch.Tensor,
-    keys: torch.Tensor,
-) -> torch.Tensor:
-    """Number of positives ranked before each item (``rows``, ``cols``; ``flat`` = row * num_gallery + col).
-
-    ``keys`` are the items' flat cell indices. Positives in earlier cells all rank before; the ``cell_pos[key]``
-    positives of the item's own cell (contiguous in sorted order from ``cell_lo[key]``) are compared one by one:
-    a positive ranks first if its distance is smaller, or equal with a smaller gallery index.
-    ``tables`` = (flat distances, flat sorted positive distances, flat sorted positive cols, cell_lo, cell_pos,
-    max_pos); 1-d ``index_select`` everywhere because 2-d advanced indexing is several times slower on CPU.
-    """
-    dist_flat, sorted_d, sorted_col, cell_lo, cell_pos, max_pos = tables
-    base = cell_lo.index_select(0, keys)
-    remaining = cell_pos.index_select(0, keys)  # positives of the item's cell not yet compared
-    value = dist_flat.index_select(0, flat)
-    at = rows * max_pos + base
-    bucket = base
-    # The positives of a cell that rank before the item form a prefix of the cell (sorted by distance, then
-    # col), so an item leaves the loop at its first "not before" or when its cell is exhausted.
-    _count_cell_prefix(sorted_d, sorted_col, at, remaining, value, cols, _flatnonzero(remaining > 0), bucket)
-    return bucket
-
-
-def _count_cell_prefix(
-    sorted_d: torch.Tensor,
-    sorted_col: torch.Tensor,
-    at: torch.Tensor,
-    remaining: torch.Tensor,
-    value: torch.Tensor,
-    col: torch.Tensor,
-    active: torch.Tensor,
-    count: torch.Tensor,
-) -> None:
-    """Add to ``count[i]`` how many sorted entries of item ``i``'s cell rank before it, in place.
-
-    Item ``i`` (distance ``value[i]``, gallery index ``col[i]``) starts at sorted position ``at[i]`` with
-    ``remaining[i]`` entries of its cell left; entries are sorted by (distance, gallery index), so those before
-    the item form a prefix and an item leaves the loop at its first "not before" or when its cell is exhausted.
-    ``at`` and ``remaining`` are advanced in place; only the items listed in ``active`` are walked.
-    """
-    while active.numel():
-        at_a = at.index_select(0, active)
-        pd, pc = sorted_d.index_select(0, at_a), sorted_col.index_select(0, at_a)
-        v = value.index_select(0, active)
-        before = (pd < v) | ((pd == v) & (pc < col.index_select(0, active)))
-        active = active[before]
-        count.index_add_(0, active, torch.ones_like(active))
-        at.index_add_(0, active, torch.ones_like(active))
-        remaining.index_add_(0, active, torch.full_like(active, -1))
-        active = active[remaining.index_select(0, active) > 0]
-
-
-def _flatnonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Indices of the True entries of a 1-d bool tensor (numpy's is ~3x faster than torch's on CPU)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return mask.nonzero()[:, 0]
-
-
-def _searchsorted_histogram(
-    dist: torch.Tensor,
-    sorted_d: torch.Tensor,
-    sorted_col: torch.Tensor,
-    junk_rows: torch.Tensor,
-    junk_cols: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact dense fallback of the cell histogram for blocks whose positives include inf distances."""
-    _check_no_nan(dist)
-    num_query = dist.shape[0]
-    max_pos = sorted_d.shape[1]
-    bucket = torch.searchsorted(sorted_d, dist)  # positives with a strictly smaller distance
-    # Ties with positives: the tied positives are contiguous and sorted by col; count those with a smaller col.
-    tie_rows, tie_cols = (sorted_d.gather(1, bucket.clamp(max=max_pos - 1)) == dist).nonzero(as_tuple=True)
-    tie_bucket = bucket[tie_rows, tie_cols]
-    extra = torch.zeros_like(tie_bucket)
-    active = torch.ones_like(tie_bucket, dtype=torch.bool)
-    value = dist[tie_rows, tie_cols]
-    for step in range(max_pos):
-        at = (tie_bucket + step).clamp(max=max_pos - 1)
-        active &= (tie_bucket + step < max_pos) & (sorted_d[tie_rows, at] == value)
-        active &= sorted_col[tie_rows, at] < tie_cols
-        if not bool(active.any()):
-            break
-        extra += active
-    bucket[tie_rows, tie_cols] = tie_bucket + extra
-    junk_bucket = bucket[junk_rows, junk_cols]
-    width = max_pos + 1
-    flat = bucket + (torch.arange(num_query, device=dist.device) * width)[:, None]
-    counts = torch.bincount(flat.view(-1), minlength=num_query * width).view(num_query, width)
-    return counts, junk_bucket
-
-
-def _check_no_nan(dist: torch.Tensor) -> None:
-    if bool(torch.isnan(dist).any()):
-        raise ValueError("distmat contains NaN; distances must be comparable numbers")
+    if q_camids is None and g_camids is None:
+        return None, None
+    if q_camids is None or g_camids is None:
+        missing = "q_camids" if q_camids is None else "g_camids"
+        raise ValueError(
+            f"{missing} is None but the other side has camera ids; pass both (ReID protocol: same-pid same-camera "
+            "gallery items are dropped) or neither (cross-modal protocol: nothing is dropped)"
+        )
+    return ids_tensor(q_camids, "q_camids", num_query, device), ids_tensor(g_camids, "g_camids", num_gallery, device)
 
 
 def evaluate_rank(
     distmat: np.ndarray | torch.Tensor,
     q_pids: Any,
     g_pids: Any,
-    q_camids: Any,
-    g_camids: Any,
+    q_camids: Any = None,
+    g_camids: Any = None,
     max_rank: int = 50,
     *,
     chunk_size: int | None = None,
 ) -> RankResult:
-    """CMC, mAP and mINP of a query x gallery distance matrix (Market-1501 protocol, see the module docstring).
+    """CMC, mAP and mINP of a query x gallery distance matrix (protocol: see the module docstring).
+
+    With camera ids: the ReID (Market-1501) protocol, same-pid same-camera gallery items are dropped per query.
+    Without (``q_camids = g_camids = None``): the cross-modal protocol (text-to-image search), nothing is dropped.
+    A query is then never removed from its gallery, so for image-to-image search with the queries inside the
+    gallery pass camera ids, or remove each query from the gallery, else every query finds itself at rank 1.
 
     Sort-free and chunked over queries: extra memory is O(chunk_size * num_gallery). Works on numpy arrays
     (also read-only / memory-mapped; never written) and torch tensors on any device (computed there).
@@ -531,8 +239,8 @@ def evaluate_rank(
         distmat: ``(num_query, num_gallery)`` distances, smaller = more similar. float16/32/64 or integer.
         q_pids: ``(num_query,)`` integer query pids.
         g_pids: ``(num_gallery,)`` integer gallery pids.
-        q_camids: ``(num_query,)`` integer query camera ids.
-        g_camids: ``(num_gallery,)`` integer gallery camera ids.
+        q_camids: ``(num_query,)`` integer query camera ids, or ``None`` (cross-modal protocol).
+        g_camids: ``(num_gallery,)`` integer gallery camera ids, or ``None``; ``None`` exactly when ``q_camids`` is.
         max_rank: length of the CMC curve; clipped to ``num_gallery``.
         chunk_size: query rows per block; ``None`` picks ~2M (CPU) / ~16M (GPU) distances per block.
 
@@ -540,7 +248,8 @@ def evaluate_rank(
         :class:`RankResult` (fractions, not percent).
 
     Raises:
-        ValueError: on shape mismatches, NaN distances, bad ``max_rank``/``chunk_size``, or no valid query.
+        ValueError: on shape mismatches, NaN distances, bad ``max_rank``/``chunk_size``, camera ids on one side
+            only, or no valid query.
         TypeError: on non-numeric distances or non-integer ids.
 
     Example:
@@ -548,20 +257,22 @@ def evaluate_rank(
         >>> r = evaluate_rank(d, [1], [1, 2, 3, 1, 1], [0], [1, 1, 1, 1, 0], max_rank=5)
         >>> r.cmc.tolist(), round(r.mAP, 4), round(r.mINP, 4)
         ([1.0, 1.0, 1.0, 1.0, 1.0], 0.8333, 0.6667)
+        >>> round(evaluate_rank(d, [1], [1, 2, 3, 1, 1]).mAP, 4)  # no camids: g4 is a positive, not junk
+        0.8056
     """
     num_query, num_gallery = _check_distmat(distmat)
     max_rank = clip_max_rank(max_rank, num_gallery)
     device = distmat.device if isinstance(distmat, torch.Tensor) else torch.device("cpu")
     chunk = check_chunk_size(chunk_size, num_gallery, device)
     qp = ids_tensor(q_pids, "q_pids", num_query, device)
-    qc = ids_tensor(q_camids, "q_camids", num_query, device)
     gp = ids_tensor(g_pids, "g_pids", num_gallery, device)
-    gc = ids_tensor(g_camids, "g_camids", num_gallery, device)
+    qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
     ranker = GalleryRanker(gp, gc)
     parts = []
     for start in range(0, num_query, chunk):
         stop = min(start + chunk, num_query)
-        parts.append(ranker(_distance_block(distmat, start, stop), qp[start:stop], qc[start:stop]))
+        block_camids = None if qc is None else qc[start:stop]
+        parts.append(ranker(_distance_block(distmat, start, stop), qp[start:stop], block_camids))
     return RankResult.from_query_stats(QueryStats.concat(parts), max_rank)
 
 
@@ -572,8 +283,8 @@ def evaluate_rank_reference(
     distmat: np.ndarray | torch.Tensor,
     q_pids: Any,
     g_pids: Any,
-    q_camids: Any,
-    g_camids: Any,
+    q_camids: Any = None,
+    g_camids: Any = None,
     max_rank: int = 50,
 ) -> RankResult:
     """Same contract as :func:`evaluate_rank`, computed the obvious way: a stable argsort of each row.
@@ -587,10 +298,10 @@ def evaluate_rank_reference(
     """
     num_query, num_gallery = _check_distmat(distmat)
     max_rank = clip_max_rank(max_rank, num_gallery)
-    qp = ids_tensor(q_pids, "q_pids", num_query, torch.device("cpu")).numpy()
-    qc = ids_tensor(q_camids, "q_camids", num_query, torch.device("cpu")).numpy()
-    gp = ids_tensor(g_pids, "g_pids", num_gallery, torch.device("cpu")).numpy()
-    gc = ids_tensor(g_camids, "g_camids", num_gallery, torch.device("cpu")).numpy()
+    cpu = torch.device("cpu")
+    qp = ids_tensor(q_pids, "q_pids", num_query, cpu).numpy()
+    gp = ids_tensor(g_pids, "g_pids", num_gallery, cpu).numpy()
+    qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, cpu)
     num_pos = np.zeros(num_query, dtype=np.int64)
     first = np.full(num_query, -1, dtype=np.int64)
     ap = np.full(num_query, np.nan)
@@ -600,7 +311,10 @@ def evaluate_rank_reference(
         if np.isnan(row).any():
             raise ValueError("distmat contains NaN; distances must be comparable numbers")
         order = np.argsort(row, kind="stable")
-        keep = ~((gp[order] == qp[i]) & (gc[order] == qc[i]))
+        if qc is None:
+            keep = np.ones(num_gallery, dtype=bool)
+        else:
+            keep = ~((gp[order] == qp[i]) & (gc.numpy()[order] == int(qc[i])))
         matches = gp[order][keep] == qp[i]
         hit_ranks = np.flatnonzero(matches)  # 0-based kept-ranks of the positives
         if hit_ranks.size == 0:

@@ -1,8 +1,17 @@
-"""``ReIDMetric``: a torchmetrics ``Metric`` that collects query and gallery features and reports CMC / mAP / mINP."""
+"""Torchmetrics wrappers that collect query and gallery embeddings and report CMC / mAP / mINP.
+
+* :class:`RetrievalMetric` takes the protocol as an argument: ``"reid"`` (Market-1501: camera ids, same-pid
+  same-camera gallery items dropped) or ``"cross_modal"`` (no camera ids, nothing dropped: text-to-image search,
+  query and gallery embeddings from different encoders of one space).
+* :class:`ReIDMetric` is the ReID protocol (``RetrievalMetric`` with ``protocol="reid"``).
+
+Both evaluate through :func:`~reid_lab.metrics.distance.evaluate_features`, the one evaluation path.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
+from typing import Any, Literal
 
 import torch
 from torchmetrics import Metric
@@ -11,22 +20,45 @@ from torchmetrics.utilities import dim_zero_cat
 from reid_lab.metrics.distance import DistanceMetric, evaluate_features
 from reid_lab.metrics.rank import RankResult
 
-__all__ = ["ReIDMetric"]
+__all__ = ["PROTOCOLS", "ReIDMetric", "RetrievalMetric"]
+
+Protocol = Literal["reid", "cross_modal"]
+PROTOCOLS: tuple[str, ...] = ("reid", "cross_modal")
 
 
-class ReIDMetric(Metric):
-    """Person re-identification retrieval metric over a query set and a gallery set.
+def _signature(*names: str) -> inspect.Signature:
+    return inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in names])
 
-    ``update`` stores features with their pids, camera ids and a query/gallery flag (list states concatenated
-    across processes under DDP); ``compute`` evaluates every query against every gallery item with
-    :func:`~reid_lab.metrics.distance.evaluate_features` (Market-1501 protocol: same-pid same-camera gallery items
-    are dropped per query, queries without a positive are skipped; ties: smaller gallery index first, where the
-    gallery order is the order of ``update`` calls).
+
+# What ``update`` takes under each protocol: the cross-modal protocol has no camera ids.
+_UPDATE_SIGNATURES = {
+    "reid": _signature("features", "pids", "camids", "is_query"),
+    "cross_modal": _signature("features", "pids", "is_query"),
+}
+
+
+class RetrievalMetric(Metric):
+    """Retrieval metric over a query set and a gallery set, under the ReID or the cross-modal protocol.
+
+    ``update`` stores embeddings with their pids, a query/gallery flag and, under the ReID protocol, camera ids
+    (list states, concatenated across processes under DDP); ``compute`` evaluates every query against every
+    gallery item with :func:`~reid_lab.metrics.distance.evaluate_features` (queries without a positive are
+    skipped; ties: smaller gallery index first, where the gallery order is the order of ``update`` calls).
+
+    Protocols (``shared/reference/reid-toolboxes.md`` §3):
+
+    * ``"reid"``: ``update(features, pids, camids, is_query)``; same-pid same-camera gallery items are dropped
+      per query (Market-1501).
+    * ``"cross_modal"``: ``update(features, pids, is_query)``; nothing is dropped (IRRA's text-to-image
+      protocol). Query and gallery embeddings may come from different modalities (e.g. caption queries, image
+      gallery) but must share one embedding space and dimension. A query is never removed from the gallery,
+      so do not flag the same item as both a query and a gallery item.
 
     Args:
+        protocol: ``"reid"`` or ``"cross_modal"``.
         metric: ``"cosine"`` (``1 - cos``) or ``"euclidean"`` (squared euclidean).
         max_rank: length of the CMC curve kept in :attr:`last_result`.
-        normalize: L2-normalise features before the distance; ``None``: True for cosine, False for euclidean.
+        normalize: L2-normalise embeddings before the distance; ``None``: True for cosine, False for euclidean.
         chunk_size: query rows per evaluation block; ``None`` picks one from the gallery size and device.
         kwargs: passed to :class:`torchmetrics.Metric`.
 
@@ -35,12 +67,13 @@ class ReIDMetric(Metric):
             first-match ranks, full CMC), or ``None`` before the first one.
 
     Example:
-        >>> m = ReIDMetric()
-        >>> m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 2]), torch.tensor([0, 0]), True)
-        >>> m.update(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.2, 1.0]]), torch.tensor([1, 2, 2]),
-        ...          torch.tensor([1, 1, 1]), False)
+        >>> m = RetrievalMetric(protocol="cross_modal")
+        >>> text = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # caption embeddings: the queries
+        >>> m.update(text, torch.tensor([1, 2]), True)
+        >>> images = torch.tensor([[0.1, 0.9], [0.9, 0.1], [0.2, 1.0]])  # image embeddings: the gallery
+        >>> m.update(images, torch.tensor([1, 1, 2]), False)
         >>> {k: round(float(v), 2) for k, v in m.compute().items()}
-        {'R1': 100.0, 'R5': 100.0, 'R10': 100.0, 'mAP': 100.0, 'mINP': 100.0}
+        {'R1': 50.0, 'R5': 100.0, 'R10': 100.0, 'mAP': 66.67, 'mINP': 58.33}
     """
 
     is_differentiable = False
@@ -54,6 +87,7 @@ class ReIDMetric(Metric):
 
     def __init__(
         self,
+        protocol: Protocol = "reid",
         metric: DistanceMetric = "cosine",
         max_rank: int = 50,
         normalize: bool | None = None,
@@ -61,10 +95,13 @@ class ReIDMetric(Metric):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         if metric not in ("cosine", "euclidean"):
             raise ValueError(f"metric must be 'cosine' or 'euclidean', got {metric!r}")
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
+        self.protocol = protocol
         self.metric = metric
         self.max_rank = max_rank
         self.normalize = normalize
@@ -72,25 +109,30 @@ class ReIDMetric(Metric):
         self.last_result: RankResult | None = None
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("pids", default=[], dist_reduce_fx="cat")
-        self.add_state("camids", default=[], dist_reduce_fx="cat")
+        if protocol == "reid":
+            self.add_state("camids", default=[], dist_reduce_fx="cat")
         self.add_state("is_query", default=[], dist_reduce_fx="cat")
 
-    def update(
-        self,
-        features: torch.Tensor,
-        pids: torch.Tensor,
-        camids: torch.Tensor,
-        is_query: torch.Tensor | bool,
-    ) -> None:
-        """Store a batch.
+    def update(self, features: torch.Tensor, pids: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Store a batch: ``update(features, pids, camids, is_query)`` (reid) or ``update(features, pids,
+        is_query)`` (cross_modal); positional or keyword.
 
         Args:
-            features: ``(batch, dim)`` embeddings.
+            features: ``(batch, dim)`` embeddings (any modality, one shared space).
             pids: ``(batch,)`` integer identities.
-            camids: ``(batch,)`` integer camera ids.
+            camids: reid protocol only, ``(batch,)`` integer camera ids.
             is_query: ``(batch,)`` bool, True for query items, False for gallery items; a Python bool applies
                 to the whole batch.
+
+        Raises:
+            TypeError: on arguments that do not fit the protocol (e.g. camids under ``cross_modal``).
         """
+        signature = _UPDATE_SIGNATURES[self.protocol]
+        try:
+            bound = signature.bind(features, pids, *args, **kwargs).arguments
+        except TypeError as err:
+            raise TypeError(f"{type(self).__name__}(protocol={self.protocol!r}).update{signature}: {err}") from None
+        features, is_query = bound["features"], bound["is_query"]
         if not isinstance(features, torch.Tensor) or features.dim() != 2:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"features must be a 2-d tensor (batch, dim), got {shape}")
@@ -99,8 +141,8 @@ class ReIDMetric(Metric):
             raise ValueError(
                 f"features has dim {features.shape[1]} but earlier batches had dim {self.features[0].shape[1]}"
             )
-        pids = self._ids(pids, "pids", batch)
-        camids = self._ids(camids, "camids", batch)
+        pids = self._ids(bound["pids"], "pids", batch)
+        camids = self._ids(bound["camids"], "camids", batch) if self.protocol == "reid" else None
         if isinstance(is_query, bool):
             is_query = torch.full((batch,), is_query, dtype=torch.bool, device=features.device)
         if not isinstance(is_query, torch.Tensor) or is_query.dtype != torch.bool or is_query.shape != (batch,):
@@ -108,11 +150,12 @@ class ReIDMetric(Metric):
             raise ValueError(f"is_query must be a bool tensor of shape ({batch},) or a Python bool, got {got}")
         self.features.append(features.detach())
         self.pids.append(pids)
-        self.camids.append(camids)
+        if camids is not None:
+            self.camids.append(camids)
         self.is_query.append(is_query)
 
     @staticmethod
-    def _ids(ids: torch.Tensor, name: str, batch: int) -> torch.Tensor:
+    def _ids(ids: Any, name: str, batch: int) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor):
             ids = torch.as_tensor(ids)
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
@@ -122,31 +165,37 @@ class ReIDMetric(Metric):
         return ids.to(torch.int64)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """``{"R1", "R5", "R10", "mAP", "mINP"}`` in percent, as float tensors on the metric's device.
+        """``{"R1", "R5", "R10", "mAP", "mINP"}`` in percent (R@k = CMC@k), as float tensors on the metric's device.
 
         Raises:
             ValueError: if nothing was stored, there is no query or no gallery item, or no query has a positive.
         """
-        if not self.features:
-            raise ValueError("ReIDMetric.compute() called before any update()")
+        name = type(self).__name__
+        # after a DDP sync the list states are single concatenated tensors: test for "no update" explicitly
+        if isinstance(self.features, list) and not self.features:
+            raise ValueError(f"{name}.compute() called before any update()")
         features = dim_zero_cat(self.features)
-        pids = dim_zero_cat(self.pids)
-        camids = dim_zero_cat(self.camids)
-        is_query = dim_zero_cat(self.is_query)
+        # a DDP rank without data contributes torchmetrics' empty float placeholder, which promotes the cat
+        pids = dim_zero_cat(self.pids).long()
+        is_query = dim_zero_cat(self.is_query).bool()
         num_query = int(is_query.sum())
         if num_query == 0 or num_query == is_query.numel():
             raise ValueError(
-                f"ReIDMetric needs both query and gallery items, got {num_query} query and "
+                f"{name} needs both query and gallery items, got {num_query} query and "
                 f"{is_query.numel() - num_query} gallery items"
             )
         is_gallery = ~is_query
+        q_camids = g_camids = None
+        if self.protocol == "reid":
+            camids = dim_zero_cat(self.camids).long()
+            q_camids, g_camids = camids[is_query], camids[is_gallery]
         result = evaluate_features(
             features[is_query],
             features[is_gallery],
             pids[is_query],
             pids[is_gallery],
-            camids[is_query],
-            camids[is_gallery],
+            q_camids,
+            g_camids,
             metric=self.metric,
             max_rank=self.max_rank,
             chunk_size=self.chunk_size,
@@ -157,3 +206,36 @@ class ReIDMetric(Metric):
             key: torch.tensor(value, dtype=torch.float32, device=self.device)
             for key, value in result.summary().items()
         }
+
+
+class ReIDMetric(RetrievalMetric):
+    """The ReID (Market-1501) protocol: :class:`RetrievalMetric` with ``protocol="reid"``.
+
+    ``update(features, pids, camids, is_query)``; same-pid same-camera gallery items are dropped per query.
+
+    Args:
+        metric: ``"cosine"`` (``1 - cos``) or ``"euclidean"`` (squared euclidean).
+        max_rank: length of the CMC curve kept in :attr:`last_result`.
+        normalize: L2-normalise features before the distance; ``None``: True for cosine, False for euclidean.
+        chunk_size: query rows per evaluation block; ``None`` picks one from the gallery size and device.
+        kwargs: passed to :class:`torchmetrics.Metric`.
+
+    Example:
+        >>> m = ReIDMetric()
+        >>> m.update(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([1, 2]), torch.tensor([0, 0]), True)
+        >>> m.update(torch.tensor([[0.9, 0.1], [0.1, 0.9], [0.2, 1.0]]), torch.tensor([1, 2, 2]),
+        ...          torch.tensor([1, 1, 1]), False)
+        >>> {k: round(float(v), 2) for k, v in m.compute().items()}
+        {'R1': 100.0, 'R5': 100.0, 'R10': 100.0, 'mAP': 100.0, 'mINP': 100.0}
+    """
+
+    def __init__(
+        self,
+        metric: DistanceMetric = "cosine",
+        max_rank: int = 50,
+        normalize: bool | None = None,
+        chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__("reid", metric=metric, max_rank=max_rank, normalize=normalize, chunk_size=chunk_size,
+                         **kwargs)

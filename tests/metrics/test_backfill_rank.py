@@ -9,7 +9,8 @@ import torch
 from reid_lab.metrics.backfill import backfill_curves, num_refreshed, order_random
 from reid_lab.metrics.backfill_rank import BackfillRanker, refresh_steps
 from reid_lab.metrics.distance import compute_distance
-from reid_lab.metrics.rank import QueryStats, RankResult, evaluate_rank_reference
+from reid_lab.metrics.rank import RankResult, evaluate_rank_reference
+from reid_lab.metrics.ranking_engine import QueryStats
 
 RATIOS = tuple(k / 10 for k in range(11))
 
@@ -67,6 +68,22 @@ def test_every_step_of_every_ordering_matches_the_mixed_matrix_with_ties(seed, d
     for o, per_step in enumerate(stats):
         for k, step_stats in enumerate(per_step):
             _assert_stats_equal(step_stats, _reference(d_old, d_new, steps[o], k, labels))
+
+
+def test_without_camids_every_step_matches_the_mixed_matrix():
+    # Cross-modal protocol: no junk, so the same-camera same-pid items of _labels count as positives.
+    rng = np.random.default_rng(5)
+    num_query, num_gallery = 12, 37
+    q_pids, g_pids, _, _ = _labels(rng, num_query, num_gallery)
+    d_old = rng.integers(0, 6, size=(num_query, num_gallery))
+    d_new = rng.integers(0, 6, size=(num_query, num_gallery))
+    counts = [num_refreshed(r, num_gallery) for r in RATIOS]
+    steps = torch.stack([refresh_steps(order, counts) for order in _orders(num_gallery, rng)])
+    ranker = BackfillRanker(torch.from_numpy(g_pids), None, steps, len(counts))
+    stats = ranker(torch.from_numpy(d_old), torch.from_numpy(d_new), torch.from_numpy(q_pids))
+    for o, per_step in enumerate(stats):
+        for k, step_stats in enumerate(per_step):
+            _assert_stats_equal(step_stats, _reference(d_old, d_new, steps[o], k, (q_pids, g_pids, None, None)))
 
 
 def test_float_distances_with_ties_across_versions_and_few_cells():

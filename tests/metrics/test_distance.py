@@ -121,6 +121,24 @@ def test_evaluate_features_equals_evaluate_rank_on_exact_integer_distances(chunk
     np.testing.assert_allclose(result.all_INP, full.all_INP, rtol=0, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, None])
+def test_evaluate_features_without_camids_equals_the_reference_on_the_full_matrix(chunk_size):
+    # Cross-modal protocol: exact integer distances with ties; nothing is dropped, so a query can match an
+    # identical gallery item (distance 0) at rank 1, as text-to-image search counts it.
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randint(-2, 3, (15, 4), generator=generator).float()
+    gallery = torch.cat([query[:5], torch.randint(-2, 3, (45, 4), generator=generator).float()])
+    q_pids, g_pids, _, _ = id_case(4)
+    g_pids[:5] = q_pids[:5]
+    full = evaluate_rank_reference(compute_distance(query, gallery, metric="euclidean"), q_pids, g_pids, None, None)
+    result = evaluate_features(query, gallery, q_pids, g_pids, metric="euclidean", chunk_size=chunk_size)
+    assert (result.first_match_rank[:5] == 0).all()
+    np.testing.assert_array_equal(result.first_match_rank, full.first_match_rank)
+    np.testing.assert_array_equal(result.cmc, full.cmc)
+    np.testing.assert_allclose(result.all_AP, full.all_AP, rtol=0, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(result.all_INP, full.all_INP, rtol=0, atol=1e-12, equal_nan=True)
+
+
 def test_evaluate_features_cosine_matches_full_matrix():
     generator = torch.Generator().manual_seed(3)
     query = torch.randn(20, 8, generator=generator, dtype=torch.float64)

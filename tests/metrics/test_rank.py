@@ -6,19 +6,24 @@ import numpy as np
 import pytest
 import torch
 
-from reid_lab.metrics.rank import GalleryRanker, RankResult, evaluate_rank, evaluate_rank_reference
+from reid_lab.metrics.rank import RankResult, evaluate_rank, evaluate_rank_reference
+from reid_lab.metrics.ranking_engine import GalleryRanker
 
 
 def naive_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     """Straight from the protocol: per query, rank by (distance, gallery index), drop same-pid same-camera
-    items, skip queries without a positive, then CMC / AP over all positives / INP = |G| / rank of the last."""
+    items (nothing when the camids are None: cross-modal protocol), skip queries without a positive, then
+    CMC / AP over all positives / INP = |G| / rank of the last."""
     d = np.asarray(distmat, dtype=np.float64)
     num_query, num_gallery = d.shape
     max_rank = min(max_rank, num_gallery)
     first, aps, inps, cmcs = [], [], [], []
     for i in range(num_query):
         order = sorted(range(num_gallery), key=lambda j: (d[i, j], j))
-        kept = [j for j in order if not (g_pids[j] == q_pids[i] and g_camids[j] == q_camids[i])]
+        if q_camids is None:
+            kept = order
+        else:
+            kept = [j for j in order if not (g_pids[j] == q_pids[i] and g_camids[j] == q_camids[i])]
         relevant = [bool(g_pids[j] == q_pids[i]) for j in kept]
         if not any(relevant):
             first.append(-1)
@@ -108,6 +113,29 @@ def test_gallery_ranker_any_cell_count_is_exact(num_cells):
     np.testing.assert_allclose(stats.inp, expected["inp"], rtol=0, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("kind", ["ties", "continuous", "inf"])
+@pytest.mark.parametrize("chunk_size", [1, 5, None])
+def test_without_camids_nothing_is_dropped_and_both_paths_match_naive(kind, chunk_size):
+    distmat, q_pids, g_pids, _, _ = random_case(4, kind=kind)
+    expected = naive_evaluate(distmat, q_pids, g_pids, None, None, max_rank=10)
+    assert expected["first"][0] >= 0  # the junk-only query of the ReID protocol is valid here
+    assert_matches(evaluate_rank(distmat, q_pids, g_pids, max_rank=10, chunk_size=chunk_size), expected)
+    assert_matches(evaluate_rank_reference(distmat, q_pids, g_pids, None, None, max_rank=10), expected)
+
+
+@pytest.mark.parametrize("num_cells", [1, 3, None])
+def test_gallery_ranker_without_camids_matches_naive(num_cells):
+    distmat, q_pids, g_pids, _, _ = random_case(5, num_query=10, num_gallery=60, kind="ties")
+    ranker = GalleryRanker(torch.from_numpy(g_pids), None, num_cells=num_cells)
+    stats = ranker(torch.from_numpy(distmat), torch.from_numpy(q_pids))
+    expected = naive_evaluate(distmat, q_pids, g_pids, None, None, max_rank=5)
+    np.testing.assert_array_equal(stats.first_match_rank, expected["first"])
+    np.testing.assert_allclose(stats.ap, expected["ap"], rtol=0, atol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(stats.inp, expected["inp"], rtol=0, atol=1e-12, equal_nan=True)
+    with pytest.raises(ValueError, match="both be given"):
+        ranker(torch.from_numpy(distmat), torch.from_numpy(q_pids), torch.zeros(len(q_pids), dtype=torch.long))
+
+
 def test_fast_path_equals_reference_path_on_larger_tied_input():
     rng = np.random.default_rng(5)
     num_query, num_gallery = 60, 900
@@ -155,6 +183,35 @@ def test_hand_computed_first_miss_and_minp():
     assert result.all_INP[0] == pytest.approx(0.5)
     assert result.first_match_rank.tolist() == [1]
     np.testing.assert_array_equal(result.cmc, [0.0, 1.0, 1.0, 1.0])
+
+
+def test_hand_computed_cross_modal_two_queries_four_gallery_items():
+    # No camids: nothing is dropped. Gallery pids [1, 2, 3, 1].
+    # q0 (pid 1) ranks g0 (pos, 0.1), g2 (0.2), g3 (pos, 0.3), g1 (0.4): positives at ranks 1 and 3,
+    #   AP = (1/1 + 2/3) / 2 = 5/6, INP = 2/3, first match at rank 1.
+    # q1 (pid 2) ranks g0 (0.1), g3 (0.2), g2 (0.4), g1 (pos, 0.5): its only positive at rank 4,
+    #   AP = 1/4, INP = 1/4, first match at rank 4.
+    distmat = np.array([[0.1, 0.4, 0.2, 0.3], [0.1, 0.5, 0.4, 0.2]])
+    for evaluate in (evaluate_rank, evaluate_rank_reference):
+        result = evaluate(distmat, [1, 2], [1, 2, 3, 1], None, None, max_rank=4)
+        np.testing.assert_allclose(result.all_AP, [5 / 6, 1 / 4], rtol=0, atol=1e-15)
+        np.testing.assert_allclose(result.all_INP, [2 / 3, 1 / 4], rtol=0, atol=1e-15)
+        assert result.first_match_rank.tolist() == [0, 3]
+        assert result.cmc.tolist() == [0.5, 0.5, 0.5, 1.0]
+        assert result.mAP == pytest.approx((5 / 6 + 1 / 4) / 2) and result.mINP == pytest.approx((2 / 3 + 1 / 4) / 2)
+    # With camids, g0 (pid 1, camera 0, like q0) is junk for q0: its positive g3 moves to kept-rank 2.
+    reid = evaluate_rank(distmat, [1, 2], [1, 2, 3, 1], [0, 0], [0, 1, 1, 1], max_rank=4)
+    np.testing.assert_allclose(reid.all_AP, [1 / 2, 1 / 4], rtol=0, atol=1e-15)
+    assert reid.first_match_rank.tolist() == [1, 3]
+
+
+def test_camids_on_one_side_only_raise():
+    args = (np.zeros((1, 3)), [1], [1, 2, 1])
+    for evaluate in (evaluate_rank, evaluate_rank_reference):
+        with pytest.raises(ValueError, match="g_camids is None"):
+            evaluate(*args, [0], None)
+        with pytest.raises(ValueError, match="q_camids is None"):
+            evaluate(*args, None, [1, 1, 1])
 
 
 @pytest.mark.parametrize(
@@ -245,6 +302,15 @@ def test_cuda_matches_cpu():
     case = random_case(6, num_query=30, num_gallery=200, kind="inf")
     cpu = evaluate_rank(*case)
     gpu = evaluate_rank(torch.from_numpy(case[0]).cuda(), *case[1:])
+    np.testing.assert_array_equal(gpu.first_match_rank, cpu.first_match_rank)
+    np.testing.assert_allclose(gpu.all_AP, cpu.all_AP, rtol=0, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_without_camids_matches_cpu():
+    distmat, q_pids, g_pids, _, _ = random_case(6, num_query=30, num_gallery=200, kind="inf")
+    cpu = evaluate_rank(distmat, q_pids, g_pids)
+    gpu = evaluate_rank(torch.from_numpy(distmat).cuda(), q_pids, g_pids)
     np.testing.assert_array_equal(gpu.first_match_rank, cpu.first_match_rank)
     np.testing.assert_allclose(gpu.all_AP, cpu.all_AP, rtol=0, atol=1e-12, equal_nan=True)
 

@@ -1,4 +1,5 @@
-"""ReIDMetric: batching invariance, torchmetrics' retrieval metrics as an independent peer, state contract."""
+"""ReIDMetric / RetrievalMetric: batching invariance, torchmetrics' retrieval metrics as an independent peer, the
+cross-modal protocol against a naive loop, state contract and the DDP state sync."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from torchmetrics.retrieval import RetrievalHitRate, RetrievalMAP
 
 from reid_lab.metrics.distance import compute_distance, evaluate_features
 from reid_lab.metrics.rank import RankResult
-from reid_lab.metrics.reid_metric import ReIDMetric
+from reid_lab.metrics.reid_metric import ReIDMetric, RetrievalMetric
 
 
 def make_split(seed, num_query=12, num_gallery=40, dim=8):
@@ -103,3 +104,113 @@ def test_update_and_compute_errors():
         m.compute()
     with pytest.raises(ValueError, match="metric must be"):
         ReIDMetric(metric="l1")
+
+
+# ------------------------------------------------------------------------------------------ cross-modal protocol
+
+
+def naive_cross_modal(queries, gallery, q_pids, g_pids):
+    """Per query: rank the gallery by (1 - cos, gallery index), nothing dropped; skip queries without a positive;
+    R@k = first positive within the top k, AP over all positives, INP = |G| / rank of the last positive."""
+    r1, r5, aps, inps = [], [], [], []
+    for q, pid in zip(queries.double().tolist(), q_pids.tolist()):
+        dist = []
+        for j, g in enumerate(gallery.double().tolist()):
+            cos = sum(a * b for a, b in zip(q, g)) / (sum(a * a for a in q) ** 0.5 * sum(b * b for b in g) ** 0.5)
+            dist.append((1.0 - cos, j))
+        relevant = [int(g_pids[j]) == pid for _, j in sorted(dist)]
+        if not any(relevant):
+            continue
+        ranks = [k for k, rel in enumerate(relevant, start=1) if rel]
+        r1.append(ranks[0] <= 1)
+        r5.append(ranks[0] <= 5)
+        aps.append(sum(i / k for i, k in enumerate(ranks, start=1)) / len(ranks))
+        inps.append(len(ranks) / ranks[-1])
+    mean = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
+    return {"R1": mean(r1), "R5": mean(r5), "mAP": mean(aps), "mINP": mean(inps), "num_valid": len(aps)}
+
+
+def text_image_split(seed, num_text=14, num_images=30, dim=8):
+    """Caption embeddings (queries) and image embeddings (gallery) of one space, from two 'encoders' (different
+    offsets and noise per modality); pid 9 has captions but no image (a skipped query)."""
+    generator = torch.Generator().manual_seed(seed)
+    centers = torch.randn(10, dim, generator=generator)
+    t_pids = torch.randint(0, 6, (num_text,), generator=generator)
+    t_pids[0] = 9
+    i_pids = torch.randint(0, 6, (num_images,), generator=generator)
+    text = centers[t_pids] + 0.3 + 0.9 * torch.randn(num_text, dim, generator=generator)
+    images = centers[i_pids] + 0.7 * torch.randn(num_images, dim, generator=generator)
+    return text, t_pids, images, i_pids
+
+
+def test_cross_modal_matches_a_naive_loop_and_drops_nothing():
+    text, t_pids, images, i_pids = text_image_split(0)
+    m = RetrievalMetric(protocol="cross_modal", max_rank=10)
+    # batches of either modality, in any order; keyword and positional forms
+    m.update(images[:11], i_pids[:11], False)
+    m.update(text[:6], t_pids[:6], is_query=True)
+    m.update(features=images[11:], pids=i_pids[11:], is_query=torch.zeros(19, dtype=torch.bool))
+    m.update(text[6:], t_pids[6:], torch.ones(8, dtype=torch.bool))
+    out = m.compute()
+    expected = naive_cross_modal(text, images, t_pids, i_pids)
+    assert set(out) == {"R1", "R5", "R10", "mAP", "mINP"}
+    for key in ("R1", "R5", "mAP", "mINP"):
+        assert float(out[key]) == pytest.approx(expected[key], abs=1e-4)
+    assert m.last_result.num_valid == expected["num_valid"] == len(t_pids) - 1
+    assert 0 < expected["mAP"] < 100  # a non-trivial case
+
+
+def test_cross_modal_keeps_same_camera_matches_that_reid_drops():
+    # One query, gallery [same pid same camera, other pid, same pid other camera]: the ReID protocol drops the
+    # first item (junk), the cross-modal protocol counts it as the rank-1 match.
+    query, gallery = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.05], [0.8, 0.6], [0.5, 0.9]])
+    reid, cross = ReIDMetric(), RetrievalMetric(protocol="cross_modal")
+    reid.update(query, torch.tensor([1]), torch.tensor([0]), True)
+    reid.update(gallery, torch.tensor([1, 2, 1]), torch.tensor([0, 1, 1]), False)
+    cross.update(query, torch.tensor([1]), True)
+    cross.update(gallery, torch.tensor([1, 2, 1]), False)
+    assert float(reid.compute()["mAP"]) == pytest.approx(50.0)  # positive at kept-rank 2
+    assert float(cross.compute()["mAP"]) == pytest.approx(100 * (1 + 2 / 3) / 2)  # positives at ranks 1, 3
+
+
+def test_protocol_decides_the_update_arguments_and_states():
+    reid, cross = ReIDMetric(), RetrievalMetric(protocol="cross_modal")
+    assert isinstance(reid, RetrievalMetric) and reid.protocol == "reid"
+    assert "camids" in reid._reductions and "camids" not in cross._reductions
+    features, pids = torch.ones(2, 4), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match=r"protocol='cross_modal'.*too many positional"):
+        cross.update(features, pids, torch.tensor([0, 0]), True)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'camids'"):
+        cross.update(features, pids, camids=torch.tensor([0, 0]), is_query=True)
+    with pytest.raises(TypeError, match=r"protocol='reid'.*missing a required argument: 'is_query'"):
+        reid.update(features, pids, True)
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        RetrievalMetric(protocol="text")
+
+
+@pytest.mark.parametrize("protocol", ["reid", "cross_modal"])
+def test_states_gathered_from_two_ranks_equal_one_process(protocol):
+    # torchmetrics' DDP sync through its dist_sync_fn hook: rank 0 receives rank 1's states, in state order.
+    features, pids, camids, is_query = make_split(4)
+    extra = (camids,) if protocol == "reid" else ()
+    whole = RetrievalMetric(protocol=protocol)
+    whole.update(features, pids, *extra, is_query)
+    calls = []
+
+    def gather(tensor, group=None):
+        calls.append(tensor)
+        return [tensor, peer_states[len(calls) - 1]]
+
+    ranks = [
+        RetrievalMetric(protocol=protocol, dist_sync_fn=gather, distributed_available_fn=lambda: True),
+        RetrievalMetric(protocol=protocol),
+    ]
+    for rank, metric in enumerate(ranks):
+        part = slice(rank, None, 2)
+        metric.update(features[part], pids[part], *[t[part] for t in extra], is_query[part])
+    peer_states = [torch.cat(getattr(ranks[1], name)) for name in ranks[1]._reductions]
+    synced = ranks[0].compute()
+    assert len(calls) == len(peer_states) == (4 if protocol == "reid" else 3)
+    expected = whole.compute()
+    for key, value in expected.items():
+        assert float(synced[key]) == pytest.approx(float(value), abs=1e-4)
