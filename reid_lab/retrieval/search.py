@@ -5,9 +5,11 @@ compared it calls :func:`reid_lab.embedding.space.check_compatible` on the query
 so a gallery embedded by another model is only searched under a verified compatibility claim (or the
 explicit ``allow_unverified`` override).
 
-The metrics of :class:`SearchResult` are plain retrieval metrics over the returned top-``k`` (every gallery
-item with the query's pid counts as relevant; no same-camera filtering). For the ReID protocol use
-``reid_lab.metrics.evaluate_rank`` on a full distance matrix.
+The metrics of :class:`SearchResult` are retrieval metrics over the returned top-``k``
+(:func:`reid_lab.metrics.topk.topk_retrieval_metrics`: every gallery item with the query's pid counts as relevant;
+no same-camera filtering). For the ReID protocol use ``reid_lab.metrics.evaluate_rank`` on a full distance
+matrix. How far an approximate index is from exact search is :func:`neighbour_overlap_at_k`, a property of the
+index, not a retrieval metric.
 """
 
 from __future__ import annotations
@@ -21,12 +23,16 @@ from torch import Tensor
 
 from reid_lab.atomic import atomic_torch_save, atomic_write_json
 from reid_lab.embedding.features import FeatureSet
-from reid_lab.retrieval.index import GalleryIndex
 from reid_lab.embedding.space import check_compatible
+from reid_lab.metrics.topk import topk_retrieval_metrics
+from reid_lab.retrieval.index import GalleryIndex
 
 
-def recall_at_k(approx_ids: Tensor, exact_ids: Tensor, k: int | None = None) -> float:
+def neighbour_overlap_at_k(approx_ids: Tensor, exact_ids: Tensor, k: int | None = None) -> float:
     """Overlap of approximate and exact top-``k`` neighbour sets: mean over queries of ``|A ∩ E| / k``.
+
+    The ANN literature calls this "recall@k" of an index; it compares two searches and ignores identities, so
+    it is not the retrieval R@k (a relevant item within the top ``k``) of :mod:`reid_lab.metrics.topk`.
 
     Args:
         approx_ids: ``(num_query, >= k)`` ids from an approximate search (``-1`` never matches).
@@ -37,7 +43,7 @@ def recall_at_k(approx_ids: Tensor, exact_ids: Tensor, k: int | None = None) -> 
         A fraction in ``[0, 1]``.
 
     Example:
-        >>> recall_at_k(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]]))
+        >>> neighbour_overlap_at_k(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[2, 1], [3, 5]]))
         0.75
     """
     k = exact_ids.shape[1] if k is None else k
@@ -86,10 +92,10 @@ class SearchResult:
         """Neighbours returned per query."""
         return int(self.ids.shape[1])
 
-    def recall_at_k(self, exact: SearchResult | Tensor, k: int | None = None) -> float:
-        """:func:`recall_at_k` of these ids against an exact result (a SearchResult or its ``ids``)."""
+    def neighbour_overlap_at_k(self, exact: SearchResult | Tensor, k: int | None = None) -> float:
+        """:func:`neighbour_overlap_at_k` of these ids against an exact result (a SearchResult or its ``ids``)."""
         exact_ids = exact.ids if isinstance(exact, SearchResult) else exact
-        return recall_at_k(self.ids, exact_ids, self.k if k is None else k)
+        return neighbour_overlap_at_k(self.ids, exact_ids, self.k if k is None else k)
 
     def matches(self) -> Tensor:
         """``(num_query, k)`` bool: hit shares the query's pid (a negative pid means unknown: no match)."""
@@ -99,34 +105,17 @@ class SearchResult:
         return (self.gallery_pids == query_pids) & (self.ids >= 0) & (query_pids >= 0)
 
     def metrics(self) -> dict[str, float]:
-        """R1, P@k and mAP@k in percent over queries with at least one positive in the gallery.
+        """R1, R@k, P@k and mAP@k in percent: :func:`~reid_lab.metrics.topk.topk_retrieval_metrics` of the hits.
 
-        Queries whose pid is absent from the gallery are skipped, as in the ReID protocol.
-
-        AP@k = Σ_{i≤k} P@i · rel_i / min(k, num_positives), the truncated AP of the Google Landmarks v2
-        benchmark (Weyand et al., CVPR'20). Returns ``{}`` when query pids are unknown.
+        Queries whose pid is absent from the gallery are skipped, as in the ReID protocol; without gallery
+        positive counts every query with a known pid counts. Returns ``{}`` when query pids are unknown.
         """
         if self.query_pids is None:
             return {}
-        match = self.matches().float()
-        # without gallery positive counts every query with a known pid counts (AP then divides by its hits)
-        valid = self.num_positives > 0 if self.num_positives is not None else self.query_pids >= 0
-        if not bool(valid.any()):
-            return {"num_valid_queries": 0.0}
-        match = match[valid]
-        ranks = torch.arange(1, self.k + 1, dtype=torch.float32)
-        precision_at_i = match.cumsum(dim=1) / ranks
-        if self.num_positives is not None:
-            denom = self.num_positives[valid].clamp(max=self.k).float()
-        else:
-            denom = match.sum(dim=1).clamp(min=1)
-        ap = (precision_at_i * match).sum(dim=1) / denom
-        return {
-            "R1": 100.0 * float(match[:, 0].mean()),
-            f"P@{self.k}": 100.0 * float(match.mean()),
-            f"mAP@{self.k}": 100.0 * float(ap.mean()),
-            "num_valid_queries": float(valid.sum()),
-        }
+        ranks = (1,) if self.k == 1 else (1, self.k)
+        if self.num_positives is None:
+            return topk_retrieval_metrics(self.matches()[self.query_pids >= 0], None, ranks=ranks)
+        return topk_retrieval_metrics(self.matches(), self.num_positives, ranks=ranks)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain lists for JSON: per-query ids, scores, pids and paths of the hits, and the metrics."""

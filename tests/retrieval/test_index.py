@@ -7,7 +7,7 @@ import torch
 from reid_lab.embedding.features import FeatureSet
 from reid_lab.embedding.space import IncompatibleSpacesError, add_claim, make_space
 from reid_lab.retrieval.index import GalleryIndex, torch_search
-from reid_lab.retrieval.search import SearchResult, recall_at_k, search_features
+from reid_lab.retrieval.search import SearchResult, neighbour_overlap_at_k, search_features
 
 
 def toy_space(name: str, dim: int) -> dict:
@@ -75,13 +75,13 @@ def test_ivf_with_all_cells_probed_is_exact():
     np.testing.assert_allclose(scores.numpy()[found.numpy()], true[found.numpy()], atol=1e-5)
 
 
-def test_hnsw_recall_at_10_is_high():
+def test_hnsw_neighbour_overlap_at_10_is_high():
     data = clustered(3050, 32, clusters=50, seed=3)
     gallery, queries = data[:3000], data[3000:]
     exact_ids = numpy_topk(queries, gallery, 10, check_ties=False)[1]
     index = GalleryIndex.build(torch.from_numpy(gallery), "hnsw", device="cpu", m=16, ef_search=64)
     ids = index.search(torch.from_numpy(queries), 10)[1]
-    assert recall_at_k(ids, torch.from_numpy(exact_ids), 10) > 0.9
+    assert neighbour_overlap_at_k(ids, torch.from_numpy(exact_ids), 10) > 0.9
 
 
 @pytest.mark.parametrize("chunk_size", [37, 600, 4096])
@@ -171,14 +171,14 @@ def test_search_features_checks_spaces():
         result = search_features(index, queries, k=5, allow_unverified=allow)
         assert torch.equal(result.ids, exact_ids)
         assert torch.equal(result.gallery_pids, index.pids[exact_ids])
-        assert result.recall_at_k(exact_ids) == 1.0
+        assert result.neighbour_overlap_at_k(exact_ids) == 1.0
 
 
-def test_recall_at_k_by_hand():
+def test_neighbour_overlap_at_k_by_hand():
     approx = torch.tensor([[1, 2, 3], [4, -1, -1]])
     exact = torch.tensor([[3, 2, 9], [-1, 4, 7]])
-    assert recall_at_k(approx, exact) == pytest.approx((2 / 3 + 1 / 3) / 2)
-    assert recall_at_k(approx, exact, k=1) == 0.0
+    assert neighbour_overlap_at_k(approx, exact) == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert neighbour_overlap_at_k(approx, exact, k=1) == 0.0
 
 
 def test_search_result_metrics_by_hand():
