@@ -36,7 +36,8 @@ from torch import Tensor
 from reid_lab.metrics.backfill_rank import BackfillRanker, refresh_steps
 from reid_lab.metrics.distance import distance_slices, evaluate_features
 from reid_lab.metrics.flips import ap_negative_flips, negative_flips, retrieval_flip_rates, top1_correct
-from reid_lab.metrics.rank import QueryStats, RankResult, check_chunk_size, clip_max_rank, ids_tensor
+from reid_lab.metrics.rank import RankResult, check_chunk_size, clip_max_rank, ids_tensor, optional_camids
+from reid_lab.metrics.ranking_engine import QueryStats
 
 __all__ = [
     "DEFAULT_BACKFILL_RATIOS",
@@ -237,14 +238,16 @@ class BackfillCurve:
         return np.asarray(self.values[name], dtype=np.float64)
 
     def auc(self, name: str = "mAP") -> float:
-        """Area under the backfilling curve M̃ = E_{β∼U[0,1]} M(G_{π,β}, Q) (FastFill, ICLR 2023).
+        """Area under the backfilling curve, the one definition used everywhere in reid_lab (FastFill, ICLR 2023).
 
-        As in FastFill's evaluator, the expectation is the plain mean of the metric over an
-        equally spaced grid that includes β = 0 and β = 1 (no trapezoid weights; the endpoints
-        count fully). See :meth:`auc_trapezoid` for the trapezoidal integral.
+        ``AUC = (1 / K) * sum_k M(β_k)``, the plain mean of the metric over the ``K`` points of the β grid,
+        which must be equally spaced from β = 0 to β = 1 (default 0, 0.1, …, 1): FastFill's estimate of
+        M̃ = E_{β∼U[0,1]} M(G_{π,β}, Q). Every grid point weighs ``1 / K``, the endpoints included (no trapezoid
+        weights): e.g. the curve 10, 60, 70 at β = 0, 0.5, 1 has AUC 140 / 3, not 50.
 
         Raises:
-            ValueError: if the grid is not equally spaced from 0 to 1 with at least two points.
+            ValueError: if the grid is not equally spaced from 0 to 1 with at least two points (a plain mean of
+                an uneven grid would not estimate the expectation over β).
         """
         ratios = np.asarray(self.ratios)
         if (
@@ -254,23 +257,10 @@ class BackfillCurve:
             or not np.allclose(np.diff(ratios), ratios[1] - ratios[0])
         ):
             raise ValueError(
-                f"auc needs an equally spaced ratio grid from 0 to 1 (FastFill's mean), got {list(self.ratios)}; "
-                "use auc_trapezoid for other grids"
+                f"auc needs an equally spaced ratio grid from 0 to 1 (FastFill's mean over the grid), got "
+                f"{list(self.ratios)}"
             )
         return float(self.metric(name).mean())
-
-    def auc_trapezoid(self, name: str = "mAP") -> float:
-        """Trapezoidal integral of the curve over β, divided by the covered β range.
-
-        For a grid from 0 to 1 this is the area under the curve; it differs from :meth:`auc` in
-        that the endpoints get half weight.
-        """
-        ratios = np.asarray(self.ratios, dtype=np.float64)
-        if len(ratios) < 2:
-            raise ValueError(f"auc_trapezoid needs at least two ratios, got {list(self.ratios)}")
-        values = self.metric(name)
-        area = float(np.sum((values[1:] + values[:-1]) / 2.0 * np.diff(ratios)))
-        return area / float(ratios[-1] - ratios[0])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (flip query lists as lists of ints); inverse of :meth:`from_dict`."""
@@ -465,9 +455,8 @@ def _curve_query_stats(
     q_stored, stored = _normalized_pair(q_new, stored, metric)
     q_fresh, g_new = _normalized_pair(q_new, g_new, metric)
     qp = ids_tensor(q_pids, "q_pids", num_query, device)
-    qc = ids_tensor(q_camids, "q_camids", num_query, device)
     gp = ids_tensor(g_pids, "g_pids", num_gallery, device)
-    gc = ids_tensor(g_camids, "g_camids", num_gallery, device)
+    qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
     ranker = BackfillRanker(gp, gc, steps.to(device), num_steps)
     rows = min(chunk_size, check_chunk_size(None, num_gallery, device))
     parts: list[list[list[QueryStats]]] = [[[] for _ in range(num_steps)] for _ in range(steps.shape[0])]
@@ -475,7 +464,7 @@ def _curve_query_stats(
     new_slices = distance_slices(q_fresh, g_new, metric=metric, normalize=False, chunk_size=rows)
     for (start, d_stored), (_, d_new) in zip(stored_slices, new_slices, strict=True):
         stop = start + d_stored.shape[0]
-        block = ranker(d_stored, d_new, qp[start:stop], qc[start:stop])
+        block = ranker(d_stored, d_new, qp[start:stop], None if qc is None else qc[start:stop])
         for per_step, block_steps in zip(parts, block):
             for acc, part in zip(per_step, block_steps):
                 acc.append(part)
@@ -513,8 +502,9 @@ def backfill_curve(
         g_new: ``(num_gallery, dim)`` gallery embedded by φ_new.
         q_pids: ``(num_query,)`` query pids.
         g_pids: ``(num_gallery,)`` gallery pids.
-        q_camids: ``(num_query,)`` query camera ids.
-        g_camids: ``(num_gallery,)`` gallery camera ids.
+        q_camids: ``(num_query,)`` query camera ids, or ``None`` with ``g_camids`` (cross-modal protocol, no
+            junk removal; see :func:`~reid_lab.metrics.rank.evaluate_rank`).
+        g_camids: ``(num_gallery,)`` gallery camera ids, or ``None``.
         order: ``(num_gallery,)`` permutation π of the gallery indices (see ``order_*``).
         ratios: strictly increasing β grid in [0, 1]; default 0, 0.1, …, 1.
         old_system: optional ``(q_old, g_old)`` features of the old system, for flip rates.

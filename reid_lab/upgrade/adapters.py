@@ -7,8 +7,8 @@
   CVPR 2022, arXiv 2112.02805), optionally with FastFill's uncertainty head (Jaeckle et al., "FastFill:
   Efficient Compatible Model Update", ICLR 2023, arXiv 2303.04766).
 - :func:`fct_loss`, :func:`fastfill_loss`, :func:`train_transformation` train it on precomputed features
-  after ``phi_new`` is trained; :func:`backfill_order_by_uncertainty` gives FastFill's sigma-ordered
-  backfilling policy.
+  after ``phi_new`` is trained. FastFill's sigma-ordered backfilling policy (the uncertainty head's
+  ``log sigma^2``, largest first) is :func:`reid_lab.metrics.backfill.order_by_sigma`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from torch import Tensor, nn
 __all__ = [
     "DimensionAdapter",
     "FCTTransformation",
-    "backfill_order_by_uncertainty",
     "fastfill_loss",
     "fct_loss",
     "train_transformation",
@@ -365,26 +364,3 @@ def train_transformation(
             optimizer.step()
             scheduler.step()
     return model.eval()
-
-
-def backfill_order_by_uncertainty(log_var: Tensor) -> Tensor:
-    """FastFill's sigma-ordered backfilling: gallery indices by decreasing predicted uncertainty.
-
-    Items whose transformed feature is least reliable (largest ``log sigma^2``) are re-embedded with the new
-    model first (Jaeckle et al., ICLR 2023). Ties keep index order.
-
-    Args:
-        log_var: ``(N,)`` predicted ``log sigma^2`` of the gallery items.
-
-    Returns:
-        ``(N,)`` int64 permutation of ``0..N-1``.
-
-    Example:
-        >>> backfill_order_by_uncertainty(torch.tensor([0.1, 2.0, 0.1, 3.0]))
-        tensor([3, 1, 0, 2])
-    """
-    if log_var.dim() != 1:
-        raise ValueError(f"log_var must be (N,), got {tuple(log_var.shape)}")
-    if torch.isnan(log_var).any():
-        raise ValueError("log_var contains NaN")
-    return torch.sort(-log_var.detach(), stable=True).indices

@@ -178,21 +178,26 @@ def test_transformed_old_gallery_replaces_the_old_features(data):
         backfill_curve(_t(features["q_new"]), tiny_old, _t(features["g_new"]), *labels, order=order)
 
 
-def test_auc_is_the_grid_mean_and_trapezoid_by_hand():
+def test_auc_is_the_grid_mean_by_hand():
     curve = BackfillCurve(ratios=(0.0, 0.5, 1.0), num_refreshed=(0, 1, 2), values={"mAP": [10.0, 40.0, 70.0]})
     assert curve.auc("mAP") == pytest.approx(40.0)
+    # A concave curve tells the mean from the trapezoid: (10 + 60 + 70) / 3 = 46.67, while the trapezoid
+    # 0.5 * (10 + 60) / 2 + 0.5 * (60 + 70) / 2 = 50 gives the endpoints half weight.
     concave = BackfillCurve(
         ratios=(0.0, 0.5, 1.0), num_refreshed=(0, 1, 2), values={"mAP": [10.0, 60.0, 70.0]}
     )
     assert concave.auc() == pytest.approx(140 / 3)
-    # trapezoid: 0.5 * (10 + 60) / 2 + 0.5 * (60 + 70) / 2 = 50
-    assert concave.auc_trapezoid() == pytest.approx(50.0)
-    uneven = BackfillCurve(
-        ratios=(0.0, 0.2, 1.0), num_refreshed=(0, 1, 5), values={"mAP": [10.0, 20.0, 30.0]}
+    # FastFill's 11-point grid: the mean of the 11 values, e.g. M(β) = 100 β^2 -> 100 * (0.01 * 385) / 11 = 35
+    eleven = BackfillCurve(
+        ratios=DEFAULT_BACKFILL_RATIOS, num_refreshed=tuple(range(11)),
+        values={"R1": [100 * b * b for b in DEFAULT_BACKFILL_RATIOS]},
     )
-    with pytest.raises(ValueError, match="equally spaced"):
-        uneven.auc()
-    assert uneven.auc_trapezoid() == pytest.approx(0.2 * 15 + 0.8 * 25)
+    assert eleven.auc("R1") == pytest.approx(35.0)
+    assert not hasattr(BackfillCurve, "auc_trapezoid")  # one AUC definition
+    for ratios in ((0.0, 0.2, 1.0), (0.0, 0.5), (0.5, 1.0), (0.0,)):
+        uneven = BackfillCurve(ratios=ratios, num_refreshed=(0,) * len(ratios), values={"mAP": [1.0] * len(ratios)})
+        with pytest.raises(ValueError, match="equally spaced"):
+            uneven.auc()
     again = BackfillCurve.from_dict(curve.to_dict())
     assert again.values == curve.values and again.ratios == curve.ratios
 
@@ -208,6 +213,10 @@ def test_uncertainty_sigma_and_oracle_orders_by_hand():
     assert order_by_uncertainty([0.1, 0.9, 0.5, 0.9]).tolist() == [1, 3, 2, 0]
     assert order_by_sigma(torch.tensor([-1.0, 2.0, 0.5])).tolist() == [1, 2, 0]
     assert order_by_sigma(torch.tensor([[0.0, 0.0], [1.0, 3.0], [2.0, 0.0]])).tolist() == [1, 2, 0]
+    # ties keep gallery order (the cases of the former upgrade.adapters.backfill_order_by_uncertainty)
+    order = order_by_sigma(torch.tensor([0.5, 2.0, -1.0, 2.0, 0.5, 3.0]))
+    assert order.dtype == torch.long and order.tolist() == [5, 1, 3, 0, 4, 2]
+    assert order_by_sigma(torch.tensor([0.1, 2.0, 0.1, 3.0])).tolist() == [3, 1, 0, 2]
     g_old = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     g_new = torch.tensor([[2.0, 0.0], [-1.0, 0.0], [0.0, 3.0]])  # distances after normalising: 0, 2, sqrt(2)
     assert order_oracle(g_old, g_new).tolist() == [1, 2, 0]

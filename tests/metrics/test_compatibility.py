@@ -111,6 +111,17 @@ def test_update_gain_by_hand_and_zero_denominator():
     assert math.isnan(update_gain(flat, "new", "old", "ind"))
 
 
+def test_criterion_is_strict_a_tie_is_not_compatible():
+    # BCT's criterion M(new, old) > M(old, old): a cross-test equal to the old self-test does not pass.
+    tie = _hand_matrix({("old", "old"): 40.0, ("new", "old"): 40.0})
+    assert compatibility_criterion(tie, "new", "old") is False
+    assert compatibility_criterion(tie, "new", "old", metric="R1") is False
+    above = _hand_matrix({("old", "old"): 40.0, ("new", "old"): 40.0 + 1e-9})
+    assert compatibility_criterion(above, "new", "old") is True
+    below = _hand_matrix({("old", "old"): 40.0, ("new", "old"): 39.0})
+    assert compatibility_criterion(below, "new", "old") is False
+
+
 def test_ac_am_on_hand_made_matrix_with_a_tie():
     # C = [[50], [52, 60], [50, 58, 70]]: (2,1) compatible, (3,1) tie, (3,2) fails
     matrix = _hand_matrix(

@@ -1,4 +1,5 @@
-"""Dimension adapters, FCT/FastFill transformation, their losses, training loop and backfill order."""
+"""Dimension adapters, FCT/FastFill transformation, their losses and training loop (the backfill order is
+reid_lab.metrics.backfill.order_by_sigma, tested in tests/metrics/test_backfill.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import torch
 from reid_lab.upgrade.adapters import (
     DimensionAdapter,
     FCTTransformation,
-    backfill_order_by_uncertainty,
     fastfill_loss,
     fct_loss,
     train_transformation,
@@ -170,10 +170,3 @@ def test_train_transformation_with_side_info_and_classifier_runs() -> None:
         batch_size=32,  # last batch of one sample is skipped
     )
     assert not model.training
-
-
-def test_backfill_order_by_uncertainty() -> None:
-    log_var = torch.tensor([0.5, 2.0, -1.0, 2.0, 0.5, 3.0])
-    order = backfill_order_by_uncertainty(log_var)
-    assert order.dtype == torch.long
-    assert order.tolist() == [5, 1, 3, 0, 4, 2]
