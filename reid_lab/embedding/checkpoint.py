@@ -29,10 +29,11 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which one
-        raise ValueError(f"{path} cannot be read as a checkpoint: {err}") from err
+    try:  # tensors and plain containers only: a checkpoint never runs code when it is read
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated, foreign or code-carrying file: say which one
+        raise ValueError(f"{path} cannot be read as a reid_lab checkpoint (tensors and plain containers, "
+                         f"loaded with weights_only=True): {str(err).splitlines()[0]}") from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"{path} is not a reid_lab / Lightning checkpoint (no state_dict)")
     return checkpoint

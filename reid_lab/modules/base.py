@@ -24,7 +24,7 @@ from reid_lab.embedding.checkpoint import sub_state_dict
 from reid_lab.embedding.embedder import Embedder
 from reid_lab.embedding.encoder import MODALITIES, Encoder
 from reid_lab.embedding.space import make_space, weights_digest
-from reid_lab.metrics.reid_metric import ReIDMetric
+from reid_lab.metrics.reid_metric import RetrievalMetric
 from reid_lab.upgrade.host import CompatibilityHost
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ class EmbeddingModule(L.LightningModule):
 
     monitor: str = "val/mAP"
     monitor_mode: str = "max"
+    protocol: str = "reid"  # "reid" (same-camera junk removed) or "cross_modal" (see RetrievalMetric)
 
     def __init__(
         self,
@@ -96,9 +97,16 @@ class EmbeddingModule(L.LightningModule):
         self._space: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------------ embeddings
-    def build_metric(self):
-        """The evaluation metric (ReID protocol by default)."""
-        return ReIDMetric(metric=self.distance, max_rank=self.max_rank)
+    def build_metric(self) -> RetrievalMetric:
+        """The evaluation metric under the module's ``protocol``."""
+        return RetrievalMetric(protocol=self.protocol, metric=self.distance, max_rank=self.max_rank)
+
+    def update_metric(self, metric: RetrievalMetric, batch: dict[str, Any], embedding: Tensor) -> None:
+        """Add a batch of query / gallery embeddings to ``metric`` (camids under the ReID protocol only)."""
+        if self.protocol == "reid":
+            metric.update(embedding, batch["pid"], batch["camid"], batch["is_query"])
+        else:
+            metric.update(embedding, batch["pid"], batch["is_query"])
 
     def embedder(self, into_old_space: bool = False) -> Embedder:
         """The test-time embedder: flip TTA as configured, and with ``into_old_space`` the host's adapter."""
@@ -114,7 +122,7 @@ class EmbeddingModule(L.LightningModule):
                 self.space_model_name(), self.encoder.embedding_dim, state_dict=self.encoder.state_dict(),
                 label=self.space_label, parent=self.host.old_space.get("space_id") if self.host else None,
                 distance=self.distance, normalized=self.distance == "cosine",
-                modalities=self.encoder.modalities,
+                modalities=self.encoder.modalities, init=getattr(self.encoder, "pretrained_source", None),
             )
         return self._space
 
@@ -186,17 +194,15 @@ class EmbeddingModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        embedding = self.embedder()(batch)["image"]
-        self.val_metric.update(embedding, batch["pid"], batch["camid"], batch["is_query"])
+        self.update_metric(self.val_metric, batch, self.embedder()(batch)["image"])
         if self.host is not None:  # cross-test: new (adapted) query features against old gallery features
             new = self.embedder(into_old_space=True)(batch)["image"]
             old = self.host.old.encode(batch)["image"]
             mixed = torch.where(batch["is_query"].unsqueeze(1), new, old)
-            self.val_cross_metric.update(mixed, batch["pid"], batch["camid"], batch["is_query"])
+            self.update_metric(self.val_cross_metric, batch, mixed)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        embedding = self.embedder()(batch)["image"]
-        self.test_metric.update(embedding, batch["pid"], batch["camid"], batch["is_query"])
+        self.update_metric(self.test_metric, batch, self.embedder()(batch)["image"])
 
     def _log_metric(self, metric, prefix: str) -> None:
         if self.trainer.sanity_checking:  # a few query-only batches: nothing to rank yet

@@ -13,12 +13,12 @@ class EmbeddingCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: str | None = None, monitor: str | None = None, mode: str = "max",
-                 filename: str | None = None, save_last: bool = True, save_top_k: int = 1, **kwargs) -> None:
-        kwargs.setdefault("auto_insert_metric_name", False)
+                 filename: str | None = None, save_last: bool = True, save_top_k: int = 1,
+                 auto_insert_metric_name: bool = False, **kwargs) -> None:
         self._monitor_from_module = monitor is None
         self._filename_from_module = filename is None
         super().__init__(dirpath=dirpath, monitor=monitor, mode=mode, filename=filename, save_last=save_last,
-                         save_top_k=save_top_k, **kwargs)
+                         save_top_k=save_top_k, auto_insert_metric_name=auto_insert_metric_name, **kwargs)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         monitor = getattr(pl_module, "monitor", None)

@@ -58,10 +58,8 @@ def _json_ready(value: Any) -> Any:
 
 
 def _curve_auc(curve: BackfillCurve, metric: str) -> float:
-    try:
-        return curve.auc(metric)
-    except ValueError:  # grid not equally spaced on [0, 1]: fall back to the trapezoid mean
-        return curve.auc_trapezoid(metric)
+    """FastFill's AUC: the mean of the metric over an equally spaced β grid from 0 to 1 (the only definition)."""
+    return curve.auc(metric)
 
 
 def study_rows(
@@ -387,6 +385,9 @@ def write_report(
     if rows:
         sections.append(f"## Upgrade study ({metric}, percent)")
         sections.append(_study_markdown(rows, metric))
+        if curves:
+            sections.append(f"AUC: the mean of {metric} over the equally spaced backfill-ratio grid from 0 to 1 "
+                            "(FastFill's estimate of the expected metric over the backfilling process).")
     plots = [path for key, path in files.items() if path.suffix == ".png"]
     if plots:
         sections.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots))

@@ -133,6 +133,12 @@ class StudyConfig:
                     )
         evaluation = study.get("evaluation") or {}
         _check_keys(evaluation, EVAL_KEYS, f"{source}: study.evaluation")
+        ratios = evaluation.get("ratios")
+        if ratios is not None:
+            steps = [b - a for a, b in zip(ratios, ratios[1:])]
+            if len(ratios) < 2 or ratios[0] != 0 or ratios[-1] != 1 or any(abs(d - steps[0]) > 1e-9 for d in steps):
+                raise ValueError(f"{source}: study.evaluation.ratios must be an equally spaced grid from 0 to 1 "
+                                 f"(the backfill AUC is the mean over it, as FastFill), got {ratios}")
         for ordering in evaluation.get("orderings", ["random", "uncertainty", "oracle"]):
             if ordering not in ORDERINGS:
                 raise ValueError(f"{source}: unknown ordering {ordering!r}; expected one of {ORDERINGS}")

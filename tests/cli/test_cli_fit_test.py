@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,8 @@ def test_fit_then_test_then_predict(tiny_synthetic, tmp_path, cli_argv):
     assert space_id == f"synthetic_bot_r18-512d-{weights_digest(encoder_state)}"
     assert ckpt["embedding_space"]["label"] == "synthetic_bot_r18" and ckpt["embedding_space"]["dim"] == 512
     # Any checkpoint records how to rebuild its encoder (the model's own checkpoint file name names the monitor).
-    assert ckpt["encoder"]["class_path"] == "reid_lab.models.reid_model.ReIDModel" and "-mAP" in best.name
+    assert ckpt["encoder"]["class_path"] == "reid_lab.models.reid_model.ReIDModel" and re.fullmatch(r"epoch\d{3}-mAP\d+\.\d{2}\.ckpt", best.name)
+    assert best.parent == Path(trainer.checkpoint_callback.dirpath)  # no metric name turned into a sub-folder
     val_map = float(trainer.callback_metrics["val/mAP"])
     assert 0.0 < val_map <= 100.0
     # wandb wrote a real offline run with the resolved config.

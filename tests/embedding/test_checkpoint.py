@@ -95,3 +95,17 @@ def test_every_encoder_subclass_records_its_arguments():
 
     with pytest.raises(RuntimeError, match="record_init_args"):
         Bare().spec()
+
+
+class _Payload:
+    """Stands for arbitrary pickled code in a foreign file."""
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_by_name(tmp_path):
+    module = ReIDModule(backbone="resnet18", num_classes=4, last_stride=2)
+    path = save_module_checkpoint(module, tmp_path / "m.ckpt")
+    checkpoint = torch.load(path, weights_only=True)  # what reid_lab writes loads as plain data
+    checkpoint["extra"] = _Payload()
+    torch.save(checkpoint, tmp_path / "code.ckpt")
+    with pytest.raises(ValueError, match=r"code.ckpt cannot be read as a reid_lab checkpoint .*weights_only=True"):
+        load_encoder(tmp_path / "code.ckpt")
