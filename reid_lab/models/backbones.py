@@ -8,8 +8,10 @@ Every backbone returned by :func:`build_backbone` is a :class:`Backbone`:
 * :attr:`Backbone.num_features` is ``C``.
 
 Names: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (torchvision, random init), ``"resnet50_ibn_a"``
-(IBN-Net-a, :mod:`reid_lab.models.ibn`) and ``"timm:<model_name>"`` for any timm model. Weights are never
-downloaded: pass a local file as ``weights``.
+(IBN-Net-a, :mod:`reid_lab.models.ibn`), ``"mobilenet_v2"`` (torchvision's features, 1280-d) and
+``"timm:<model_name>"`` for any timm model. Weights are never downloaded: pass a local file as ``weights``,
+or ``pretrained="imagenet"`` for the backbones whose weights ship in an installed package
+(:mod:`reid_lab.models.pretrained`).
 """
 
 from __future__ import annotations
@@ -22,10 +24,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18, resnet34, resnet50
+from torchvision.models import mobilenet_v2, resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from reid_lab.models.ibn import resnet50_ibn_a
+from reid_lab.models.pretrained import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    load_state_dict_strict,
+    pretrained_weights,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +46,7 @@ _RESNETS: dict[str, Callable[[], ResNet]] = {
     "resnet50_ibn_a": resnet50_ibn_a,
 }
 
-BACKBONE_NAMES: tuple[str, ...] = (*_RESNETS, TIMM_PREFIX + "<model_name>")
+BACKBONE_NAMES: tuple[str, ...] = (*_RESNETS, "mobilenet_v2", TIMM_PREFIX + "<model_name>")
 
 
 class Backbone(nn.Module):
@@ -52,6 +60,11 @@ class Backbone(nn.Module):
 
     num_features: int
     is_spatial: bool
+    #: what the weights started from (``"imagenet:<package>==<version>:<sha>"``), None for random init / a file
+    pretrained_source: str | None = None
+    #: RGB mean / std the loaded pretrained weights expect (ImageNet's unless a source says otherwise)
+    input_mean: tuple[float, float, float] = IMAGENET_MEAN
+    input_std: tuple[float, float, float] = IMAGENET_STD
 
     def forward(self, images: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -59,6 +72,38 @@ class Backbone(nn.Module):
     def weights_target(self) -> nn.Module:
         """The module whose ``state_dict`` keys published checkpoints use (see :func:`load_weights`)."""
         return self
+
+    def pretrained_ignore(self) -> tuple[str, ...]:
+        """Key prefixes of converted pretrained weights that this backbone does not hold (an ImageNet head)."""
+        return ()
+
+
+class MobileNetV2Backbone(Backbone):
+    """torchvision's MobileNetV2 ``features`` (Sandler et al. CVPR'18): ``(B, 3, H, W) -> (B, 1280, H/s, W/s)``.
+
+    ``s`` is 32, or 16 with ``last_stride=1``: the last stride-2 block (``features.14``, the first 160-channel
+    inverted residual; it has no shortcut) keeps the resolution, as BoT does for ResNet's ``layer4``. At
+    256x128 that gives a 16x8 map instead of 8x4. Parameter names equal torchvision's (``features.0.0.weight``
+    ...), so its ImageNet files load unchanged.
+
+    Args:
+        last_stride: 2 (torchvision) or 1.
+    """
+
+    def __init__(self, last_stride: int = 2) -> None:
+        super().__init__()
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        self.features = mobilenet_v2(weights=None).features
+        if last_stride == 1:
+            depthwise = self.features[14].conv[1][0]
+            assert depthwise.stride == (2, 2), "torchvision's MobileNetV2 layout changed"
+            depthwise.stride = (1, 1)
+        self.num_features = 1280
+        self.is_spatial = True
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.features(images)
 
 
 class ResNetBackbone(Backbone):
@@ -101,8 +146,10 @@ class TimmBackbone(Backbone):
 
     Args:
         model_name: timm model name (without the ``"timm:"`` prefix).
-        last_stride: 1 sets the stride of the last stage to 1 where the model has a ResNet-style ``layer4``;
-            ignored (with a warning) for other spatial models, irrelevant for token models.
+        last_stride: 1 sets the stride of the last stage to 1 where the model has a ResNet-style ``layer4``
+            or EfficientNet / MobileNet-style ``blocks`` stages (the last stage whose first block has a
+            stride-2 convolution); ignored (with a warning) for other spatial models, irrelevant for token
+            models.
         timm_kwargs: extra keyword arguments of ``timm.create_model`` (e.g. ``img_size=(256, 128)``).
     """
 
@@ -132,6 +179,11 @@ class TimmBackbone(Backbone):
         if last_stride == 1 and isinstance(getattr(self.model, "layer4", None), nn.Sequential):
             set_stage_stride(self.model.layer4, 1)
             stride_applied = True
+        elif last_stride == 1:
+            stage = _last_strided_stage(getattr(self.model, "blocks", None))
+            if stage is not None:
+                set_stage_stride(stage, 1)
+                stride_applied = True
         self.is_spatial, self.num_features = self._probe()
         if last_stride == 1 and self.is_spatial and not stride_applied:
             log.warning(
@@ -175,6 +227,22 @@ class TimmBackbone(Backbone):
 
     def weights_target(self) -> nn.Module:
         return self.model
+
+    def pretrained_ignore(self) -> tuple[str, ...]:
+        head = self.model.pretrained_cfg.get("classifier") if hasattr(self.model, "pretrained_cfg") else None
+        return (f"{head}.",) if isinstance(head, str) else ()
+
+
+def _last_strided_stage(blocks: Any) -> nn.Sequential | None:
+    """The last stage of timm's ``blocks`` (a Sequential of Sequential stages) whose first block downsamples."""
+    if not isinstance(blocks, nn.Sequential):
+        return None
+    for stage in reversed(list(blocks)):
+        if isinstance(stage, nn.Sequential) and len(stage) and any(
+            isinstance(m, nn.Conv2d) and m.stride == (2, 2) for m in stage[0].modules()
+        ):
+            return stage
+    return None
 
 
 def set_stage_stride(stage: nn.Sequential, stride: int) -> None:
@@ -297,14 +365,19 @@ def build_backbone(
     *,
     last_stride: int = 2,
     weights: str | Path | None = None,
+    pretrained: str | None = None,
     timm_kwargs: Mapping[str, Any] | None = None,
 ) -> Backbone:
-    """Build a backbone by name (random init, never downloads).
+    """Build a backbone by name (random init unless ``weights`` / ``pretrained``; never downloads).
 
     Args:
-        name: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet50_ibn_a"`` or ``"timm:<model_name>"``.
+        name: ``"resnet18"``, ``"resnet34"``, ``"resnet50"``, ``"resnet50_ibn_a"``, ``"mobilenet_v2"`` or
+            ``"timm:<model_name>"``.
         last_stride: stride of the last stage, 2 (ImageNet default) or 1 (BoT).
         weights: optional local weights file, loaded with :func:`load_weights`.
+        pretrained: ``"imagenet"`` for weights shipped in an installed package (``mobilenet_v2``,
+            ``timm:efficientnet_lite0``, ``timm:tf_efficientnet_lite0``; see :mod:`reid_lab.models.pretrained`),
+            converted, strictly checked and loaded; sets :attr:`Backbone.pretrained_source`. Excludes ``weights``.
         timm_kwargs: extra ``timm.create_model`` arguments, only for ``"timm:"`` names.
 
     Returns:
@@ -317,6 +390,8 @@ def build_backbone(
     """
     if last_stride not in (1, 2):
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+    if weights is not None and pretrained is not None:
+        raise ValueError(f"pass either weights ({str(weights)!r}) or pretrained ({pretrained!r}), not both")
     if name.startswith(TIMM_PREFIX):
         backbone: Backbone = TimmBackbone(
             name[len(TIMM_PREFIX) :], last_stride=last_stride, timm_kwargs=timm_kwargs
@@ -330,8 +405,22 @@ def build_backbone(
         if weights is None:
             zero_init_residual(resnet)
         backbone = ResNetBackbone(resnet, last_stride=last_stride)
+    elif name == "mobilenet_v2":
+        if timm_kwargs:
+            raise ValueError(
+                f"timm_kwargs are only for 'timm:<model_name>' backbones, got {dict(timm_kwargs)} for {name!r}"
+            )
+        backbone = MobileNetV2Backbone(last_stride=last_stride)
     else:
         raise ValueError(f"unknown backbone {name!r}; expected one of {list(BACKBONE_NAMES)}")
     if weights is not None:
         load_weights(backbone.weights_target(), weights)
+    if pretrained is not None:
+        loaded = pretrained_weights(name, pretrained)
+        load_state_dict_strict(
+            backbone.weights_target(), loaded.state_dict, ignore_prefixes=backbone.pretrained_ignore(),
+            what=f"pretrained={pretrained!r} weights ({loaded.record})",
+        )
+        backbone.pretrained_source = loaded.record
+        backbone.input_mean, backbone.input_std = loaded.source.input_mean, loaded.source.input_std
     return backbone

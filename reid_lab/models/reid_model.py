@@ -6,12 +6,14 @@ the BoT model of Luo et al. (CVPRW'19).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from reid_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from reid_lab.embedding.encoder import Encoder
 from reid_lab.models.backbones import build_backbone
 from reid_lab.models.heads import BNNeckHead
@@ -29,7 +31,15 @@ class ReIDModel(Encoder):
         embedding_dim: optional reduced embedding dimension (a bias-free linear layer before the BN).
         neck_feat: test embedding ``"before"`` or ``"after"`` the BNNeck.
         weights: optional local file with backbone weights (ImageNet or a previous ReID backbone).
+        pretrained: ``"imagenet"``: backbone weights shipped in an installed package (``mobilenet_v2``,
+            ``timm:efficientnet_lite0``, ``timm:tf_efficientnet_lite0``; :mod:`reid_lab.models.pretrained`).
+            Like ``weights`` it only matters before a checkpoint's state dict is loaded, so a checkpoint never
+            needs the package to rebuild; :attr:`pretrained_source` says what the weights started from.
         timm_kwargs: extra ``timm.create_model`` arguments for ``"timm:<name>"`` backbones.
+        input_norm: ``{"mean": [r, g, b], "std": [r, g, b]}`` the backbone's weights expect. Images arrive
+            normalised with the ImageNet mean / std (:mod:`reid_lab.data.transforms`) and are re-normalised
+            to this before the backbone. ``None``: as they arrive, or, with ``pretrained``, what the weights'
+            source declares (EfficientNet-Lite0: mean = std = 0.5). Recorded in :meth:`spec` as resolved.
 
     Example:
         >>> import torch
@@ -42,7 +52,7 @@ class ReIDModel(Encoder):
     """
 
     modalities = ("image",)
-    init_only_args = ("weights",)  # the checkpoint holds every weight
+    init_only_args = ("weights", "pretrained")  # the checkpoint holds every weight
 
     def __init__(
         self,
@@ -54,16 +64,34 @@ class ReIDModel(Encoder):
         neck_feat: str = "after",
         weights: str | Path | None = None,
         timm_kwargs: Mapping[str, Any] | None = None,
+        pretrained: str | None = None,
+        input_norm: Mapping[str, Sequence[float]] | None = None,
     ) -> None:
         super().__init__()
+        self.backbone = build_backbone(
+            backbone, last_stride=last_stride, weights=weights, pretrained=pretrained, timm_kwargs=timm_kwargs
+        )
+        self.pretrained_source: str | None = self.backbone.pretrained_source
+        if input_norm is None and pretrained is not None:
+            input_norm = {"mean": list(self.backbone.input_mean), "std": list(self.backbone.input_std)}
+        input_norm = _check_input_norm(input_norm)
         self.record_init_args(
             backbone=backbone, num_classes=num_classes, last_stride=last_stride, pooling=pooling,
             embedding_dim=embedding_dim, neck_feat=neck_feat, weights=None if weights is None else str(weights),
             timm_kwargs=None if timm_kwargs is None else dict(timm_kwargs),
+            pretrained=pretrained, input_norm=input_norm,
         )
-        self.backbone = build_backbone(
-            backbone, last_stride=last_stride, weights=weights, timm_kwargs=timm_kwargs
+        self.renormalize = input_norm is not None and (
+            tuple(input_norm["mean"]) != IMAGENET_MEAN or tuple(input_norm["std"]) != IMAGENET_STD
         )
+        if self.renormalize:
+            assert input_norm is not None
+            mean, std = torch.tensor(input_norm["mean"]), torch.tensor(input_norm["std"])
+            imnet_mean, imnet_std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            # x_weights = (x_pixels - mean) / std with x_pixels = x_imagenet * imnet_std + imnet_mean;
+            # not persistent: the state dict's keys do not depend on it (the spec records it)
+            self.register_buffer("_renorm_scale", (imnet_std / std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("_renorm_shift", ((imnet_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
         pool = build_pooling(pooling)  # validates the name even where a token backbone does not need it
         self.pooling: nn.Module = pool if self.backbone.is_spatial else nn.Identity()
         self.head = BNNeckHead(
@@ -102,6 +130,8 @@ class ReIDModel(Encoder):
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"ReIDModel expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        if self.renormalize:
+            images = images * self._renorm_scale + self._renorm_shift
         return self.head(self.pooling(self.backbone(images)))
 
     def encode(self, batch) -> dict[str, Tensor]:
@@ -109,3 +139,14 @@ class ReIDModel(Encoder):
         self.check_batch(batch)
         out = self(batch["image"])
         return {"image": out["embedding"], **({"logits": out["logits"]} if "logits" in out else {})}
+
+
+def _check_input_norm(input_norm: Mapping[str, Sequence[float]] | None) -> dict[str, list[float]] | None:
+    if input_norm is None:
+        return None
+    if not isinstance(input_norm, Mapping) or set(input_norm) != {"mean", "std"}:
+        raise ValueError(f"input_norm must be {{'mean': [r, g, b], 'std': [r, g, b]}}, got {input_norm!r}")
+    out = {k: [float(x) for x in input_norm[k]] for k in ("mean", "std")}
+    if any(len(v) != 3 for v in out.values()) or any(s <= 0 for s in out["std"]):
+        raise ValueError(f"input_norm needs 3 means and 3 positive stds, got {input_norm!r}")
+    return out

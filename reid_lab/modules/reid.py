@@ -35,6 +35,8 @@ class ReIDModule(EmbeddingModule):
         embedding_dim: optional linear reduction of the pooled feature before the BNNeck.
         neck_feat: test embedding taken ``before`` or ``after`` the BNNeck BatchNorm.
         weights: optional local file with backbone weights (never downloaded).
+        pretrained: ``"imagenet"``: backbone weights shipped in an installed package (``mobilenet_v2``,
+            ``timm:efficientnet_lite0``, ``timm:tf_efficientnet_lite0``), recorded as the space's ``init``.
         timm_kwargs: extra keyword arguments for ``timm.create_model`` (e.g. ``img_size``).
         losses: the model's own losses, each ``{"name": <ce|triplet|circle|arcface|cosface|center>, "weight":
             float, **options}``; the total is the weighted sum.
@@ -66,6 +68,7 @@ class ReIDModule(EmbeddingModule):
         neck_feat: str = "after",
         weights: str | None = None,
         timm_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
         losses: list[dict[str, Any]] | None = None,
         optimizer: str = "adam",
         lr: float = 3.5e-4,
@@ -97,6 +100,7 @@ class ReIDModule(EmbeddingModule):
             neck_feat=neck_feat,
             weights=weights,
             timm_kwargs=timm_kwargs,
+            pretrained=pretrained,
         )
         super().__init__(encoder, distance=distance, flip_test=flip_test, max_rank=max_rank,
                          space_label=space_label, upgrade=upgrade)

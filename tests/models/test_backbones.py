@@ -19,6 +19,9 @@ CONTRACT = [
     ("resnet50_ibn_a", None),
     ("timm:resnet18", None),
     ("timm:vit_tiny_patch16_224", {"img_size": (64, 32)}),
+    ("mobilenet_v2", None),
+    ("timm:efficientnet_lite0", None),
+    ("timm:tf_efficientnet_lite0", None),
 ]
 
 
@@ -58,7 +61,10 @@ def test_expected_spatial_flags_and_dims() -> None:
     assert not vit.is_spatial and vit.num_features == 192
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet50", "timm:resnet18"])
+@pytest.mark.parametrize(
+    "name", ["resnet18", "resnet50", "timm:resnet18", "mobilenet_v2", "timm:efficientnet_lite0",
+             "timm:tf_efficientnet_lite0"]
+)
 def test_last_stride_one_doubles_the_final_map(name: str) -> None:
     images = torch.randn(*IMAGES)
     s2 = build_backbone(name, last_stride=2).eval()

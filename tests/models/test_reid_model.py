@@ -83,3 +83,27 @@ def test_bad_arguments() -> None:
 def test_bad_images() -> None:
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\), got \(2, 1, 64, 32\)"):
         ReIDModel("resnet18")(torch.randn(2, 1, 64, 32))
+
+
+# The mobile backbones with the BoT head at ReID input sizes; random init here (tests/models/test_pretrained.py
+# covers the ImageNet weights).
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "timm:efficientnet_lite0"])
+@pytest.mark.parametrize("size", [(128, 64), (256, 128)])
+@pytest.mark.parametrize("last_stride", [1, 2])
+def test_mobile_backbones_at_reid_sizes(backbone: str, size: tuple[int, int], last_stride: int) -> None:
+    model = ReIDModel(backbone, num_classes=5, last_stride=last_stride)
+    x = torch.randn(2, 3, *size)
+    fmap = model.backbone(x)
+    stride = 32 // (2 if last_stride == 1 else 1)
+    assert fmap.shape == (2, 1280, size[0] // stride, size[1] // stride)
+    out = model(x)
+    assert model.embedding_dim == 1280
+    for key in ("features", "bn_features", "embedding"):
+        assert out[key].shape == (2, model.embedding_dim)
+    assert out["logits"].shape == (2, 5)
+    (out["logits"].logsumexp(1).sum() + out["features"].pow(2).sum()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, no_grad[:5]
+    model.eval()
+    with torch.no_grad():
+        assert model.encode({"image": x})["image"].shape == (2, 1280)
