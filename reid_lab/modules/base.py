@@ -12,8 +12,10 @@ validation key that selects the best checkpoint).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -30,6 +32,21 @@ from reid_lab.upgrade.host import CompatibilityHost
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."
+
+
+def check_upgrade(upgrade: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate ``model.init_args.upgrade`` against :class:`CompatibilityHost`'s arguments, naming the key."""
+    if upgrade is None:
+        return None
+    if not isinstance(upgrade, dict):
+        raise ValueError(f"model.init_args.upgrade must be a mapping, got {upgrade!r}")
+    allowed = set(inspect.signature(CompatibilityHost.__init__).parameters) - {"self", "new_dim", "new_modalities"}
+    unknown = sorted(set(upgrade) - allowed)
+    if unknown:
+        raise ValueError(f"model.init_args.upgrade has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    if "old_checkpoint" not in upgrade:
+        raise ValueError("model.init_args.upgrade needs old_checkpoint (the old model's checkpoint file)")
+    return {"compatible_losses": [], **upgrade}
 
 
 @dataclass
@@ -90,11 +107,25 @@ class EmbeddingModule(L.LightningModule):
         self.val_metric = self.build_metric()
         self.test_metric = self.build_metric()
         self.host: CompatibilityHost | None = None
-        if upgrade is not None:
-            self.host = CompatibilityHost(new_dim=encoder.embedding_dim, new_modalities=encoder.modalities,
-                                          **upgrade)
-            self.val_cross_metric = self.build_metric()
+        self._upgrade = check_upgrade(upgrade)
+        if self._upgrade is not None and Path(str(self._upgrade.get("old_checkpoint", ""))).is_file():
+            self._build_host()
+        # else: built at setup("fit" / "validate"), where a missing old checkpoint is an error; a trained model
+        # is tested, exported and used for predict without its old model (the adapter is only for training).
         self._space: dict[str, Any] | None = None
+
+    def _build_host(self) -> None:
+        self.host = CompatibilityHost(new_dim=self.encoder.embedding_dim, new_modalities=self.encoder.modalities,
+                                      **self._upgrade)
+        self.val_cross_metric = self.build_metric()
+
+    def setup(self, stage: str) -> None:
+        if self._upgrade is not None and self.host is None and stage in ("fit", "validate"):
+            old = self._upgrade.get("old_checkpoint")
+            if not Path(str(old)).is_file():
+                raise FileNotFoundError(f"model.init_args.upgrade.old_checkpoint {old} does not exist: training "
+                                        "or validating against the old model needs it")
+            self._build_host()
 
     # ------------------------------------------------------------------------------------ embeddings
     def build_metric(self) -> RetrievalMetric:
@@ -144,6 +175,9 @@ class EmbeddingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
+        if self.host is None:  # weights of a training-time host (adapter) are not needed without one
+            for key in [k for k in state if k.startswith("host.")]:
+                del state[key]
         if "encoder" not in checkpoint and not any(k.startswith(ENCODER_PREFIX) for k in state):
             legacy = [k for k in state if k.startswith("model.")]
             if not legacy:

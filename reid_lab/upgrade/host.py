@@ -66,7 +66,7 @@ class CompatibilityHost(nn.Module):
     def __init__(
         self,
         old_checkpoint: str,
-        compatible_losses: list[dict[str, Any]],
+        compatible_losses: list[dict[str, Any]] | None,
         new_dim: int,
         new_modalities: tuple[str, ...] | list[str] = ("image",),
         adapter: str = "linear",

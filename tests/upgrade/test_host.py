@@ -120,3 +120,27 @@ def test_a_dimension_change_embeds_new_queries_through_the_saved_adapter(old_che
     torch.testing.assert_close(into_old, own @ module.host.adapter.proj.weight.detach().T)
     with pytest.raises(ValueError, match="no adapter into an old space"):
         load_embedder(old_checkpoint, into_old_space=True)
+
+
+def test_a_trained_model_loads_for_test_and_predict_without_its_old_model(old_checkpoint, tmp_path):
+    trained = new_module(old_checkpoint, [{"name": "l2"}], embedding_dim=64).eval()
+    path = save_module_checkpoint(trained, tmp_path / "new.ckpt")
+    moved = tmp_path / "moved" / "old.ckpt"
+    moved.parent.mkdir()
+    old_checkpoint.rename(moved)  # the old model's file is gone from where the config says
+
+    reloaded = new_module(old_checkpoint, [{"name": "l2"}], embedding_dim=64).eval()  # same config
+    assert reloaded.host is None
+    checkpoint = torch.load(path, weights_only=True)
+    reloaded.on_load_checkpoint(checkpoint)
+    reloaded.load_state_dict(checkpoint["state_dict"])  # strict: the adapter's weights were dropped, not lost
+    torch.testing.assert_close(reloaded.embedder()({"image": IMAGES})["image"],
+                               trained.embedder()({"image": IMAGES})["image"])
+    with pytest.raises(FileNotFoundError, match=r"old_checkpoint .*old.ckpt does not exist"):
+        reloaded.setup("fit")
+
+
+def test_a_misspelled_upgrade_key_is_named(old_checkpoint):
+    with pytest.raises(ValueError, match=r"upgrade has unknown key\(s\) \['compatible_loss'\]"):
+        ReIDModule(backbone="resnet18", num_classes=3,
+                   upgrade={"old_checkpoint": str(old_checkpoint), "compatible_loss": [{"name": "bct"}]})
