@@ -30,6 +30,14 @@ def _index(argv: list[str]) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index}
 
+# LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
+PROJECT_COMMANDS_HELP = """
+reid_lab commands (each has its own --help):
+  synth      generate a synthetic ReID dataset (a Market-1501 tree): reid-lab synth --out data/synthetic
+  upgrade    run a whole compatible-upgrade study in resumable stages: reid-lab upgrade --config study.yaml
+  index      build and search faiss gallery indexes over saved features: reid-lab index build ...
+"""
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reid-lab`` console script."""
@@ -37,8 +45,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in SUBCOMMANDS:
         return int(SUBCOMMANDS[argv[0]](argv[1:]) or 0)
     from reid_lab.lightning_cli import run_lightning_cli
+    from reid_lab.modules.guards import TrainingDiverged
 
-    run_lightning_cli(argv)
+    top_level_help = not argv or argv[0] in ("-h", "--help")
+    try:
+        run_lightning_cli(argv)
+    except SystemExit as exit_:
+        if top_level_help:  # after LightningCLI's usage (or its "expected a subcommand" error)
+            print(PROJECT_COMMANDS_HELP, file=sys.stdout if not exit_.code else sys.stderr)
+        raise
+    except TrainingDiverged as error:  # the message says where and what to do; a traceback adds nothing
+        print(f"reid-lab: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,12 +10,14 @@ every stage through it) and the ``reid-lab`` entry point (:mod:`reid_lab.cli`).
 from __future__ import annotations
 
 import os
+import warnings
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from reid_lab.embedding.features import FeatureWriter
 from reid_lab.modules.base import EmbeddingModule
+from reid_lab.modules.guards import DivergenceGuard
 
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
@@ -27,6 +29,7 @@ DEFAULT_CALLBACKS = [
     {"class_path": "reid_lab.modules.checkpointing.EmbeddingCheckpoint"},  # monitor: the module's key
     {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor", "init_args": {"logging_interval": "epoch"}},
     {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {"class_path": "reid_lab.modules.guards.DivergenceGuard"},  # NaN / exploding loss stops the run
 ]
 
 
@@ -36,6 +39,9 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+
+
+RANDOM_WEIGHTS = "random"
 
 
 class ReIDLabCLI(LightningCLI):
@@ -57,6 +63,46 @@ class ReIDLabCLI(LightningCLI):
             "trainer.use_distributed_sampler": False,
         })
         parser.add_lightning_class_args(FeatureWriter, "predict_writer")
+
+    # ``test`` / ``predict`` without weights would report numbers of a random initialisation: refuse unless
+    # the user says so with ``--ckpt_path random``.
+    def before_test(self) -> None:
+        self._require_checkpoint()
+
+    def before_predict(self) -> None:
+        self._require_checkpoint()
+
+    def before_validate(self) -> None:
+        self._require_checkpoint()
+
+    def _require_checkpoint(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == RANDOM_WEIGHTS:
+            config["ckpt_path"] = None
+            print(f"reid-lab {self.subcommand}: --ckpt_path {RANDOM_WEIGHTS}: the model's initial weights are used")
+            return
+        if config.get("ckpt_path") is None:
+            raise SystemExit(
+                f"reid-lab {self.subcommand}: no --ckpt_path: this would {self.subcommand} the model's initial "
+                f"(untrained) weights. Pass --ckpt_path <checkpoint>, or --ckpt_path {RANDOM_WEIGHTS} to do so "
+                "on purpose."
+            )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        # Our callers (``reid-lab``, the study runner) always pass the whole command line as ``args``;
+        # Lightning warns whenever ``sys.argv`` is non-empty as well, i.e. on every run.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            super().parse_arguments(parser, args)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # The divergence guard stays on when a config lists its own callbacks (which replaces the defaults);
+        # a config that lists a DivergenceGuard configures it (``explosion_factor: null`` turns that check off).
+        listed = config.get("callbacks") or []
+        listed = listed if isinstance(listed, list) else [listed]
+        if not any(isinstance(c, DivergenceGuard) for c in [*listed, *callbacks]):
+            callbacks = [*callbacks, DivergenceGuard()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> ReIDLabCLI:
