@@ -4,6 +4,8 @@ that yields query and gallery images together with their pids, camids and an ``i
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -13,12 +15,15 @@ from torch.utils.data import DataLoader
 
 from reid_lab.data.datasets import load_dataset
 from reid_lab.data.image_dataset import ImageDataset
+from reid_lab.data.preflight import BadImagesError, check_images, describe_bad
 from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
 from reid_lab.data.sampler import PKBatchSampler
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 from reid_lab.data.views import TrainingSetView
 
 PredictSplit = Literal["test", "query", "gallery", "train"]
+
+logger = logging.getLogger(__name__)
 
 
 class ReIDDataModule(L.LightningDataModule):
@@ -42,6 +47,11 @@ class ReIDDataModule(L.LightningDataModule):
         predict_split: which images ``predict`` embeds: ``test`` (query then gallery), ``query``,
             ``gallery`` or ``train``.
         seed: seed of the PK sampler's shuffles.
+        check_images: before a stage starts (``setup``), decode every image it will read (fit: train, query
+            and gallery) and fail naming every unreadable one (see :mod:`reid_lab.data.preflight`; cached by
+            file stat, so later runs re-check only changed files).
+        skip_bad_images: instead of failing, leave the unreadable images out, listing them in the log and in
+            a report file. Training labels keep their numbering (the classifier size is unchanged).
     """
 
     def __init__(
@@ -62,6 +72,8 @@ class ReIDDataModule(L.LightningDataModule):
         autoaugment_prob: float = 0.0,
         predict_split: PredictSplit = "test",
         seed: int = 0,
+        check_images: bool = True,
+        skip_bad_images: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +88,8 @@ class ReIDDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.predict_split = predict_split
         self.seed = seed
+        self.check_images = check_images
+        self.skip_bad_images = skip_bad_images
         self.train_transform = build_train_transform(
             self.image_size,
             flip_prob=flip_prob,
@@ -87,6 +101,7 @@ class ReIDDataModule(L.LightningDataModule):
         self.test_transform = build_test_transform(self.image_size)
         self._splits: ReIDSplits | None = None
         self._train_records: list[ImageRecord] | None = None
+        self._skipped: dict[str, str] = {}  # absolute path -> why it cannot be read (skip_bad_images)
 
     # ----------------------------------------------------------------------------------------- records
     @property
@@ -97,7 +112,7 @@ class ReIDDataModule(L.LightningDataModule):
         return self._splits
 
     @property
-    def train_records(self) -> list[ImageRecord]:
+    def all_train_records(self) -> list[ImageRecord]:
         """Training images, restricted to ``train_subset`` when one is given, pids relabelled ``0..N-1``."""
         if self._train_records is None:
             records = self.splits.train
@@ -107,9 +122,19 @@ class ReIDDataModule(L.LightningDataModule):
         return self._train_records
 
     @property
+    def train_records(self) -> list[ImageRecord]:
+        """The training images read for training: :attr:`all_train_records` less any skipped bad image."""
+        return self._readable(self.all_train_records)
+
+    @property
     def num_classes(self) -> int:
         """Number of training identities (linked to the model's classifier by the CLI)."""
-        return len({r.pid for r in self.train_records})
+        return len({r.pid for r in self.all_train_records})
+
+    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        if not self._skipped:
+            return records
+        return [r for r in records if os.path.abspath(r.path) not in self._skipped]
 
     @property
     def num_cameras(self) -> int:
@@ -117,8 +142,56 @@ class ReIDDataModule(L.LightningDataModule):
 
     def eval_records(self) -> tuple[list[ImageRecord], list[bool]]:
         """Query then gallery records and the matching ``is_query`` flags."""
-        query, gallery = self.splits.query, self.splits.gallery
+        query, gallery = self._readable(self.splits.query), self._readable(self.splits.gallery)
         return query + gallery, [True] * len(query) + [False] * len(gallery)
+
+    # ------------------------------------------------------------------------------------- pre-flight
+    def setup(self, stage: str | None = None) -> None:
+        if self.check_images:
+            self.preflight(stage)
+
+    def stage_records(self, stage: str | None) -> tuple[str, list[ImageRecord]]:
+        """What a stage reads: fit: train + query + gallery; validate / test: query + gallery; predict: its split."""
+        query_gallery = self.splits.query + self.splits.gallery
+        if stage in ("validate", "test"):
+            return "query, gallery", query_gallery
+        if stage == "predict":
+            split = self.predict_split
+            records = {"test": query_gallery, "train": self.all_train_records}.get(split)
+            return split, records if records is not None else getattr(self.splits, split)
+        return "train, query, gallery", self.all_train_records + query_gallery
+
+    def preflight(self, stage: str | None = None) -> dict[str, str]:
+        """Decode every image ``stage`` will read; fail naming all bad ones, or skip them when asked.
+
+        Returns:
+            The bad images (path -> reason) that are now skipped; empty when every image is readable.
+
+        Raises:
+            BadImagesError: some images cannot be read and ``skip_bad_images`` is off.
+        """
+        what, records = self.stage_records(stage)
+        dataset_dir = self.splits.meta.get("root") or os.path.commonpath([os.path.abspath(r.path) for r in records])
+        bad, report = check_images([r.path for r in records], dataset_dir)
+        if not bad:
+            return {}
+        listing = describe_bad(bad, report)
+        if not self.skip_bad_images:
+            raise BadImagesError(
+                f"{self.splits.name}: {len(bad)} image(s) of the {what} split(s) cannot be read:\n{listing}\n"
+                "Replace or remove them, or set skip_bad_images: true on the data module "
+                "(--data.init_args.skip_bad_images=true) to leave them out (they are then logged and reported).",
+                bad,
+            )
+        self._skipped.update(bad)
+        logger.warning("%s: skipping %d unreadable image(s) (skip_bad_images: true):\n%s",
+                       self.splits.name, len(bad), listing)
+        kept = {r.pid for r in self.train_records}
+        lost = sorted({r.pid for r in self.all_train_records} - kept)
+        if lost:
+            logger.warning("%s: training label(s) %s have no readable image left; their classifier rows stay "
+                           "untrained", self.splits.name, lost)
+        return bad
 
     # ------------------------------------------------------------------------------------- dataloaders
     def _loader_kwargs(self) -> dict:
@@ -176,7 +249,7 @@ class ReIDDataModule(L.LightningDataModule):
         if self.predict_split == "train":
             return self.train_records, [False] * len(self.train_records)
         if self.predict_split in ("query", "gallery"):
-            records = getattr(self.splits, self.predict_split)
+            records = self._readable(getattr(self.splits, self.predict_split))
             return records, [self.predict_split == "query"] * len(records)
         raise ValueError(f"predict_split must be one of test, query, gallery, train; got {self.predict_split!r}")
 

@@ -110,6 +110,32 @@ def test_market1501_missing_folder_lists_paths_tried(tmp_path):
     assert "bounding_box_train, query, bounding_box_test" in message
 
 
+def test_market1501_missing_folder_names_what_is_missing(tmp_path):
+    dataset_dir = make_market_tree(tmp_path / "Market-1501-v15.09.15")
+    (dataset_dir / "bounding_box_test").rename(dataset_dir / "bounding_box_test.old")
+    with pytest.raises(DatasetFormatError) as error:
+        load_market1501(tmp_path)
+    lines = str(error.value).splitlines()
+    # The folder that exists names the one entry it lacks; the candidates that do not exist say so.
+    assert f"  - {dataset_dir}: exists, but is missing bounding_box_test" in lines
+    assert f"  - {tmp_path / 'market1501' / 'Market-1501-v15.09.15'}: does not exist" in lines
+
+
+@pytest.mark.parametrize(
+    ("loader", "folder", "files", "bad_name"),
+    [
+        (load_market1501, "bounding_box_train", MARKET_FILES, "0021_c2s1_049428_01 (copy).jpg"),
+        (load_market1501, "query", MARKET_FILES, "0001_c1s1_001051_00.jpg.jpg"),
+        (load_synthetic, "bounding_box_test", MARKET_FILES, "0003_c5s3_000400_01-1.jpg"),
+    ],
+)
+def test_market_names_with_trailing_junk_are_rejected(tmp_path, loader, folder, files, bad_name):
+    make_market_tree(tmp_path, {**files, folder: [*files[folder], bad_name]})
+    with pytest.raises(DatasetFormatError, match="does not match the expected format") as error:
+        loader(tmp_path)
+    assert str(tmp_path / folder / bad_name) in str(error.value)
+
+
 def test_market1501_mismatched_file_name_is_named(tmp_path):
     files = {**MARKET_FILES, "bounding_box_train": [*MARKET_FILES["bounding_box_train"], "person_7.jpg"]}
     make_market_tree(tmp_path, files)

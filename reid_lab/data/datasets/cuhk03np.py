@@ -21,7 +21,7 @@ from reid_lab.data.datasets.layout import (
 from reid_lab.data.records import DatasetFormatError, ReIDSplits
 
 CUHK03NP_FORMAT = FilenameFormat(
-    pattern=re.compile(r"([-\d]+)_c(\d)"),
+    pattern=re.compile(r"([-\d]+)_c(\d)_\d+\.(?i:png)"),
     example="0001_c1_1.png",
     extensions=(".png",),
     cameras=(1, 2),

@@ -20,7 +20,7 @@ from reid_lab.data.datasets.layout import (
 from reid_lab.data.records import ReIDSplits
 
 DUKEMTMC_FORMAT = FilenameFormat(
-    pattern=re.compile(r"([-\d]+)_c(\d)"),
+    pattern=re.compile(r"([-\d]+)_c(\d)_f\d+\.(?i:jpg)"),
     example="0001_c2_f0046182.jpg",
     extensions=(".jpg",),
     cameras=(1, 8),

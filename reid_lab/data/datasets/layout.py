@@ -43,16 +43,21 @@ def resolve_root(
 
     Raises:
         DatasetFormatError: no candidate contains all ``required`` entries; the message lists every path
-            tried and the expected entries.
+            tried, what is missing in each (the folder itself, or which required entries), and the expected
+            entries.
     """
     root = Path(root).expanduser()
     tried = []
     for rel in candidates:
         folder = root if rel == "." else root / rel
-        tried.append(folder)
-        if all(os.path.exists(folder / entry) for entry in required):
+        missing = [entry for entry in required if not os.path.exists(folder / entry)]
+        if not missing:
             return folder.resolve()
-    lines = "\n".join(f"  - {path}" for path in tried)
+        if not folder.is_dir():
+            tried.append(f"{folder}: does not exist")
+        else:
+            tried.append(f"{folder}: exists, but is missing {', '.join(missing)}")
+    lines = "\n".join(f"  - {line}" for line in tried)
     message = (
         f"{dataset}: dataset folder not found under {root}. Tried:\n{lines}\n"
         f"The dataset folder must contain: {', '.join(required)}."
@@ -98,7 +103,8 @@ class FilenameFormat:
     """How a Market-style file name encodes its identity and camera.
 
     Attributes:
-        pattern: regex matched at the start of the file name; group 1 is the pid, group 2 the 1-based camera.
+        pattern: regex the whole file name must match (``fullmatch``, so a copy such as
+            ``0002_c1s1_000451_03 (copy).jpg`` is rejected); group 1 is the pid, group 2 the 1-based camera.
         example: a valid file name, shown in error messages.
         extensions: image extensions of the dataset (lower case, with the dot).
         cameras: inclusive range of valid 1-based camera numbers.
@@ -113,7 +119,7 @@ class FilenameFormat:
     max_pid: int | None = None
 
     def describe(self) -> str:
-        return f"pattern {self.pattern.pattern!r} on the file name, e.g. {self.example!r}"
+        return f"pattern {self.pattern.pattern!r} on the whole file name, e.g. {self.example!r}"
 
 
 def parse_split_folder(folder: str | Path, fmt: FilenameFormat, dataset: str) -> list[ImageRecord]:
@@ -140,7 +146,7 @@ def parse_split_folder(folder: str | Path, fmt: FilenameFormat, dataset: str) ->
     records, num_junk = [], 0
     for name in names:
         path = os.path.join(folder, name)
-        match = fmt.pattern.match(name)
+        match = fmt.pattern.fullmatch(name)
         if match is None:
             raise DatasetFormatError(
                 f"{dataset}: file name {path} does not match the expected format: {fmt.describe()}"

@@ -20,7 +20,7 @@ from reid_lab.data.datasets.layout import (
 from reid_lab.data.records import ReIDSplits
 
 MARKET1501_FORMAT = FilenameFormat(
-    pattern=re.compile(r"([-\d]+)_c(\d)"),
+    pattern=re.compile(r"([-\d]+)_c(\d)s\d+_\d+_\d+\.(?i:jpg)"),
     example="0002_c1s1_000451_03.jpg",
     extensions=(".jpg",),
     cameras=(1, 6),

@@ -19,7 +19,7 @@ from reid_lab.data.records import ReIDSplits
 
 # Market names with any single-digit camera: the generator may use more cameras than Market's six.
 SYNTHETIC_FORMAT = FilenameFormat(
-    pattern=re.compile(r"([-\d]+)_c(\d)"),
+    pattern=re.compile(r"([-\d]+)_c(\d)s\d+_\d+_\d+\.(?i:jpg|jpeg|png)"),
     example="0002_c1s1_000451_03.jpg",
     extensions=(".jpg", ".jpeg", ".png"),
     cameras=(1, 9),

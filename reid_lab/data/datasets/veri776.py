@@ -15,7 +15,7 @@ from reid_lab.data.datasets.layout import FilenameFormat, load_split_folders, re
 from reid_lab.data.records import ReIDSplits
 
 VERI776_FORMAT = FilenameFormat(
-    pattern=re.compile(r"([\d]+)_c(\d\d\d)"),
+    pattern=re.compile(r"(\d+)_c(\d\d\d)_\d+_\d+\.(?i:jpg)"),
     example="0002_c002_00030600_0.jpg",
     extensions=(".jpg",),
     cameras=(1, 20),
