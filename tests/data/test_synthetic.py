@@ -16,9 +16,9 @@ from PIL import Image
 from reid_lab.data.datasets import load_dataset
 from reid_lab.data.synthetic import generate_synthetic, main
 from reid_lab.data.synthetic.attributes import Colour, PersonAttributes
-from reid_lab.studies.raw_pixels import raw_pixel_baseline
 from reid_lab.data.synthetic.cameras import ViewConditions
 from reid_lab.data.synthetic.captions import describe, tokenize
+from reid_lab.studies.raw_pixels import raw_pixel_baseline
 
 MARKET_NAME = re.compile(r"^([-\d]+)_c(\d)s1_(\d{6})_(\d{2})\.jpg$")
 SMALL = dict(
