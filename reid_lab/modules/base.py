@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import inspect
 import logging
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +34,37 @@ from reid_lab.upgrade.host import CompatibilityHost
 log = logging.getLogger(__name__)
 
 ENCODER_PREFIX = "encoder."
+
+
+def rng_states() -> dict[str, Any]:
+    """Python, numpy, torch (CPU and every CUDA device) random states."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {  # plain containers and tensors: checkpoints load with weights_only=True
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore what :func:`rng_states` captured."""
+    random.setstate(_as_python_state(states["python"]))
+    n = states["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _as_python_state(state: Any) -> tuple:
+    """``random.setstate`` wants tuples; a checkpoint read back with ``weights_only`` may give lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
 
 
 def check_upgrade(upgrade: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -172,6 +205,7 @@ class EmbeddingModule(L.LightningModule):
         checkpoint["embedding_space"] = self.embedding_space()
         if self.host is not None:
             checkpoint["compatibility_state"] = self.host.state_for_checkpoint()
+        checkpoint["rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
@@ -195,6 +229,7 @@ class EmbeddingModule(L.LightningModule):
                             "re-derived and its compatibility claims are dropped", space.get("space_id"), digest)
         if self.host is not None and checkpoint.get("compatibility_state"):
             self.host.load_state(checkpoint["compatibility_state"])
+        self._resume_rng = checkpoint.get("rng_states")
 
     # --------------------------------------------------------------------------------------- training
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:  # pragma: no cover - abstract
@@ -206,6 +241,12 @@ class EmbeddingModule(L.LightningModule):
             self.host.prepare(self.trainer.datamodule.training_set_view(), device=self.device)
 
     def on_train_epoch_start(self) -> None:
+        # A resumed fit continues from the random state the checkpoint was written in (after that epoch's
+        # validation), so the next epoch's augmentations and loader seeds equal the uninterrupted run's.
+        # Restored here, not at load time: fit start (host preparation, sanity check) draws numbers too.
+        if getattr(self, "_resume_rng", None) is not None:
+            set_rng_states(self._resume_rng)
+            self._resume_rng = None
         if self.host is not None:
             self.host.on_train_epoch_start(self.current_epoch, self.embedder())
 

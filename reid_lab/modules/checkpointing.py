@@ -10,6 +10,10 @@ class EmbeddingCheckpoint(ModelCheckpoint):
 
     ``ReIDModule`` selects on ``val/mAP``; a text-to-image module may select on ``val/R1``. An explicit
     ``monitor`` argument wins. Selection is ``mode="max"`` unless the module says ``monitor_mode = "min"``.
+
+    ``last.ckpt`` is written at the end of every training epoch, whatever the validation frequency
+    (``ModelCheckpoint`` alone writes it only when it validates, so a run with ``check_val_every_n_epoch: 8``
+    killed in epoch 7 lost everything).
     """
 
     def __init__(self, dirpath: str | None = None, monitor: str | None = None, mode: str = "max",
@@ -31,3 +35,12 @@ class EmbeddingCheckpoint(ModelCheckpoint):
             short = self.monitor.split("/")[-1]
             self.filename = f"epoch{{epoch:03d}}-{short}{{{self.monitor}:.2f}}"
         super().setup(trainer, pl_module, stage)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if not self.save_last or self._should_skip_saving_checkpoint(trainer):
+            return
+        if self._last_global_step_saved == trainer.global_step and self.last_model_path:
+            return  # this epoch's state is on disk already
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = trainer.global_step
