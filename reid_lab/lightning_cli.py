@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from reid_lab.embedding.checkpoint import read_checkpoint
 from reid_lab.embedding.features import FeatureWriter
 from reid_lab.modules.base import EmbeddingModule
 from reid_lab.modules.guards import DivergenceGuard
@@ -63,6 +65,25 @@ class ReIDLabCLI(LightningCLI):
             "trainer.use_distributed_sampler": False,
         })
         parser.add_lightning_class_args(FeatureWriter, "predict_writer")
+
+    def before_instantiate_classes(self) -> None:
+        """``fit --ckpt_path``: continue the checkpoint's own logger run, so its checkpoint folder (and top-k
+        state) is the same one instead of a new run's."""
+        if self.subcommand != "fit":
+            return
+        config = self.config[self.subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path or not Path(str(ckpt_path)).is_file():
+            return
+        run = (read_checkpoint(ckpt_path).get("run") or {})
+        logger = config.get("trainer", {}).get("logger")
+        if not run.get("version") or not logger or not hasattr(logger, "get"):
+            return
+        init_args = logger.get("init_args")
+        if run.get("logger") == str(logger.get("class_path", "")).rsplit(".", 1)[-1] and init_args is not None:
+            if "id" in init_args and init_args.get("id") is None:
+                init_args["id"] = run["version"]
+                print(f"reid-lab fit: resuming logger run {run['version']} of {ckpt_path}")
 
     # ``test`` / ``predict`` without weights would report numbers of a random initialisation: refuse unless
     # the user says so with ``--ckpt_path random``.

@@ -206,6 +206,9 @@ class EmbeddingModule(L.LightningModule):
         if self.host is not None:
             checkpoint["compatibility_state"] = self.host.state_for_checkpoint()
         checkpoint["rng_states"] = rng_states()
+        logger = self._trainer.logger if self._trainer is not None else None
+        if logger is not None:  # a resumed fit continues this run (and its checkpoint folder)
+            checkpoint["run"] = {"logger": type(logger).__name__, "version": str(logger.version)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
