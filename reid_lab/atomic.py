@@ -3,18 +3,24 @@
 Every writer goes through :func:`atomic_open`: a temporary file in the destination's folder (same file system,
 so the rename is atomic), written, flushed and ``fsync``-ed, given ordinary permissions (``0o666`` minus the
 umask; ``mkstemp`` creates ``0o600``), then ``os.replace``-d over the destination. On any error, interrupt
-included, the temporary file is removed and the previous file (if any) stays as it was.
+included, the temporary file is removed and the previous file (if any) stays as it was. A process killed
+outright (SIGKILL, power loss) cannot clean up: the next write to the same destination removes what such a
+write left (``.<name>.*.tmp``) and logs it.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "atomic_open",
@@ -46,6 +52,9 @@ def atomic_open(path: str | Path, mode: str = "w", encoding: str | None = "utf-8
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        log.warning("removing %s, left by an interrupted write of %s", stale, path)
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as handle:

@@ -10,12 +10,14 @@ every stage through it) and the ``reid-lab`` entry point (:mod:`reid_lab.cli`).
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from pathlib import Path
 
 import jsonargparse
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from reid_lab.atomic import atomic_write_text
 from reid_lab.embedding.checkpoint import read_checkpoint
 from reid_lab.embedding.features import FeatureWriter
 from reid_lab.modules.base import EmbeddingModule
@@ -36,11 +38,48 @@ DEFAULT_CALLBACKS = [
 
 
 class LoggedSaveConfigCallback(SaveConfigCallback):
-    """Saves the resolved ``config.yaml`` next to the run and pushes it into the logger's hyperparameters."""
+    """Saves the resolved config next to its own run, never over an existing file, and into the logger.
+
+    The file is ``<save_dir>/<name>/<version>/config.<stage>.yaml`` (the folder that also holds the run's
+    checkpoints) or, without a logger, ``<default_root_dir>/configs/<stage>-<time>.yaml``; a name already
+    taken gets a numbered suffix. (Lightning's own callback writes ``config.yaml`` into the logger's shared
+    ``save_dir``, or the working folder without a logger, over whatever file is there.)
+    """
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.already_saved:
+            return
+        if trainer.is_global_zero:
+            path = _free_path(_config_path(trainer, stage))
+            atomic_write_text(path, self.parser.dump(self.config, skip_none=False))
+            self.config_path = path
+            self.save_config(trainer, pl_module, stage)
+            self.already_saved = True
+        self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         if trainer.logger is not None:
             trainer.logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+
+
+def _config_path(trainer, stage) -> Path:
+    stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+    logger = trainer.logger
+    version = getattr(logger, "version", None) if logger is not None else None
+    if version is not None:
+        root = Path(logger.save_dir or trainer.default_root_dir)
+        name = logger.name or ""
+        return root / str(name) / (version if isinstance(version, str) else f"version_{version}") / f"config.{stage}.yaml"
+    return Path(trainer.default_root_dir) / "configs" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+
+
+def _free_path(path: Path) -> Path:
+    """``path``, or ``<stem>-1<suffix>``, ``-2`` ... whichever does not exist yet."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 RANDOM_WEIGHTS = "random"

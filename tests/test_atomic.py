@@ -53,3 +53,25 @@ def test_bad_mode_is_refused(tmp_path):
     with pytest.raises(ValueError, match="mode must be"):
         with atomic_open(tmp_path / "f", "a"):
             pass
+
+
+def test_leftovers_of_a_killed_write_are_removed_by_the_next_write(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "features.json"
+    child = ("import os, signal, sys\n"
+             "import reid_lab.atomic as a\n"
+             "with a.atomic_open(sys.argv[1]) as f:\n"
+             "    f.write('half')\n"
+             "    f.flush()\n"
+             "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", child, str(target)], capture_output=True, timeout=120,
+                            env={**os.environ})
+    assert result.returncode == -signal.SIGKILL
+    leftovers = list(tmp_path.glob(".features.json.*.tmp"))
+    assert len(leftovers) == 1 and not target.exists()  # nothing under the destination's name
+    atomic_write_json(target, {"ok": 1})
+    assert not list(tmp_path.glob(".features.json.*.tmp")) and target.read_text() == '{\n "ok": 1\n}\n'

@@ -20,6 +20,7 @@ it runs on whatever device its inputs are on.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -34,6 +35,8 @@ from torch import Tensor
 
 from reid_lab.atomic import umask
 from reid_lab.embedding.features import FeatureSet
+
+log = logging.getLogger(__name__)
 
 FORMAT = "reid_lab.gallery_index/1"
 KINDS = ("flat", "ivf", "hnsw", "ivfpq")
@@ -322,6 +325,7 @@ class GalleryIndex:
             ``directory``.
         """
         directory = Path(directory)
+        recover_interrupted_save(directory)
         if directory.exists() and not directory.is_dir():
             raise ValueError(f"cannot save an index to {directory}: it exists and is not a folder")
         if directory.is_dir() and any(directory.iterdir()) and not (directory / META_FILE).is_file():
@@ -368,6 +372,7 @@ class GalleryIndex:
             device: ``"cpu"``, ``"gpu"`` or ``"auto"`` (GPU when faiss sees one and the kind supports it).
         """
         directory = Path(directory)
+        recover_interrupted_save(directory)
         if not directory.is_dir():
             raise FileNotFoundError(f"index folder {directory} does not exist")
         for name in (INDEX_FILE, META_FILE):
@@ -394,6 +399,31 @@ class GalleryIndex:
         out = cls(index, meta["kind"], params, meta["space"], meta["pids"], meta["camids"], meta["paths"])
         out._apply_search_params()
         return out
+
+
+def recover_interrupted_save(directory: Path) -> None:
+    """Undo what a killed :meth:`GalleryIndex.save` left next to ``directory``.
+
+    A save moves the previous index to ``.<name>.*.old/index`` and then renames the new one into place; killed
+    between the two renames, no index is at ``directory``. The previous one is moved back (old or new, never
+    neither), leftover ``.old`` folders of a finished save are removed, and unfinished ``.tmp`` folders
+    (written before the kill, never renamed) are removed with a warning that names them.
+    """
+    parent = directory.parent
+    if not parent.is_dir():
+        return
+    olds = sorted(parent.glob(f".{directory.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    if not directory.exists():
+        for old in reversed(olds):
+            if (old / "index" / META_FILE).is_file():
+                os.replace(old / "index", directory)
+                log.warning("restored the index %s that an interrupted save had moved to %s", directory, old)
+                break
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    for tmp in parent.glob(f".{directory.name}.*.tmp"):
+        log.warning("removing %s, left by an interrupted index save", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resolve_params(kind: str, n: int, dim: int, params: dict[str, Any]) -> dict[str, Any]:
