@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from reid_lab.retrieval.index import GalleryIndex
 
 REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.faults
 
 # Runs in a child: build a new index over the old one and SIGKILL itself right after the first rename
 # (old index moved aside, new one not yet in place).

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
 STEPS_PER_EPOCH = 3
 
