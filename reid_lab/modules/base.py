@@ -36,6 +36,14 @@ log = logging.getLogger(__name__)
 ENCODER_PREFIX = "encoder."
 
 
+def batch_modality(batch: dict[str, Any]) -> str:
+    """The modality of an evaluation batch (batches are homogeneous: ReID images, or captions, or images)."""
+    present = [m for m in MODALITIES if m in batch]
+    if len(present) != 1:
+        raise ValueError(f"an evaluation batch holds one modality of {MODALITIES}; this one holds {present}")
+    return present[0]
+
+
 def rng_states() -> dict[str, Any]:
     """Python, numpy, torch (CPU and every CUDA device) random states."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -272,15 +280,18 @@ class EmbeddingModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.update_metric(self.val_metric, batch, self.embedder()(batch)["image"])
-        if self.host is not None:  # cross-test: new (adapted) query features against old gallery features
-            new = self.embedder(into_old_space=True)(batch)["image"]
-            old = self.host.old.encode(batch)["image"]
-            mixed = torch.where(batch["is_query"].unsqueeze(1), new, old)
+        modality = batch_modality(batch)
+        self.update_metric(self.val_metric, batch, self.embedder()(batch)[modality])
+        if self.host is not None:  # cross-test: new (adapted) queries against the old model's gallery
+            is_query = batch["is_query"]
+            mixed = self.embedder(into_old_space=True)(batch)[modality]
+            if not bool(is_query.all()):  # gallery items are images, embedded by the old model
+                old = self.host.old.encode({"image": batch["image"]})["image"]
+                mixed = torch.where(is_query.unsqueeze(1), mixed, old)
             self.update_metric(self.val_cross_metric, batch, mixed)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.update_metric(self.test_metric, batch, self.embedder()(batch)["image"])
+        self.update_metric(self.test_metric, batch, self.embedder()(batch)[batch_modality(batch)])
 
     def _log_metric(self, metric, prefix: str) -> None:
         if self.trainer.sanity_checking:  # a few query-only batches: nothing to rank yet
@@ -302,7 +313,7 @@ class EmbeddingModule(L.LightningModule):
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """One row per item: ``embedding``, ``pid``, ``index``, ``is_query``, ``camid`` (if any), ``modality``."""
-        modality = next(m for m in MODALITIES if m in batch)
+        modality = batch_modality(batch)
         rows = {
             "embedding": self.embedder()(batch)[modality],
             "pid": batch["pid"],

@@ -1,0 +1,134 @@
+"""Image–text losses of dual encoders: CLIP InfoNCE, SigLIP, IRRA's similarity distribution matching.
+
+Every loss is an ``nn.Module`` called as ``loss(image, text, pids, logit_scale)`` with ``image`` / ``text``
+``(B, D)`` embeddings of matching pairs (row ``i`` of both is one image and one of its captions), ``pids``
+``(B,)`` identities and the model's learnable ``logit_scale`` (log of the inverse temperature, as in
+open_clip). It returns an *unweighted* scalar; the module multiplies it by ``loss.weight``. Embeddings are
+L2-normalised here. Under DDP, the CLIP and SigLIP losses use open_clip's own cross-rank exchange
+(:class:`open_clip.loss.ClipLoss` with ``gather_with_grad`` and ``local_loss``, :class:`SigLipLoss`); SDM
+gathers every rank's pairs with gradients so its identity-aware targets see the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss, SigLipLoss
+from torch import Tensor, nn
+
+__all__ = ["IMAGE_TEXT_LOSSES", "CLIPLoss", "ImageTextLoss", "SDMLoss", "SigLIPLoss", "build_image_text_loss"]
+
+
+def _unit(x: Tensor) -> Tensor:
+    """L2-normalised rows, in at least float32 (half-precision logits lose the softmax's tail)."""
+    return F.normalize(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, dim=-1)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ImageTextLoss(nn.Module):
+    """Base class: ``weight`` and a short ``name`` for logging."""
+
+    name = "image_text"
+
+    def __init__(self, weight: float = 1.0) -> None:
+        super().__init__()
+        self.weight = float(weight)
+
+    def forward(self, image: Tensor, text: Tensor, pids: Tensor, logit_scale: Tensor) -> Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+
+class CLIPLoss(ImageTextLoss):
+    """Symmetric InfoNCE of CLIP (Radford et al. ICML'21): ``(CE(s·I Tᵀ, diag) + CE(s·T Iᵀ, diag)) / 2``,
+    ``s = exp(logit_scale)``, the pairs of the batch as the only positives (open_clip's ``ClipLoss``)."""
+
+    name = "clip"
+
+    def forward(self, image: Tensor, text: Tensor, pids: Tensor, logit_scale: Tensor) -> Tensor:
+        rank, world = _rank_world()
+        loss = ClipLoss(local_loss=world > 1, gather_with_grad=world > 1, rank=rank, world_size=world)
+        return loss(_unit(image), _unit(text), logit_scale.exp())
+
+
+class SigLIPLoss(ImageTextLoss):
+    """Pairwise sigmoid loss of SigLIP (Zhai et al. ICCV'23), open_clip's ``SigLipLoss``.
+
+    ``L = -(1/B) Σ_ij log σ(z_ij (t·<i_i, t_j> + b))``, ``z_ij = 1`` for the batch's pairs and -1 otherwise.
+    The scale ``t`` and bias ``b`` are this loss's own learnable parameters, initialised as in the paper
+    (``t = 10``, ``b = -10``); the model's ``logit_scale`` is not used.
+    """
+
+    name = "siglip"
+
+    def __init__(self, weight: float = 1.0, init_scale: float = 10.0, init_bias: float = -10.0) -> None:
+        super().__init__(weight)
+        self.log_scale = nn.Parameter(torch.tensor(float(init_scale)).log())
+        self.bias = nn.Parameter(torch.tensor(float(init_bias)))
+
+    def forward(self, image: Tensor, text: Tensor, pids: Tensor, logit_scale: Tensor) -> Tensor:
+        rank, world = _rank_world()
+        loss = SigLipLoss(rank=rank, world_size=world)
+        return loss(_unit(image), _unit(text), self.log_scale.exp(),
+                    self.bias)
+
+
+class SDMLoss(ImageTextLoss):
+    """Similarity distribution matching of IRRA (Jiang & Ye, CVPR'23), identity-aware.
+
+    With ``S = scale · Î Tᵀ`` (cosine similarities of the normalised embeddings) and the target
+    distribution ``q_ij = [pid_i = pid_j] / #{k: pid_k = pid_i}`` (every caption of the same person is a
+    positive), ``L = mean_i KL(softmax(S_i) ‖ q_i) + mean_i KL(softmax(Sᵀ_i) ‖ q_i)``, with ``ε = 1e-8`` inside
+    the log of ``q`` as in IRRA's ``compute_sdm``. IRRA fixes ``scale = 1 / 0.02``; ``scale=None`` uses the
+    model's learnable ``exp(logit_scale)`` instead.
+    """
+
+    name = "sdm"
+
+    def __init__(self, weight: float = 1.0, scale: float | None = 50.0, epsilon: float = 1e-8) -> None:
+        super().__init__(weight)
+        self.scale = scale
+        self.epsilon = float(epsilon)
+
+    def forward(self, image: Tensor, text: Tensor, pids: Tensor, logit_scale: Tensor) -> Tensor:
+        image, text, pids = _gather_with_grad(_unit(image), _unit(text), pids)
+        scale = logit_scale.exp() if self.scale is None else self.scale
+        same = (pids.unsqueeze(0) == pids.unsqueeze(1)).float()
+        target = same / same.sum(dim=1, keepdim=True)
+        log_target = torch.log(target + self.epsilon)
+        i2t = scale * image @ text.T
+        losses = []
+        for logits in (i2t, i2t.T):
+            log_p = F.log_softmax(logits, dim=1)
+            losses.append((log_p.exp() * (log_p - log_target)).sum(dim=1).mean())
+        return losses[0] + losses[1]
+
+
+def _gather_with_grad(image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    rank, world = _rank_world()
+    if world == 1:
+        return image, text, pids
+    from torch.distributed.nn.functional import all_gather  # with gradients, unlike dist.all_gather
+
+    gathered_pids = [torch.empty_like(pids) for _ in range(world)]
+    dist.all_gather(gathered_pids, pids.contiguous())
+    return torch.cat(all_gather(image)), torch.cat(all_gather(text)), torch.cat(gathered_pids)
+
+
+IMAGE_TEXT_LOSSES: dict[str, type[ImageTextLoss]] = {"clip": CLIPLoss, "siglip": SigLIPLoss, "sdm": SDMLoss}
+
+
+def build_image_text_loss(name: str, **options) -> ImageTextLoss:
+    """Instantiate the image–text loss ``name`` (``clip``, ``siglip``, ``sdm``); errors list the names."""
+    cls = IMAGE_TEXT_LOSSES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown image-text loss {name!r}; available: {', '.join(sorted(IMAGE_TEXT_LOSSES))}")
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise TypeError(f"image-text loss {name!r} ({cls.__name__}): {err}") from err
