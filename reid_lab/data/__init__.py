@@ -1,11 +1,12 @@
-"""Data: dataset parsers, records, transforms, PK sampling and the ReID DataModule.
+"""Data: dataset parsers, records, transforms, PK sampling, the ReID DataModule and the text-to-person one.
 
-``ReIDDataModule`` is imported lazily so that the parsers and record types load without Lightning.
+``ReIDDataModule`` and ``TextImageDataModule`` are imported lazily so that the parsers and record types load
+without Lightning.
 """
 
 from reid_lab.data.records import DatasetFormatError, ImageRecord, ReIDSplits, relabel
 
-__all__ = ["DatasetFormatError", "ImageRecord", "ReIDDataModule", "ReIDSplits", "relabel"]
+__all__ = ["DatasetFormatError", "ImageRecord", "ReIDDataModule", "ReIDSplits", "TextImageDataModule", "relabel"]
 
 
 def __getattr__(name: str):
@@ -13,4 +14,8 @@ def __getattr__(name: str):
         from reid_lab.data.datamodule import ReIDDataModule
 
         return ReIDDataModule
+    if name == "TextImageDataModule":
+        from reid_lab.data.text_datamodule import TextImageDataModule
+
+        return TextImageDataModule
     raise AttributeError(f"module 'reid_lab.data' has no attribute {name!r}")
