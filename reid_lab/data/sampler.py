@@ -77,6 +77,13 @@ class PKBatchSampler(Sampler[list[int]]):
         """Make the next iteration use the shuffle of ``epoch`` (same on every rank)."""
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> PKBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler``
+        only, so a batch sampler that shuffles per epoch must be reachable there (without this every epoch
+        repeated epoch 0's batches)."""
+        return self
+
     def _count_batches(self) -> int:
         chunks = sum(max(1, len(v) // self.num_instances) for v in self.index_of.values())
         global_batches = chunks // self.num_ids_per_batch

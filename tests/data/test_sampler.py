@@ -68,3 +68,34 @@ def test_bad_arguments_are_explained():
         PKBatchSampler([0, 1], batch_size=6, num_instances=4)
     with pytest.raises(ValueError, match="at least P"):
         PKBatchSampler(_pids({0: 4, 1: 4}), batch_size=16, num_instances=4)
+
+
+@pytest.mark.slow
+def test_the_trainer_gives_every_epoch_its_own_pk_batches(tiny_synthetic, tmp_path):
+    """Through the real Trainer: epoch e's batches are the sampler's own shuffle of epoch e (they used to repeat
+    epoch 0's, because Lightning never reached the batch sampler's set_epoch)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from reid_lab.data.datamodule import ReIDDataModule
+    from reid_lab.modules.reid import ReIDModule
+
+    class Record(Callback):
+        def __init__(self):
+            self.seen: dict[int, list[list[int]]] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.setdefault(trainer.current_epoch, []).append(batch["index"].tolist())
+
+    dm = ReIDDataModule(dataset="synthetic", root=str(tiny_synthetic), image_size=(64, 32), batch_size=8,
+                        num_instances=2, num_workers=0, eval_batch_size=64)
+    record = Record()
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[record],
+                        use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(ReIDModule(backbone="resnet18", num_classes=dm.num_classes, last_stride=2), datamodule=dm)
+    reference = PKBatchSampler([r.pid for r in dm.train_records], batch_size=8, num_instances=2, seed=0)
+    for epoch in (0, 1):
+        reference.set_epoch(epoch)
+        assert record.seen[epoch] == [list(b) for b in reference][:2]
+    assert record.seen[0] != record.seen[1]
