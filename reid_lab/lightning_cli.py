@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import jsonargparse
+from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from reid_lab.atomic import atomic_write_text
@@ -167,12 +168,10 @@ class ReIDLabCLI(LightningCLI):
 
 def run_lightning_cli(args: list[str] | None = None, run: bool = True) -> ReIDLabCLI:
     """Build (and by default run) the LightningCLI; ``args`` replaces ``sys.argv[1:]``."""
-    from reid_lab.data.datamodule import ReIDDataModule
-
     os.environ.setdefault("WANDB_SILENT", "true")
     return ReIDLabCLI(
         EmbeddingModule,
-        ReIDDataModule,
+        LightningDataModule,  # any data module with num_classes: ReIDDataModule, TextImageDataModule, ...
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_callback=LoggedSaveConfigCallback,

@@ -30,7 +30,8 @@ class CLIPModule(EmbeddingModule):
     """CLIP-style image–text training (open_clip towers, see :class:`~reid_lab.models.clip.CLIPEncoder`).
 
     Args:
-        model_name / model_cfg / image_size / text_tower / context_length / lock_text / weights: the encoder.
+        model_name / model_cfg / text_tower / context_length / lock_text / weights: the encoder.
+        force_image_size: ``[H, W]`` overriding the config's image size (open_clip's name for it).
         num_classes: training identities (linked from the data module); used by image-side ReID losses.
         losses: image–text losses ``[{name: clip | siglip | sdm, weight, **options}]`` (default CLIP InfoNCE).
         image_losses: ReID losses on the image embedding (``triplet``; ``ce`` adds a linear classifier).
@@ -46,7 +47,7 @@ class CLIPModule(EmbeddingModule):
         self,
         model_name: str | None = None,
         model_cfg: dict[str, Any] | None = None,
-        image_size: list[int] | None = None,
+        force_image_size: tuple[int, int] | None = None,
         text_tower: str | None = None,
         context_length: int = 32,
         lock_text: bool = False,
@@ -68,7 +69,7 @@ class CLIPModule(EmbeddingModule):
         space_label: str | None = None,
         upgrade: dict[str, Any] | None = None,
     ) -> None:
-        encoder = CLIPEncoder(model_name=model_name, model_cfg=model_cfg, image_size=image_size,
+        encoder = CLIPEncoder(model_name=model_name, model_cfg=model_cfg, image_size=force_image_size,
                               text_tower=text_tower, context_length=context_length, lock_text=lock_text,
                               weights=weights)
         super().__init__(encoder, distance=distance, max_rank=max_rank, space_label=space_label, upgrade=upgrade)
@@ -82,6 +83,12 @@ class CLIPModule(EmbeddingModule):
         self.classifier = nn.Linear(encoder.embedding_dim, num_classes, bias=False) if needs_classifier else None
         for loss in self.image_losses:
             loss.bind(num_classes, encoder.embedding_dim)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "tokenize"):
+            check_tokenizer(datamodule.tokenize, self.encoder.tokenizer())
 
     # --------------------------------------------------------------------------------------- training
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:
@@ -130,6 +137,22 @@ class CLIPModule(EmbeddingModule):
                                hp.warmup_factor, steps_per_epoch=steps_per_epoch)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(groups))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+PROBE = ["a woman in a long red coat with a black backpack", "a man wearing blue jeans and white shoes"]
+
+
+def check_tokenizer(data_tokenize, model_tokenize) -> None:
+    """Refuse a data module whose token ids differ from the text tower's (another vocabulary or length):
+    the model would silently read the wrong words."""
+    got, want = data_tokenize(PROBE), model_tokenize(PROBE)
+    if got.shape != want.shape or not torch.equal(got.long(), want.long()):
+        raise ValueError(
+            f"the data module's tokenizer gives ids of shape {tuple(got.shape)} that differ from the text tower's "
+            f"{tuple(want.shape)} on the same captions: use the tower's tokenizer and context length (e.g. "
+            "OpenCLIPTokenizer for open_clip's text transformer, HFTokenizer of the packaged MiniLM for "
+            "text_tower: minilm_l6)"
+        )
 
 
 def _build(specs: list[dict[str, Any]], factory, where: str, allow_empty: bool = False) -> list[nn.Module]:
