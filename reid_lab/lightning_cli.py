@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import jsonargparse
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
@@ -22,6 +23,7 @@ from reid_lab.atomic import atomic_write_text
 from reid_lab.embedding.checkpoint import read_checkpoint
 from reid_lab.embedding.features import FeatureWriter
 from reid_lab.modules.base import EmbeddingModule
+from reid_lab.modules.checkpoint_io import AtomicCheckpointIO
 from reid_lab.modules.guards import DivergenceGuard
 
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
@@ -157,6 +159,11 @@ class ReIDLabCLI(LightningCLI):
             super().parse_arguments(parser, args)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        # Checkpoints are written atomically unless a config brings its own checkpoint plugin.
+        plugins = config.get("plugins")
+        plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, list | tuple) else [plugins])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
         # The divergence guard stays on when a config lists its own callbacks (which replaces the defaults);
         # a config that lists a DivergenceGuard configures it (``explosion_factor: null`` turns that check off).
         listed = config.get("callbacks") or []

@@ -14,6 +14,7 @@ from reid_lab.data.datasets import load_dataset
 from reid_lab.embedding.features import FeatureSet
 from reid_lab.embedding.space import weights_digest
 from reid_lab.lightning_cli import run_lightning_cli
+from reid_lab.modules.checkpoint_io import AtomicCheckpointIO
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +45,7 @@ def test_fit_then_test_then_predict(tiny_synthetic, tmp_path, cli_argv):
     splits = load_dataset("synthetic", tiny_synthetic)
     assert cli.model.model.num_classes == splits.num_train_pids == 6
     assert trainer.current_epoch == 2
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # checkpoints are written atomically
     best = Path(trainer.checkpoint_callback.best_model_path)
     assert best.is_file() and best.suffix == ".ckpt"
     ckpt = torch.load(best, map_location="cpu", weights_only=False)
