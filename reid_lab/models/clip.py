@@ -22,7 +22,26 @@ import torch
 from torch import Tensor, nn
 
 from reid_lab.embedding.encoder import Encoder
+from reid_lab.models.backbones import build_backbone
+from reid_lab.models.pooling import build_pooling
 from reid_lab.models.text import open_clip_text_cfg
+
+
+class BackboneImageTower(nn.Module):
+    """A reid_lab backbone (ResNet, MobileNetV2, any timm model; ImageNet weights from a package) + global
+    pooling + a linear projection into the shared space: ``(B, 3, H, W) -> (B, embed_dim)``."""
+
+    def __init__(self, backbone: str, embed_dim: int, pretrained: str | None = None, last_stride: int = 2,
+                 pooling: str = "avg") -> None:
+        super().__init__()
+        self.backbone = build_backbone(backbone, last_stride=last_stride, pretrained=pretrained)
+        self.pool = build_pooling(pooling) if self.backbone.is_spatial else nn.Identity()
+        self.proj = nn.Linear(self.backbone.num_features, embed_dim, bias=False)
+        self.output_dim = embed_dim
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.pool(self.backbone(images))
+        return self.proj(features.flatten(1))
 
 
 class CLIPEncoder(Encoder):
@@ -38,10 +57,12 @@ class CLIPEncoder(Encoder):
         context_length: tokens per caption (with ``text_tower``; else the config's).
         lock_text: freeze the text tower (LiT) and keep it in eval mode.
         weights: a local file with an open_clip state dict to start from (``{"state_dict": ...}`` or plain).
+        image_backbone: replace the config's image tower by a reid_lab backbone + pooling + projection
+            (e.g. ``mobilenet_v2``), started from ``image_pretrained`` (``imagenet``: weights from a package).
     """
 
     modalities = ("image", "text")
-    init_only_args = ("weights",)
+    init_only_args = ("weights", "image_pretrained")
 
     def __init__(
         self,
@@ -52,11 +73,15 @@ class CLIPEncoder(Encoder):
         context_length: int = 32,
         lock_text: bool = False,
         weights: str | None = None,
+        image_backbone: str | None = None,
+        image_pretrained: str | None = None,
     ) -> None:
         super().__init__()
         self.record_init_args(model_name=model_name, model_cfg=model_cfg, image_size=image_size,
                               text_tower=text_tower, context_length=context_length, lock_text=lock_text,
-                              weights=weights)
+                              weights=weights, image_backbone=image_backbone, image_pretrained=image_pretrained)
+        if image_pretrained is not None and image_backbone is None:
+            raise ValueError("image_pretrained needs image_backbone (a reid_lab backbone name)")
         if (model_name is None) == (model_cfg is None):
             raise ValueError("give exactly one of model_name (an open_clip config name) or model_cfg (a config)")
         cfg = dict(open_clip.get_model_config(model_name) or {}) if model_name else dict(model_cfg)
@@ -76,6 +101,8 @@ class CLIPEncoder(Encoder):
             self.model = open_clip.model.CustomTextCLIP(**cfg)  # reads the HF tower's weights from its folder
         else:
             self.model = open_clip.model.CLIP(**cfg)
+        if image_backbone is not None:
+            self.model.visual = BackboneImageTower(image_backbone, int(cfg["embed_dim"]), pretrained=image_pretrained)
         if weights is not None:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)

@@ -32,6 +32,8 @@ class CLIPModule(EmbeddingModule):
     Args:
         model_name / model_cfg / text_tower / context_length / lock_text / weights: the encoder.
         force_image_size: ``[H, W]`` overriding the config's image size (open_clip's name for it).
+        image_backbone / image_pretrained: a reid_lab backbone as the image tower (e.g. ``mobilenet_v2`` with
+            ``imagenet`` weights from an installed package).
         num_classes: training identities (linked from the data module); used by image-side ReID losses.
         losses: image–text losses ``[{name: clip | siglip | sdm, weight, **options}]`` (default CLIP InfoNCE).
         image_losses: ReID losses on the image embedding (``triplet``; ``ce`` adds a linear classifier).
@@ -52,6 +54,8 @@ class CLIPModule(EmbeddingModule):
         context_length: int = 32,
         lock_text: bool = False,
         weights: str | None = None,
+        image_backbone: str | None = None,
+        image_pretrained: str | None = None,
         num_classes: int = 0,
         losses: list[dict[str, Any]] | None = None,
         image_losses: list[dict[str, Any]] | None = None,
@@ -71,7 +75,7 @@ class CLIPModule(EmbeddingModule):
     ) -> None:
         encoder = CLIPEncoder(model_name=model_name, model_cfg=model_cfg, image_size=force_image_size,
                               text_tower=text_tower, context_length=context_length, lock_text=lock_text,
-                              weights=weights)
+                              weights=weights, image_backbone=image_backbone, image_pretrained=image_pretrained)
         super().__init__(encoder, distance=distance, max_rank=max_rank, space_label=space_label, upgrade=upgrade)
         self.save_hyperparameters()
         self.losses = nn.ModuleList(_build(losses if losses is not None else [{"name": "clip"}],

@@ -86,3 +86,14 @@ def test_lit_tower_is_locked_and_stays_in_eval_mode():
     assert all(p.requires_grad for p in m.encoder.model.text.proj.parameters())
     ids = m.encoder.tokenizer()(CAPTIONS[:2])
     torch.testing.assert_close(m.encoder.encode_text(ids), m.encoder.encode_text(ids))  # no dropout noise
+
+
+def test_an_imagenet_backbone_can_be_the_image_tower():
+    from reid_lab.models.backbones import build_backbone
+
+    m = CLIPModule(model_cfg=TINY, image_backbone="mobilenet_v2", image_pretrained="imagenet")
+    tower = m.encoder.model.visual
+    reference = build_backbone("mobilenet_v2", pretrained="imagenet").state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in tower.backbone.state_dict().items())
+    assert m.encoder.encode({"image": torch.randn(2, 3, 128, 64)})["image"].shape == (2, TINY["embed_dim"])
+    assert m.encoder.spec()["init_args"]["image_pretrained"] is None  # a checkpoint holds the weights
