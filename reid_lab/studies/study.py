@@ -337,40 +337,29 @@ class Study:
     # ---------------------------------------------------------------------------------------- features
     def embed(self, version: str, checkpoint: str) -> FeatureSet:
         """Stage 3: query + gallery embeddings of one version (old-model logits kept for uncertainty)."""
-        path = self.out / "features" / f"{version}.pt"
-        if path.is_file() and self._fresh(path, self.keys.get(version)):
-            return FeatureSet.load(path)
-        dm = self.datamodule()
-        embedder = load_embedder(checkpoint)
-        records, is_query = dm.eval_records()
-        keys = ("logits",) if version == "old" and embedder.encoder.num_classes else ()
-        start = time.perf_counter()
-        out = extract(embedder, records, dm.test_transform, keys=keys, batch_size=dm.eval_batch_size,
-                      num_workers=dm.num_workers)
-        self.timings[f"embed/{version}"] = time.perf_counter() - start
-        if "logits" in out:
-            gallery_logits = out["logits"][~torch.tensor(is_query)]
-            atomic_torch_save({"uncertainty": old_model_uncertainty(gallery_logits)},
-                              self.out / "features" / "old.gallery_uncertainty.pt")
-        features = FeatureSet(
-            out["embedding"], torch.tensor([r.pid for r in records]), torch.tensor([r.camid for r in records]),
-            torch.tensor(is_query), [r.path for r in records], embedder.space,
-        )
-        features.save(path)
-        self._stamp(path, self.keys.get(version))
-        return features
+        return self._embed_split(version, checkpoint, into_old_space=False)
 
     def embed_into_old_space(self, version: str, checkpoint: str) -> FeatureSet:
         """Stage 3b (dimension change): the version's embeddings through its learned adapter into the old
         space, for the cross-test and backfill curves (the same embed path, ``flip_test`` included)."""
-        path = self.out / "features" / f"{version}.in_old_space.pt"
+        return self._embed_split(version, checkpoint, into_old_space=True)
+
+    def _embed_split(self, version: str, checkpoint: str, into_old_space: bool) -> FeatureSet:
+        path = self.out / "features" / f"{version}{'.in_old_space' if into_old_space else ''}.pt"
         if path.is_file() and self._fresh(path, self.keys.get(version)):
             return FeatureSet.load(path)
         dm = self.datamodule()
-        embedder = load_embedder(checkpoint, into_old_space=True)
+        embedder = load_embedder(checkpoint, into_old_space=into_old_space)
         records, is_query = dm.eval_records()
-        out = extract(embedder, records, dm.test_transform, batch_size=dm.eval_batch_size,
-                      num_workers=dm.num_workers)
+        keeps_logits = version == "old" and not into_old_space and embedder.encoder.num_classes
+        start = time.perf_counter()
+        out = extract(embedder, records, dm.test_transform, keys=("logits",) if keeps_logits else (),
+                      batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+        self.timings[f"embed/{path.stem}"] = time.perf_counter() - start
+        if "logits" in out:  # old-model uncertainty of every gallery item, for uncertainty-ordered backfilling
+            gallery_logits = out["logits"][~torch.tensor(is_query)]
+            atomic_torch_save({"uncertainty": old_model_uncertainty(gallery_logits)},
+                              self.out / "features" / "old.gallery_uncertainty.pt")
         features = FeatureSet(
             out["embedding"], torch.tensor([r.pid for r in records]), torch.tensor([r.camid for r in records]),
             torch.tensor(is_query), [r.path for r in records], embedder.space,
