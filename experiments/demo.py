@@ -2,9 +2,10 @@
 
 1. Build (or reuse) the synthetic Market-1501-format dataset (`reid-lab synth`).
 2. Score the raw-pixel baseline: flattened pixels + cosine distance, Market-1501 protocol.
-3. Run the upgrade study `experiments/synthetic_upgrade.yaml` (`reid-lab upgrade`): an old ResNet-18 on half
-   of the identities, then a ResNet-34 on all of them trained independently, with BCT and with RACT, plus
-   FastFill on top of the independent model; compatibility matrix, backfill curves and flips.
+3. Run the upgrade study `experiments/synthetic_upgrade.yaml` (`reid-lab upgrade`): an old ImageNet
+   MobileNetV2 fine-tuned on half of the identities, then a new ImageNet MobileNetV2 fine-tuned on all of
+   them, independently, with BCT and with RACT, plus FastFill on top of the independent model; compatibility
+   matrix, backfill curves and flips. The printed labels name the backbones the study config trains.
 4. Print R1 / mAP / mINP of the trained old model next to the raw-pixel baseline, the study table, and
    where the wandb runs, checkpoints and report are.
 
@@ -24,6 +25,28 @@ from reid_lab.studies.raw_pixels import raw_pixel_baseline
 from reid_lab.studies.study import Study, StudyConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Printed names of the backbones the demo may train; any other backbone is printed as configured.
+BACKBONE_NAMES = {
+    "mobilenet_v2": "MobileNetV2",
+    "timm:tf_efficientnet_lite0": "EfficientNet-Lite0",
+    "timm:efficientnet_lite0": "EfficientNet-Lite0",
+    "resnet18": "ResNet-18",
+    "resnet34": "ResNet-34",
+    "resnet50": "ResNet-50",
+}
+
+
+def model_label(study: Study, stage: str) -> str:
+    """``ImageNet MobileNetV2`` etc.: the backbone (and init) the study trains for ``stage`` (old / new)."""
+    config = study.config
+    spec = config.old if stage == "old" else config.new
+    cfg = study.compose(list(spec.get("configs") or []), dict(spec.get("overrides") or {}))
+    args = dict((cfg.get("model") or {}).get("init_args") or {})
+    args.update((config.scenario.old_model if stage == "old" else config.scenario.new_model) or {})
+    backbone = str(args.get("backbone"))
+    name = BACKBONE_NAMES.get(backbone, backbone)
+    return f"ImageNet {name}" if args.get("pretrained") == "imagenet" else name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({time.perf_counter() - t0:.1f} s)")
 
     config = StudyConfig.load(args.study)
-    summary = Study(config).run()
+    study = Study(config)
+    old_label, new_label = model_label(study, "old"), model_label(study, "new")
+    summary = study.run()
     matrix = summary["matrix"]
     out = config.out
 
@@ -53,11 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         return "  ".join(f"{m} {matrix.cell(q, g, m):5.1f}" for m in ("R1", "mAP", "mINP"))
 
     print("\n================ reid_lab demo ================")
-    print(f"raw pixels (cosine)                     R1 {raw['R1']:5.1f}  mAP {raw['mAP']:5.1f}  mINP {raw['mINP']:5.1f}")
-    print(f"old ResNet-18, half the identities      {cell('old', 'old')}")
+    rows = [("raw pixels (cosine)", "  ".join(f"{m} {raw[m]:5.1f}" for m in ("R1", "mAP", "mINP"))),
+            (f"old {old_label}, half the identities", cell("old", "old"))]
     for method in config.trained_methods:
-        print(f"new ResNet-34 [{method:>11}] self-test  {cell(method, method)}")
-        print(f"new ResNet-34 [{method:>11}] new->old   {cell(method, 'old')}")
+        rows.append((f"new {new_label} [{method:>11}] self-test", cell(method, method)))
+        rows.append((f"new {new_label} [{method:>11}] new->old ", cell(method, "old")))
+    width = max(len(label) for label, _ in rows) + 2
+    for label, values in rows:
+        print(f"{label:<{width}}{values}")
     print(f"claims verified: {summary['claims']}")
     print(f"report:      {out / 'report.md'} (+ PNG plots, report.json)")
     for version in ["old", *config.trained_methods]:
