@@ -19,6 +19,9 @@ from reid_lab.data.datasets import load_dataset
 from reid_lab.data.preflight import CACHE_NAME, REPORT_NAME, BadImagesError, check_image, check_images
 from reid_lab.modules.reid import ReIDModule
 
+# the session's tiny_synthetic tree may already hold a cache / report written by other tests
+FOREIGN_CACHE = shutil.ignore_patterns(CACHE_NAME, REPORT_NAME)
+
 
 def _jpeg(height: int = 64, width: int = 32) -> bytes:
     pixels = (np.random.default_rng(0).random((height, width, 3)) * 255).astype("uint8")
@@ -55,7 +58,7 @@ def test_empty_and_non_image_files(tmp_path):
 def corrupted(tiny_synthetic, tmp_path):
     """A copy of the tiny synthetic set with a zero-byte gallery image, a truncated train JPEG, a text query."""
     root = tmp_path / "data"
-    shutil.copytree(tiny_synthetic, root)
+    shutil.copytree(tiny_synthetic, root, ignore=FOREIGN_CACHE)  # a fresh tree: no cache from other tests
     splits = load_dataset("synthetic", root)
     gallery, train, query = splits.gallery[3].path, splits.train[5].path, splits.query[1].path
     open(gallery, "wb").close()
@@ -132,7 +135,7 @@ def test_skip_bad_images_trains_without_them_and_reports(corrupted, tmp_path, ca
 
 def test_cache_is_keyed_by_file_stat(tiny_synthetic, tmp_path):
     root = tmp_path / "data"
-    shutil.copytree(tiny_synthetic, root)
+    shutil.copytree(tiny_synthetic, root, ignore=FOREIGN_CACHE)  # a fresh tree: no cache from other tests
     paths = [r.path for split in load_dataset("synthetic", root).__dict__.values() if isinstance(split, list)
              for r in split]
     assert check_images(paths, root) == ({}, None)
@@ -157,7 +160,7 @@ def test_cache_is_keyed_by_file_stat(tiny_synthetic, tmp_path):
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
 def test_cache_goes_to_the_user_cache_when_the_dataset_is_read_only(tiny_synthetic, tmp_path, monkeypatch):
     root = tmp_path / "data"
-    shutil.copytree(tiny_synthetic, root)
+    shutil.copytree(tiny_synthetic, root, ignore=FOREIGN_CACHE)  # a fresh tree: no cache from other tests
     monkeypatch.setenv("REID_LAB_CACHE", str(tmp_path / "cache"))
     os.chmod(root, 0o555)
     try:
