@@ -237,8 +237,9 @@ def compatibility_matrix(
         versions: ``{name: VersionFeatures}`` (keys must equal the names) or a sequence of them.
         q_pids: ``(num_query,)`` query identity labels.
         g_pids: ``(num_gallery,)`` gallery identity labels.
-        q_camids: ``(num_query,)`` query camera ids.
-        g_camids: ``(num_gallery,)`` gallery camera ids.
+        q_camids: ``(num_query,)`` query camera ids, or None (with ``g_camids``) for the cross-modal protocol
+            (e.g. caption queries against an image gallery: nothing is removed).
+        g_camids: ``(num_gallery,)`` gallery camera ids, or None.
         metric: ``"cosine"`` or ``"euclidean"``, see :func:`reid_lab.metrics.distance.compute_distance`.
         pairs: ordered ``(query_version, gallery_version)`` pairs to compute. By default every
             ordered pair including the diagonal; pairs whose dimensions differ are then recorded
@@ -254,11 +255,13 @@ def compatibility_matrix(
     """
     table = _normalise_versions(versions)
     num_query, num_gallery = _length(q_pids, "q_pids"), _length(g_pids, "g_pids")
-    if _length(q_camids, "q_camids") != num_query:
+    if (q_camids is None) != (g_camids is None):
+        raise ValueError("give camids for both queries and gallery (ReID protocol) or for neither (cross-modal)")
+    if q_camids is not None and _length(q_camids, "q_camids") != num_query:
         raise ValueError(
             f"q_camids must have length num_query={num_query}, got {_length(q_camids, 'q_camids')}"
         )
-    if _length(g_camids, "g_camids") != num_gallery:
+    if g_camids is not None and _length(g_camids, "g_camids") != num_gallery:
         raise ValueError(
             f"g_camids must have length num_gallery={num_gallery}, got {_length(g_camids, 'g_camids')}"
         )

@@ -176,3 +176,18 @@ def test_explicit_pairs_and_bad_input(study):
         compatibility_matrix({"other": versions["old"]}, *labels)
     with pytest.raises(ValueError, match="query dim 4 != gallery dim 5"):
         VersionFeatures("bad", torch.zeros(2, 4), torch.zeros(3, 5))
+
+
+def test_cross_modal_matrix_without_camids_matches_the_reference():
+    """Caption queries of the new model against an old image gallery: no camera filter (text-to-person)."""
+    g = torch.Generator().manual_seed(5)
+    q_pids, g_pids = torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 0, 1, 2, 2, 1, 3])
+    versions = {name: VersionFeatures(name, torch.randn(5, 4, generator=g), torch.randn(7, 4, generator=g))
+                for name in ("old", "new")}
+    matrix = compatibility_matrix(versions, q_pids, g_pids, None, None)
+    q = torch.nn.functional.normalize(versions["new"].query, dim=1)
+    gal = torch.nn.functional.normalize(versions["old"].gallery, dim=1)
+    reference = evaluate_rank_reference(1 - q @ gal.T, q_pids, g_pids)
+    assert matrix.cell("new", "old") == pytest.approx(100 * reference.mAP, abs=1e-4)
+    with pytest.raises(ValueError, match="for both queries and gallery"):
+        compatibility_matrix(versions, q_pids, g_pids, torch.zeros(5), None)
