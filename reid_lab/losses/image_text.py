@@ -1,12 +1,13 @@
-"""Image–text losses of dual encoders: CLIP InfoNCE, SigLIP, IRRA's similarity distribution matching.
+"""Image–text losses of dual encoders: CLIP InfoNCE, SigLIP, IRRA's similarity distribution matching, and
+supervised contrastive (SupCon) across modalities.
 
 Every loss is an ``nn.Module`` called as ``loss(image, text, pids, logit_scale)`` with ``image`` / ``text``
 ``(B, D)`` embeddings of matching pairs (row ``i`` of both is one image and one of its captions), ``pids``
 ``(B,)`` identities and the model's learnable ``logit_scale`` (log of the inverse temperature, as in
 open_clip). It returns an *unweighted* scalar; the module multiplies it by ``loss.weight``. Embeddings are
 L2-normalised here. Under DDP, the CLIP and SigLIP losses use open_clip's own cross-rank exchange
-(:class:`open_clip.loss.ClipLoss` with ``gather_with_grad`` and ``local_loss``, :class:`SigLipLoss`); SDM
-gathers every rank's pairs with gradients so its identity-aware targets see the global batch.
+(:class:`open_clip.loss.ClipLoss` with ``gather_with_grad`` and ``local_loss``, :class:`SigLipLoss`); SDM and
+SupCon gather every rank's pairs with gradients so their identity-aware targets see the global batch.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 from torch import Tensor, nn
 
-__all__ = ["IMAGE_TEXT_LOSSES", "CLIPLoss", "ImageTextLoss", "SDMLoss", "SigLIPLoss", "build_image_text_loss"]
+__all__ = [
+    "IMAGE_TEXT_LOSSES",
+    "CLIPLoss",
+    "ImageTextLoss",
+    "SDMLoss",
+    "SigLIPLoss",
+    "SupConLoss",
+    "build_image_text_loss",
+]
 
 
 def _unit(x: Tensor) -> Tensor:
@@ -109,6 +118,39 @@ class SDMLoss(ImageTextLoss):
         return losses[0] + losses[1]
 
 
+class SupConLoss(ImageTextLoss):
+    """Supervised contrastive loss (Khosla et al., "Supervised Contrastive Learning", NeurIPS'20), cross-modal
+    and identity-aware, as CLIP-ReID's ``SupConLoss`` (Li et al. AAAI'23) applies it between images and texts.
+
+    With ``image`` / ``text`` ``(B, D)`` L2-normalised, ``S = s · Î Tᵀ`` ``(B, B)``, ``s = exp(logit_scale)``,
+    and the positives of anchor ``a`` ``P(a) = {b: pid_b = pid_a}`` (every caption of the same person is a
+    positive of an image, every image of the same person a positive of a caption)::
+
+        L_i2t = (1/B) Σ_a  -(1/|P(a)|) Σ_{b ∈ P(a)} log( exp(S_ab)  / Σ_k exp(S_ak) )
+        L_t2i = the same on Sᵀ (caption anchors against the images)
+        L     = (L_i2t + L_t2i) / 2
+
+    Each anchor's own pair is in ``P(a)``, so ``|P(a)| >= 1``. With all identities distinct ``P(a) = {a}`` and
+    ``L`` is CLIP's symmetric InfoNCE (:class:`CLIPLoss`). CLIP-ReID sums the two directions (``weight=2``
+    reproduces it) at a fixed temperature; here the temperature is the model's learnable ``logit_scale``, as
+    in the other losses. Under DDP the pairs of every rank are gathered with gradients (as :class:`SDMLoss`),
+    so positives and negatives span the global batch.
+    """
+
+    name = "supcon"
+
+    def forward(self, image: Tensor, text: Tensor, pids: Tensor, logit_scale: Tensor) -> Tensor:
+        image, text, pids = _gather_with_grad(_unit(image), _unit(text), pids)
+        positive = (pids.unsqueeze(0) == pids.unsqueeze(1)).to(image.dtype)  # symmetric: serves both directions
+        num_positive = positive.sum(dim=1)
+        i2t = logit_scale.exp() * image @ text.T
+        total = image.new_zeros(())
+        for logits in (i2t, i2t.T):
+            log_prob = F.log_softmax(logits, dim=1)
+            total = total - ((positive * log_prob).sum(dim=1) / num_positive).mean()
+        return total / 2
+
+
 def _gather_with_grad(image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     rank, world = _rank_world()
     if world == 1:
@@ -120,11 +162,16 @@ def _gather_with_grad(image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor
     return torch.cat(all_gather(image)), torch.cat(all_gather(text)), torch.cat(gathered_pids)
 
 
-IMAGE_TEXT_LOSSES: dict[str, type[ImageTextLoss]] = {"clip": CLIPLoss, "siglip": SigLIPLoss, "sdm": SDMLoss}
+IMAGE_TEXT_LOSSES: dict[str, type[ImageTextLoss]] = {
+    "clip": CLIPLoss,
+    "siglip": SigLIPLoss,
+    "sdm": SDMLoss,
+    "supcon": SupConLoss,
+}
 
 
 def build_image_text_loss(name: str, **options) -> ImageTextLoss:
-    """Instantiate the image–text loss ``name`` (``clip``, ``siglip``, ``sdm``); errors list the names."""
+    """Instantiate the image–text loss ``name`` (``clip``, ``siglip``, ``sdm``, ``supcon``); errors list the names."""
     cls = IMAGE_TEXT_LOSSES.get(name)
     if cls is None:
         raise ValueError(f"unknown image-text loss {name!r}; available: {', '.join(sorted(IMAGE_TEXT_LOSSES))}")

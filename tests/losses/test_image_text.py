@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from reid_lab.losses.image_text import CLIPLoss, SDMLoss, SigLIPLoss, build_image_text_loss
+from reid_lab.losses.image_text import CLIPLoss, SDMLoss, SigLIPLoss, SupConLoss, build_image_text_loss
 
 
 def pairs(seed: int = 0, n: int = 8, d: int = 6):
@@ -61,6 +61,19 @@ def naive_sdm(image, text, pids, scale, eps=1e-8):
     return total
 
 
+def naive_supcon(image, text, pids, logit_scale):
+    """Khosla et al. NeurIPS'20 per anchor, cross-modal: mean over the anchor's same-pid keys of -log softmax."""
+    s, i, t = math.exp(logit_scale), unit(image), unit(text)
+    n, total = len(i), 0.0
+    for anchors, keys in ((i, t), (t, i)):
+        for a in range(n):
+            logits = [s * float(anchors[a] @ keys[b]) for b in range(n)]
+            log_z = math.log(sum(math.exp(v) for v in logits))
+            positives = [b for b in range(n) if pids[b] == pids[a]]
+            total += -sum(logits[b] - log_z for b in positives) / len(positives)
+    return total / (2 * n)
+
+
 def test_clip_loss_is_the_symmetric_infonce():
     image, text, pids = pairs()
     scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
@@ -89,6 +102,30 @@ def test_sdm_matches_irra_and_rewards_identity_structure():
     assert float(learned) == pytest.approx(naive_sdm(image, text, pids, 20.0), rel=1e-7)
 
 
+def test_supcon_is_the_cross_modal_supervised_contrastive_loss():
+    image, text, pids = pairs(4)
+    scale = torch.tensor(math.log(1 / 0.07), dtype=torch.float64)
+    got = build_image_text_loss("supcon")(image, text, pids, scale)
+    assert float(got) == pytest.approx(naive_supcon(image, text, pids, float(scale)), rel=1e-9)
+    # hand case: two identities of two pairs each, every caption equal to its image; a large scale spreads
+    # each anchor's softmax evenly over its two (equal) positives: loss -> log 2
+    e = torch.eye(2, dtype=torch.float64)
+    same = torch.cat([e, e])
+    hand = SupConLoss()(same, same, torch.tensor([0, 1, 0, 1]), torch.tensor(math.log(1000.0), dtype=torch.float64))
+    assert float(hand) == pytest.approx(math.log(2), abs=1e-9)
+
+
+def test_supcon_with_distinct_identities_is_clip_infonce():
+    image, text, _ = pairs(5)
+    distinct = torch.arange(len(image)) * 3 + 1
+    scale = torch.tensor(math.log(20.0), dtype=torch.float64)
+    supcon = SupConLoss()(image, text, distinct, scale)
+    assert float(supcon) == pytest.approx(float(CLIPLoss()(image, text, distinct, scale)), rel=1e-12)
+    # with shared identities the two differ: CLIP counts same-pid captions as negatives
+    _, _, pids = pairs(5)
+    assert float(SupConLoss()(image, text, pids, scale)) != pytest.approx(float(CLIPLoss()(image, text, pids, scale)))
+
+
 def test_unknown_names_and_options_are_named():
     with pytest.raises(ValueError, match="unknown image-text loss 'clip2'"):
         build_image_text_loss("clip2")
@@ -103,7 +140,7 @@ def _free_port() -> int:
 
 
 def _losses():
-    return [CLIPLoss(), SigLIPLoss().double(), SDMLoss(scale=20.0)]
+    return [CLIPLoss(), SigLIPLoss().double(), SDMLoss(scale=20.0), SupConLoss()]
 
 
 def _worker(rank: int, port: int, results: dict) -> None:
