@@ -2,12 +2,14 @@
 
 Benchmarks are run by hand, so nothing else notices when a library change breaks one. Here each script that
 needs no peer package runs at a toy size: backfill's incremental curve must equal its per-β rebuild, the
-exact faiss index must find the exact neighbours, the throughput script must time every mode. The peer-based
+exact faiss index must find the exact neighbours, the throughput scripts must time every mode (the CLIP one on
+the same model in both modes), the text-to-image reference must agree with the chunked engine. The peer-based
 scripts (eval_rank, eval_features, rerank) install fast-reid / torchreid at run time and are not run here.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import re
 from pathlib import Path
@@ -58,3 +60,36 @@ def test_train_throughput_times_every_mode(tiny_synthetic, capsys):
     for mode in ("lightning", "plain", "compute", "data w=0"):
         assert re.search(rf"^{re.escape(mode)}\s+[\d,.]+\s", out, re.MULTILINE), out
     assert "lightning / plain:" in out
+
+
+def test_text_to_image_reference_agrees_with_the_chunked_engine(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling _harness
+    bench = load("text_to_image_eval")
+    args = argparse.Namespace(queries=40, gallery=600, dim=16, images_per_id=6, noise=2.0, seed=0)
+    q, g, q_pids, g_pids = bench.planted_embeddings(args)
+    ours, ref = bench._impl("reid_lab")(q, g, q_pids, g_pids), bench._impl("full_argsort")(q, g, q_pids, g_pids)
+    assert set(ours) == set(ref) == set(bench.METRICS)
+    for name in bench.METRICS:
+        assert ours[name] == pytest.approx(ref[name], abs=1e-9), name
+    assert 0 < ours["mAP"] < 100  # planted identities: neither chance nor perfect
+
+
+@pytest.mark.slow
+def test_text_to_image_eval_runs_both_children_and_gates(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    load("text_to_image_eval").main(["--queries", "50", "--gallery", "2000", "--dim", "16", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert "error" not in out, out
+    assert re.search(r"gate: ok", out), out
+
+
+@pytest.mark.slow
+def test_clip_train_step_times_lightning_and_open_clip_on_the_same_model(capsys):
+    load("clip_train_step").main(["--batch-size", "4", "--steps", "2", "--warmup", "1", "--rounds", "1",
+                                  "--threads", "1"])
+    out = capsys.readouterr().out
+    for mode in ("lightning", "plain"):
+        assert re.search(rf"^{mode}\s+[\d.]+\s", out, re.MULTILINE), out
+    losses = re.search(r"first-step loss: lightning ([\d.]+), plain ([\d.]+)", out)
+    assert float(losses.group(1)) == pytest.approx(float(losses.group(2)), rel=1e-5)  # same model, same data
+    assert "lightning overhead:" in out
