@@ -3,10 +3,8 @@ that yields query and gallery images together with their pids, camids and an ``i
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
@@ -18,6 +16,7 @@ from reid_lab.data.image_dataset import ImageDataset
 from reid_lab.data.preflight import BadImagesError, check_images, describe_bad
 from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
 from reid_lab.data.sampler import PKBatchSampler
+from reid_lab.data.subset import select_subset
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 from reid_lab.data.views import TrainingSetView
 
@@ -117,7 +116,7 @@ class ReIDDataModule(L.LightningDataModule):
         if self._train_records is None:
             records = self.splits.train
             if self.train_subset is not None:
-                records = _select_subset(records, self.train_subset)
+                records = select_subset(records, self.train_subset)
             self._train_records = relabel(records)
         return self._train_records
 
@@ -260,24 +259,3 @@ class ReIDDataModule(L.LightningDataModule):
 
     def on_train_epoch_start(self) -> None:  # pragma: no cover - Lightning calls the sampler hook itself
         pass
-
-
-def _select_subset(records: list[ImageRecord], subset_file: str) -> list[ImageRecord]:
-    path = Path(subset_file)
-    try:
-        payload = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"train_subset file {path} does not exist") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"train_subset file {path} is not valid JSON: {err}") from err
-    if not isinstance(payload, dict) or not isinstance(payload.get("paths"), list):
-        raise ValueError(f"train_subset file {path}: expected a JSON object with a 'paths' list")
-    wanted = set(payload["paths"])
-    selected = [r for r in records if r.path in wanted]
-    missing = wanted - {r.path for r in selected}
-    if missing:
-        raise ValueError(
-            f"train_subset file {path} names {len(missing)} image(s) not in the training split, "
-            f"e.g. {sorted(missing)[0]!r}"
-        )
-    return selected

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from reid_lab.data.sampler import PKBatchSampler
+from reid_lab.data.subset import select_subset
 from reid_lab.data.text.datasets import (
     CaptionPairBatchSampler,
     CaptionPairDataset,
@@ -37,7 +38,13 @@ from reid_lab.data.text.datasets import (
     draw_captions,
 )
 from reid_lab.data.text.parsers import load_text_dataset
-from reid_lab.data.text.records import CaptionedImage, CaptionQuery, TextReIDSplits, caption_queries
+from reid_lab.data.text.records import (
+    CaptionedImage,
+    CaptionQuery,
+    TextReIDSplits,
+    caption_queries,
+    relabel_captioned,
+)
 from reid_lab.data.text.tokenizers import CaptionTokenizer, OpenCLIPTokenizer
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 from reid_lab.data.views import TrainingSetView
@@ -52,6 +59,9 @@ class TextImageDataModule(L.LightningDataModule):
     Args:
         dataset: ``cuhkpedes``, ``icfgpedes``, ``rstpreid`` or ``synthetic`` (see :mod:`reid_lab.data.text.parsers`).
         root: the dataset folder or a parent holding it under its conventional name.
+        train_subset: optional JSON file naming the training images to use (an upgrade split's ``old.json`` /
+            ``new.json``); their pids are relabelled ``0 .. N - 1`` again. The upgrade host matches classes
+            to an old model's by the images' shared ids in the whole training split.
         image_size: ``(height, width)`` of the network input (ReID sizes such as ``[256, 128]``).
         batch_size: training pairs per batch on one device (P x K).
         num_instances: K, images (each with one caption) per identity in a training batch; 0: plain shuffled
@@ -76,6 +86,7 @@ class TextImageDataModule(L.LightningDataModule):
         self,
         dataset: TextDataset = "synthetic",
         root: str = "data/synthetic",
+        train_subset: str | None = None,
         image_size: tuple[int, int] = (256, 128),
         batch_size: int = 64,
         num_instances: int = 4,
@@ -105,6 +116,7 @@ class TextImageDataModule(L.LightningDataModule):
             raise ValueError(f"context_length must be >= 2, got {context_length}")
         self.dataset = dataset
         self.root = root
+        self.train_subset = train_subset
         self.image_size = tuple(int(s) for s in image_size)
         self.batch_size = batch_size
         self.num_instances = num_instances
@@ -124,6 +136,7 @@ class TextImageDataModule(L.LightningDataModule):
         if tokenizer is not None:
             self.hparams["tokenizer"] = tokenizer.spec()
         self._splits: TextReIDSplits | None = None
+        self._train_records: list[CaptionedImage] | None = None
 
     # ----------------------------------------------------------------------------------------- records
     @property
@@ -147,13 +160,19 @@ class TextImageDataModule(L.LightningDataModule):
 
     @property
     def train_records(self) -> list[CaptionedImage]:
-        """Training images with their captions, pids relabelled ``0 .. num_classes - 1``."""
-        return self.splits.train
+        """Training images with their captions (restricted to ``train_subset`` when one is given), pids
+        relabelled ``0 .. num_classes - 1``."""
+        if self._train_records is None:
+            records = self.splits.train
+            if self.train_subset is not None:
+                records = relabel_captioned(select_subset(records, self.train_subset))
+            self._train_records = records
+        return self._train_records
 
     @property
     def num_classes(self) -> int:
         """Number of training identities (linked to the model's classifier by the CLI)."""
-        return self.splits.num_train_pids
+        return len({r.pid for r in self.train_records})
 
     def split_for(self, stage: str | None) -> str:
         """The split a stage ranks: ``validate`` / ``fit`` -> :attr:`val_split` (resolved), else ``test``."""
@@ -244,4 +263,5 @@ class TextImageDataModule(L.LightningDataModule):
         def batches() -> DataLoader:
             return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
 
-        return TrainingSetView(records=records, raw_records=list(records), batches=batches, modality="image")
+        return TrainingSetView(records=records, raw_records=list(self.splits.train), batches=batches,
+                               modality="image")

@@ -4,7 +4,11 @@ A feature file is a ``torch.save`` dictionary::
 
     {"format": "reid_lab.features/2", "features": (N, D) float32, "pids": (N,) int64,
      "camids": (N,) int64 or None, "is_query": (N,) bool, "modality": "image" | "text",
-     "items": [str] * N (image paths or caption texts), "space": {...}}
+     "query_modality": "image" | "text" (optional), "items": [str] * N (image paths or caption texts),
+     "space": {...}}
+
+``modality`` is what the gallery rows (and, without ``query_modality``, every row) hold; an evaluation split of
+caption queries against an image gallery (text-to-person) has ``modality: image`` and ``query_modality: text``.
 
 ``space`` records which embedding space the vectors live in (see ``reid_lab.embedding.space``); searching
 features of one space with queries of another is refused unless a compatibility claim says it is safe.
@@ -40,7 +44,9 @@ class FeatureSet:
         is_query: ``(N,)`` bool, query rows of an evaluation split.
         items: ``N`` image paths or caption texts.
         space: the embedding-space record.
-        modality: ``"image"`` or ``"text"``.
+        modality: ``"image"`` or ``"text"``: what the gallery (non-query) rows hold.
+        query_modality: what the query rows hold, when it differs from ``modality`` (cross-modal splits);
+            None: the same as ``modality``.
     """
 
     features: Tensor
@@ -50,6 +56,7 @@ class FeatureSet:
     items: list[str]
     space: dict[str, Any] = field(default_factory=dict)
     modality: str = "image"
+    query_modality: str | None = None
 
     def __post_init__(self) -> None:
         n = self.features.shape[0]
@@ -61,23 +68,40 @@ class FeatureSet:
             raise ValueError(f"FeatureSet.items has {len(self.items)} entries, features has {n} rows")
         if self.modality not in MODALITIES:
             raise ValueError(f"FeatureSet.modality must be one of {MODALITIES}, got {self.modality!r}")
+        if self.query_modality == self.modality:
+            self.query_modality = None
+        if self.query_modality is not None and self.query_modality not in MODALITIES:
+            raise ValueError(f"FeatureSet.query_modality must be one of {MODALITIES} or None, "
+                             f"got {self.query_modality!r}")
+
+    @property
+    def modalities(self) -> tuple[str, str]:
+        """``(query modality, gallery modality)``."""
+        return (self.query_modality or self.modality, self.modality)
 
     @property
     def paths(self) -> list[str]:
         """Image paths (the ``items`` of an image feature set)."""
-        if self.modality != "image":
-            raise ValueError(f"a {self.modality} feature set holds {self.modality} items, not image paths")
+        if self.modalities != ("image", "image"):
+            raise ValueError(f"a {'->'.join(self.modalities)} feature set holds text items, not image paths")
         return self.items
 
     def split(self) -> tuple[FeatureSet, FeatureSet]:
-        """(query, gallery) parts by ``is_query``."""
+        """(query, gallery) parts by ``is_query``; each holds one modality."""
         return self.select(self.is_query), self.select(~self.is_query)
 
     def select(self, mask: Tensor) -> FeatureSet:
+        """The rows of ``mask``; a selection of only query (only gallery) rows has one modality."""
         idx = torch.nonzero(mask, as_tuple=False).flatten()
+        chosen = self.is_query[idx]
+        modality, query_modality = self.modality, self.query_modality
+        if len(chosen) and bool(chosen.all()):
+            modality, query_modality = self.modalities[0], None
+        elif not bool(chosen.any()):
+            query_modality = None
         return FeatureSet(
             self.features[idx], self.pids[idx], None if self.camids is None else self.camids[idx],
-            self.is_query[idx], [self.items[i] for i in idx.tolist()], dict(self.space), self.modality,
+            chosen, [self.items[i] for i in idx.tolist()], dict(self.space), modality, query_modality,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -88,6 +112,7 @@ class FeatureSet:
             "camids": None if self.camids is None else self.camids.cpu().long(),
             "is_query": self.is_query.cpu().bool(),
             "modality": self.modality,
+            "query_modality": self.query_modality,
             "items": list(self.items),
             "space": dict(self.space),
         }
@@ -104,7 +129,7 @@ class FeatureSet:
         items = payload["items"] if "items" in payload else payload["paths"]
         return cls(
             payload["features"], payload["pids"], payload["camids"], payload["is_query"], items,
-            payload.get("space", {}), payload.get("modality", "image"),
+            payload.get("space", {}), payload.get("modality", "image"), payload.get("query_modality"),
         )
 
 

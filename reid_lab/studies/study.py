@@ -16,6 +16,14 @@ scenario, the old model, the new model and the methods to compare::
         ract: {compatible_losses: [{name: ract}]}
       evaluation: {orderings: [random, uncertainty, oracle], independent: independent}
 
+A study is not tied to one encoder: a stage may train any module on any data module (a ReID CNN on
+``ReIDDataModule``, a dual encoder ``CLIPModule`` on ``TextImageDataModule``; split files name images by path,
+so both read them). The evaluation data (``evaluation.data``, a data config, default the old stage's data)
+sets the protocol: image queries with camera filtering (ReID), or caption queries against the image gallery
+(text-to-person, no camera filter), so "new text queries search the old image gallery" is the cross-test.
+A method's ``pairings`` (e.g. ``[image->image, text->image]``) choose which new-to-old embeddings its
+compatible losses tie (see :mod:`reid_lab.upgrade.host`).
+
 Stages, each under ``<out>/``: ``split/`` (old / new training sets), ``train/<version>/`` (one Lightning
 ``fit`` per version, config written to ``config.yaml`` first), ``features/<version>.pt`` (query and
 gallery embeddings with their embedding-space record), and the report (``report.json``, ``report.md``,
@@ -46,6 +54,7 @@ from omegaconf import OmegaConf
 
 from reid_lab.atomic import atomic_torch_save, atomic_write_text
 from reid_lab.data.datamodule import ReIDDataModule
+from reid_lab.data.text_datamodule import TextImageDataModule
 from reid_lab.embedding.checkpoint import read_checkpoint
 from reid_lab.embedding.extract import extract
 from reid_lab.embedding.features import FeatureSet
@@ -63,6 +72,7 @@ from reid_lab.metrics.backfill import (
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_matrix
 from reid_lab.metrics.distance import evaluate_features
 from reid_lab.studies.claims import DEFAULT_CLAIM_MARGIN, EVALUATION_SPLIT, chance_level
+from reid_lab.studies.evaluation_split import embed_evaluation_split, training_images
 from reid_lab.studies.report import write_report
 from reid_lab.studies.stage_keys import file_digest, stage_key
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
@@ -75,12 +85,15 @@ log = logging.getLogger(__name__)
 ORDERINGS = ("random", "uncertainty", "oracle", "sigma")
 STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation"}
 STAGE_KEYS = {"configs", "overrides"}
-METHOD_KEYS = {"compatible_losses", "adapter", "overrides", "transformation"}
+METHOD_KEYS = {"compatible_losses", "adapter", "pairings", "overrides", "transformation"}
 TRANSFORMATION_KEYS = {"of", "uncertainty", "epochs", "hidden_dim", "lr", "batch_size", "warmup_epochs"}
 # FCT (Ramanujan et al. NeurIPS'22) trains its transformation with a 2048-wide mixer for 80 epochs, 5 of them
 # warm-up; a study config that uses less says so (experiments/synthetic_upgrade.yaml does, for a CPU budget).
 FCT_DEFAULTS = {"hidden_dim": 2048, "epochs": 80, "warmup_epochs": 5, "lr": 5e-4, "batch_size": 256}
-EVAL_KEYS = {"orderings", "ratios", "seed", "independent", "distance", "claim_margin"}
+EVAL_KEYS = {"orderings", "ratios", "seed", "independent", "distance", "claim_margin", "data"}
+# Data modules a study can split, train and evaluate on: image queries (ReID protocol) or caption queries
+# against an image gallery (text-to-person protocol, no camera filter).
+DATA_MODULES = {"ReIDDataModule": ReIDDataModule, "TextImageDataModule": TextImageDataModule}
 
 
 @dataclass
@@ -190,6 +203,7 @@ class Study:
         scenario's model overrides against that class's signature, and every compatible-loss plugin."""
         from reid_lab.upgrade.host import build_plugins
 
+        text_queries = self.query_modality == "text"
         for stage, overrides in (("old", self.config.scenario.old_model), ("new", self.config.scenario.new_model)):
             spec = self.config.old if stage == "old" else self.config.new
             cfg = self.compose(list(spec.get("configs") or []), dict(spec.get("overrides") or {}))
@@ -201,6 +215,11 @@ class Study:
                 cls = getattr(importlib.import_module(module_name), class_name)
             except (ImportError, AttributeError, ValueError) as err:
                 raise ValueError(f"{self.config.source}: study.{stage} model {class_path!r}: {err}") from err
+            if text_queries and getattr(cls, "protocol", "reid") != "cross_modal":
+                raise ValueError(f"{self.config.source}: the evaluation data has caption queries (text-to-person) "
+                                 f"but study.{stage} trains {class_path}, which embeds no text; use a dual "
+                                 "encoder (reid_lab.modules.clip.CLIPModule) or image-query evaluation data "
+                                 "(study.evaluation.data: a ReIDDataModule config)")
             allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "num_classes"}
             unknown = sorted(set(overrides or {}) - allowed)
             if unknown:
@@ -213,20 +232,39 @@ class Study:
                 raise ValueError(f"{self.config.source}: study.methods.{method}: {err}") from err
 
     # ------------------------------------------------------------------------------------------- split
-    def datamodule(self, train_subset: str | None = None) -> ReIDDataModule:
-        """The evaluation data, as configured for the old model's stage (all stages share the test split)."""
-        cfg = self.compose(list(self.config.old.get("configs") or []), dict(self.config.old.get("overrides") or {}))
+    def datamodule(self, train_subset: str | None = None) -> ReIDDataModule | TextImageDataModule:
+        """The evaluation data: ``evaluation.data`` (a data config file, or ``{configs, overrides}`` as a stage)
+        if given, else the data of the old model's stage. All stages share its test split; its class sets the protocol of the whole study:
+        ``ReIDDataModule`` ranks image queries (ReID, camera filter), ``TextImageDataModule`` caption queries
+        against the image gallery (text-to-person, no camera filter)."""
+        data_config = self.config.evaluation.get("data")
+        if data_config is not None:
+            spec = data_config if isinstance(data_config, dict) else {"configs": [str(data_config)]}
+            _check_keys(spec, STAGE_KEYS, f"{self.config.source}: study.evaluation.data")
+            cfg = self.compose(list(spec.get("configs") or []), dict(spec.get("overrides") or {}))
+            where = f"{self.config.source}: study.evaluation.data"
+        else:
+            cfg = self.compose(list(self.config.old.get("configs") or []),
+                               dict(self.config.old.get("overrides") or {}))
+            where = f"{self.config.source}: study.old"
         data = cfg.get("data") or {}
-        if data.get("class_path", "reid_lab.data.ReIDDataModule").split(".")[-1] != "ReIDDataModule":
-            raise ValueError(f"{self.config.source}: upgrade studies need data.class_path ReIDDataModule")
-        init = dict(data.get("init_args") or {})
+        class_name = str(data.get("class_path", "reid_lab.data.ReIDDataModule")).split(".")[-1]
+        if class_name not in DATA_MODULES:
+            raise ValueError(f"{where}: upgrade studies need data.class_path one of {sorted(DATA_MODULES)}, "
+                             f"got {data.get('class_path')!r}")
+        init = {k: _instantiate(v, f"{where}: data.init_args.{k}") for k, v in (data.get("init_args") or {}).items()}
         init["train_subset"] = train_subset
-        return ReIDDataModule(**init)
+        return DATA_MODULES[class_name](**init)
+
+    @property
+    def query_modality(self) -> str:
+        """``image`` (ReID evaluation) or ``text`` (caption queries against the image gallery)."""
+        return "text" if isinstance(self.datamodule(), TextImageDataModule) else "image"
 
     def split(self) -> dict[str, str]:
         """Stage 1: split the training set by the scenario and save it (reused when identical)."""
         dm = self.datamodule()
-        upgrade_split = self.config.scenario.split(dm.splits.train)
+        upgrade_split = self.config.scenario.split(training_images(dm))
         try:
             files = save_split(upgrade_split, self.out / "split")
         except FileExistsError:  # the scenario changed: a new split, and every stage trained on the old one re-runs
@@ -268,6 +306,7 @@ class Study:
                 "old_checkpoint": str(old_checkpoint),
                 "compatible_losses": method_spec["compatible_losses"],
                 "adapter": method_spec.get("adapter", "linear"),
+                **({"pairings": list(method_spec["pairings"])} if method_spec.get("pairings") else {}),
             }
         cfg.setdefault("data", {}).setdefault("init_args", {})["train_subset"] = train_subset
         key = stage_key(stage="train", config=cfg, train_subset=file_digest(train_subset),
@@ -300,7 +339,9 @@ class Study:
         if last.is_file():
             print(f"[train {version}] resuming from {last}")
             args += ["--ckpt_path", str(last)]
-        print(f"[train {version}] {model_args.get('backbone')} on {train_subset}")
+        encoder = model_args.get("backbone") or model_args.get("image_backbone") or model_args.get("model_name")
+        print(f"[train {version}] {cfg['model'].get('class_path', '?').split('.')[-1]} ({encoder or 'model_cfg'}) "
+              f"on {train_subset}")
         start = time.perf_counter()
         cli = run_lightning_cli(args)
         seconds = time.perf_counter() - start
@@ -350,20 +391,13 @@ class Study:
             return FeatureSet.load(path)
         dm = self.datamodule()
         embedder = load_embedder(checkpoint, into_old_space=into_old_space)
-        records, is_query = dm.eval_records()
-        keeps_logits = version == "old" and not into_old_space and embedder.encoder.num_classes
+        keeps_logits = version == "old" and not into_old_space and bool(getattr(embedder.encoder, "num_classes", 0))
         start = time.perf_counter()
-        out = extract(embedder, records, dm.test_transform, keys=("logits",) if keeps_logits else (),
-                      batch_size=dm.eval_batch_size, num_workers=dm.num_workers)
+        features, gallery_logits = embed_evaluation_split(embedder, dm, keep_logits=keeps_logits)
         self.timings[f"embed/{path.stem}"] = time.perf_counter() - start
-        if "logits" in out:  # old-model uncertainty of every gallery item, for uncertainty-ordered backfilling
-            gallery_logits = out["logits"][~torch.tensor(is_query)]
+        if gallery_logits is not None:  # old-model uncertainty of every gallery item, for uncertainty ordering
             atomic_torch_save({"uncertainty": old_model_uncertainty(gallery_logits)},
                               self.out / "features" / "old.gallery_uncertainty.pt")
-        features = FeatureSet(
-            out["embedding"], torch.tensor([r.pid for r in records]), torch.tensor([r.camid for r in records]),
-            torch.tensor(is_query), [r.path for r in records], embedder.space,
-        )
         features.save(path)
         self._stamp(path, self.keys.get(version))
         return features
@@ -477,6 +511,9 @@ class Study:
                     orders["random"] = order_random(len(g_pids), seed=int(ev.get("seed", 0)))
                 elif ordering == "uncertainty" and uncertainty_file.is_file():
                     orders["uncertainty"] = order_by_uncertainty(torch.load(uncertainty_file)["uncertainty"])
+                elif ordering == "uncertainty" and method == next(iter(self.config.methods)):
+                    print("[backfill] no uncertainty ordering: the old model has no classifier to score its "
+                          "gallery items with (Shen et al.'s uncertainty needs φ_old's class posteriors)")
                 elif ordering == "oracle" and stored is None:
                     orders["oracle"] = order_oracle(old_g.features, g_new)
                 elif ordering == "sigma" and log_var is not None:
@@ -570,7 +607,7 @@ class Study:
         from reid_lab.metrics.compatibility import multi_step_scores
 
         dm = self.datamodule()
-        steps = self.config.scenario.chain(dm.splits.train)
+        steps = self.config.scenario.chain(training_images(dm))
         step_files = []
         for t, records in enumerate(steps, start=1):
             path = self.out / "split" / f"step{t}.json"
@@ -632,6 +669,18 @@ def _report_run(name: str, out: Path):
                       dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
 
 
+def _instantiate(value: Any, where: str) -> Any:
+    """A ``{class_path, init_args}`` mapping of a config as its object (as LightningCLI would build it)."""
+    if not (isinstance(value, dict) and "class_path" in value):
+        return value
+    module_name, _, class_name = str(value["class_path"]).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{where}: cannot import {value['class_path']!r}: {err}") from err
+    return cls(**{k: _instantiate(v, where) for k, v in (value.get("init_args") or {}).items()})
+
+
 def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
     if not isinstance(mapping, dict):
         raise ValueError(f"{where} must be a mapping, got {type(mapping).__name__}")
@@ -649,10 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = StudyConfig.load(args.config)
+        if args.out:
+            config.out = Path(args.out)
+        study = Study(config)
+        study.validate()  # every stage's classes, options and plugins, before anything trains
     except (OSError, ValueError) as err:
         print(f"reid-lab upgrade: {err}", file=sys.stderr)
         return 2
-    if args.out:
-        config.out = Path(args.out)
-    Study(config).run()
+    study.run()
     return 0

@@ -56,3 +56,22 @@ def test_bad_feature_sets_and_files_are_refused(tmp_path):
         FeatureSet.load(tmp_path / "x.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         FeatureSet.load(tmp_path / "missing.pt")
+
+
+def test_caption_queries_against_an_image_gallery_keep_both_modalities(tmp_path):
+    """A text-to-person evaluation split: caption query rows, image gallery rows, in one file."""
+    items = ["a man in a red coat", "a woman with a blue bag", "/g/0001_c1.jpg", "/g/0002_c2.jpg"]
+    fs = FeatureSet(torch.randn(4, 8), torch.tensor([1, 2, 1, 2]), None,
+                    torch.tensor([True, True, False, False]), items, {"space_id": "s"}, "image", "text")
+    back = FeatureSet.load(fs.save(tmp_path / "t2i.pt"))
+    assert back.modalities == ("text", "image") and torch.equal(back.features, fs.features)
+    query, gallery = back.split()
+    assert query.modalities == ("text", "text") and query.items == items[:2]
+    assert gallery.modalities == ("image", "image") and gallery.paths == items[2:]
+    with pytest.raises(ValueError, match="text->image feature set holds text items"):
+        _ = back.paths
+    with pytest.raises(ValueError, match="query_modality"):
+        FeatureSet(torch.randn(1, 2), torch.tensor([0]), None, torch.tensor([True]), ["x"], {}, "image", "audio")
+    # same query and gallery modality: stored as a plain image set
+    assert FeatureSet(torch.randn(1, 2), torch.tensor([0]), None, torch.tensor([True]), ["x"], {}, "image",
+                      "image").query_modality is None
