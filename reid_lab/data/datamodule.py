@@ -102,6 +102,9 @@ class ReIDDataModule(L.LightningDataModule):
         self._train_records: list[ImageRecord] | None = None
         self._skipped: dict[str, str] = {}  # absolute path -> why it cannot be read (skip_bad_images)
 
+    # The evaluation loader's protocol (reid_lab.metrics.RetrievalMetric): image queries with camera ids.
+    eval_protocol = "reid"
+
     # ----------------------------------------------------------------------------------------- records
     @property
     def splits(self) -> ReIDSplits:

@@ -138,6 +138,9 @@ class TextImageDataModule(L.LightningDataModule):
         self._splits: TextReIDSplits | None = None
         self._train_records: list[CaptionedImage] | None = None
 
+    # The evaluation loader's protocol (reid_lab.metrics.RetrievalMetric): caption queries, no camera filter.
+    eval_protocol = "cross_modal"
+
     # ----------------------------------------------------------------------------------------- records
     @property
     def tokenizer(self) -> CaptionTokenizer:

@@ -161,12 +161,31 @@ class EmbeddingModule(L.LightningModule):
         self.val_cross_metric = self.build_metric()
 
     def setup(self, stage: str) -> None:
+        self._follow_data_protocol()
         if self._upgrade is not None and self.host is None and stage in ("fit", "validate"):
             old = self._upgrade.get("old_checkpoint")
             if not Path(str(old)).is_file():
                 raise FileNotFoundError(f"model.init_args.upgrade.old_checkpoint {old} does not exist: training "
                                         "or validating against the old model needs it")
             self._build_host()
+
+    def _follow_data_protocol(self) -> None:
+        """Evaluate under the data's protocol when the encoder can embed its queries: a dual encoder tested on
+        a ReID data module (image queries with cameras) gets ReID metrics for its image tower; on caption data,
+        the cross-modal protocol. A module whose encoder cannot embed the data's queries keeps its own."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        protocol = getattr(datamodule, "eval_protocol", None)
+        if protocol is None or protocol == self.protocol:
+            return
+        if protocol == "cross_modal" and "text" not in self.encoder.modalities:
+            return
+        self.protocol = protocol
+        self.val_metric, self.test_metric = self.build_metric(), self.build_metric()
+        if self.host is not None:
+            self.val_cross_metric = self.build_metric()
+        described = {"reid": "image queries against the image gallery, ReID protocol (same-camera junk removed)",
+                     "cross_modal": "caption queries against the image gallery, no camera filter"}
+        log.info("evaluation: %s (from %s)", described.get(protocol, protocol), type(datamodule).__name__)
 
     # ------------------------------------------------------------------------------------ embeddings
     def build_metric(self) -> RetrievalMetric:
