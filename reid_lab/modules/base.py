@@ -271,14 +271,30 @@ class EmbeddingModule(L.LightningModule):
             self.host.prepare(self.trainer.datamodule.training_set_view(), device=self.device)
 
     def on_train_epoch_start(self) -> None:
-        # A resumed fit continues from the random state the checkpoint was written in (after that epoch's
-        # validation), so the next epoch's augmentations and loader seeds equal the uninterrupted run's.
-        # Restored here, not at load time: fit start (host preparation, sanity check) draws numbers too.
+        # A resumed fit continues from the random state the checkpoint was written in (at the end of an epoch,
+        # after its validation if any), so the next epoch's loader seed and augmentations equal the
+        # uninterrupted run's. Restored here, not at load time: fit start (host preparation) draws numbers too.
         if getattr(self, "_resume_rng", None) is not None:
             set_rng_states(self._resume_rng)
             self._resume_rng = None
+            self._fresh_training_iterator()
         if self.host is not None:
             self.host.on_train_epoch_start(self.current_epoch, self.embedder())
+
+    def _fresh_training_iterator(self) -> None:
+        """Make the resumed epoch's training iterator from the restored random state.
+
+        The uninterrupted run creates a new iterator (drawing its loader seed, which also seeds workers) at the
+        start of every epoch, after this hook. A resumed fit in Lightning 2.x keeps the iterator it created
+        before fit start (for ``estimated_stepping_batches``) when the checkpoint was written at the end of a
+        training epoch without validation; its seed came from the unrestored state. Lightning's own rule for
+        recreating it (``TrainingEpochLoop.on_run_start``) decides whether it is made again here.
+        """
+        loop = self.trainer.fit_loop
+        recreated = self.trainer.current_epoch > 0 and not loop.is_resuming and not loop.epoch_loop.restarting
+        fetcher = getattr(loop, "_data_fetcher", None)
+        if not recreated and fetcher is not None:
+            iter(fetcher)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.training_output(batch)
