@@ -1,0 +1,35 @@
+"""experiments/seed_summary.py: grouping by seed suffix and the mean / sample std, checked by hand."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("seed_summary", REPO / "experiments" / "seed_summary.py")
+seed_summary = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(seed_summary)
+
+
+def _row(method, self_test, cross, auc, nfr):
+    return {"method": method, "self_test": self_test, "cross_test": cross, "auc": {"random": auc},
+            "mean_nfr": {"random": nfr}}
+
+
+def test_seeds_are_grouped_and_summarised(tmp_path, capsys):
+    rows = [_row("bct_seed0", 60.0, 40.0, 45.0, 8.0), _row("ract_seed0", 62.0, 41.0, 46.0, 7.0),
+            _row("bct_seed1", 64.0, 42.0, 47.0, 6.0), _row("old_only", 50.0, 30.0, 35.0, 9.0)]
+    summaries = {s["method"]: s for s in seed_summary.summarize(rows)}
+    assert list(summaries) == ["bct", "ract", "old_only"]
+    bct = summaries["bct"]
+    assert bct["n"] == 2
+    assert bct["self_test"] == pytest.approx((62.0, 2.8284271))  # mean 62, sample std sqrt(8)
+    assert bct["mean_nfr/random"] == pytest.approx((7.0, 1.4142136))
+    assert summaries["ract"]["cross_test"] == (41.0, 0.0)
+    (tmp_path / "report.json").write_text(json.dumps({"study": rows}))
+    assert seed_summary.main([str(tmp_path)]) == 0
+    assert "| bct | 2 | 62.0 ± 2.8 |" in capsys.readouterr().out
+    assert seed_summary.main([str(tmp_path / "missing")]) == 2
