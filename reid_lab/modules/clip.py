@@ -35,7 +35,7 @@ class CLIPModule(EmbeddingModule):
         image_backbone / image_pretrained: a reid_lab backbone as the image tower (e.g. ``mobilenet_v2`` with
             ``imagenet`` weights from an installed package).
         num_classes: training identities (linked from the data module); used by image-side ReID losses.
-        losses: image–text losses ``[{name: clip | siglip | sdm, weight, **options}]`` (default CLIP InfoNCE).
+        losses: image–text losses ``[{name: clip | siglip | sdm | supcon, weight, **options}]`` (default CLIP InfoNCE).
         image_losses: ReID losses on the image embedding (``triplet``; ``ce`` adds a linear classifier).
         optimizer / lr / weight_decay / momentum: optimiser (no weight decay on gains, biases, logit scale).
         scheduler / milestones / gamma / warmup_epochs / warmup_factor: per-step schedule.
