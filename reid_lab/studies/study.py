@@ -513,7 +513,7 @@ class Study:
                     orders["uncertainty"] = order_by_uncertainty(torch.load(uncertainty_file)["uncertainty"])
                 elif ordering == "uncertainty" and method == next(iter(self.config.methods)):
                     print("[backfill] no uncertainty ordering: the old model has no classifier to score its "
-                          "gallery items with (Shen et al.'s uncertainty needs φ_old's class posteriors)")
+                          "gallery items with (RACT's uncertainty, Zhang et al. ICLR'22, needs φ_old's class posteriors)")
                 elif ordering == "oracle" and stored is None:
                     orders["oracle"] = order_oracle(old_g.features, g_new)
                 elif ordering == "sigma" and log_var is not None:
