@@ -82,7 +82,9 @@ from reid_lab.upgrade.split_files import save_split
 
 log = logging.getLogger(__name__)
 
-ORDERINGS = ("random", "uncertainty", "oracle", "sigma")
+# "uncertainty" is RACT's entropy order; "uncertainty_margin" / "uncertainty_least_confidence" use the other
+# estimators of reid_lab.metrics.backfill.old_model_uncertainty on the same old-classifier posteriors.
+ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", "oracle", "sigma")
 STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation"}
 STAGE_KEYS = {"configs", "overrides"}
 METHOD_KEYS = {"compatible_losses", "adapter", "pairings", "overrides", "transformation"}
@@ -396,7 +398,7 @@ class Study:
         features, gallery_logits = embed_evaluation_split(embedder, dm, keep_logits=keeps_logits)
         self.timings[f"embed/{path.stem}"] = time.perf_counter() - start
         if gallery_logits is not None:  # old-model uncertainty of every gallery item, for uncertainty ordering
-            atomic_torch_save({"uncertainty": old_model_uncertainty(gallery_logits)},
+            atomic_torch_save({"uncertainty": old_model_uncertainty(gallery_logits), "logits": gallery_logits},
                               self.out / "features" / "old.gallery_uncertainty.pt")
         features.save(path)
         self._stamp(path, self.keys.get(version))
@@ -509,9 +511,17 @@ class Study:
             for ordering in orderings:
                 if ordering == "random":
                     orders["random"] = order_random(len(g_pids), seed=int(ev.get("seed", 0)))
-                elif ordering == "uncertainty" and uncertainty_file.is_file():
-                    orders["uncertainty"] = order_by_uncertainty(torch.load(uncertainty_file)["uncertainty"])
-                elif ordering == "uncertainty" and method == next(iter(self.config.methods)):
+                elif ordering.startswith("uncertainty") and uncertainty_file.is_file():
+                    saved = torch.load(uncertainty_file, weights_only=True)
+                    estimator = ordering.partition("_")[2] or "entropy"
+                    if estimator == "entropy":
+                        orders[ordering] = order_by_uncertainty(saved["uncertainty"])
+                    elif "logits" in saved:
+                        orders[ordering] = order_by_uncertainty(old_model_uncertainty(saved["logits"], estimator))
+                    else:
+                        raise ValueError(f"{uncertainty_file} holds no old-model logits for the {ordering!r} ordering "
+                                         "(written by an older reid_lab): delete it and run the study again")
+                elif ordering.startswith("uncertainty") and method == next(iter(self.config.methods)):
                     print("[backfill] no uncertainty ordering: the old model has no classifier to score its "
                           "gallery items with (RACT's uncertainty, Zhang et al. ICLR'22, needs φ_old's class posteriors)")
                 elif ordering == "oracle" and stored is None:

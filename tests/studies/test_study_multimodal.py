@@ -14,6 +14,7 @@ from reid_lab.cli import main
 from reid_lab.data.text_datamodule import TextImageDataModule
 from reid_lab.embedding.checkpoint import read_checkpoint
 from reid_lab.embedding.features import FeatureSet
+from reid_lab.metrics.backfill import old_model_uncertainty
 from reid_lab.metrics.rank import evaluate_rank_reference
 
 pytestmark = pytest.mark.slow
@@ -108,7 +109,7 @@ def test_a_reid_cnn_gallery_upgraded_to_a_clip_image_encoder(tiny_synthetic, tmp
                 "overrides": {**_clip(tiny_synthetic, embed_dim=512),
                               "model.init_args.image_losses": [{"name": "triplet", "margin": 0.3}]}},
         "methods": {"independent": {}, "bct": {"compatible_losses": [{"name": "bct"}]}},
-        "evaluation": {"orderings": ["random", "uncertainty"], "ratios": [0, 0.5, 1.0]},
+        "evaluation": {"orderings": ["random", "uncertainty", "uncertainty_margin"], "ratios": [0, 0.5, 1.0]},
     }}
     config = tmp_path / "study.yaml"
     config.write_text(yaml.safe_dump(study))
@@ -118,7 +119,13 @@ def test_a_reid_cnn_gallery_upgraded_to_a_clip_image_encoder(tiny_synthetic, tmp
     feats = {v: FeatureSet.load(out / "features" / f"{v}.pt") for v in ("old", "bct")}
     assert feats["old"].modalities == feats["bct"].modalities == ("image", "image")
     assert feats["old"].items == feats["bct"].items and feats["bct"].camids is not None
-    assert (out / "features" / "old.gallery_uncertainty.pt").is_file()  # the CNN's classifier scores the gallery
+    # the CNN's classifier scores the gallery: its logits are kept, so every estimator's ordering can be made
+    saved = torch.load(out / "features" / "old.gallery_uncertainty.pt", weights_only=True)
+    assert torch.allclose(saved["uncertainty"], old_model_uncertainty(saved["logits"]))
+    import json
+
+    rows = {r["method"]: r for r in json.loads((out / "report.json").read_text())["study"]}
+    assert set(rows["bct"]["auc"]) == {"random", "uncertainty", "uncertainty_margin"}
     old_q, old_g = feats["old"].split()
     bct_q, _ = feats["bct"].split()
     assert _cell(out / "report.json", "bct", "old")["mAP"] == pytest.approx(100 * _cross(bct_q, old_g).mAP, abs=1e-4)
