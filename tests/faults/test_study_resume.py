@@ -38,7 +38,9 @@ def _config(root: Path, out: Path) -> Path:
 
 
 def _upgrade(config: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
+    # wandb disabled: a SIGKILLed run's wandb service can outlive it for a while and hold its run id, which the
+    # resumed stage reuses ("run ID ... is in use"); this test is about the training state
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
            "WANDB_SILENT": "true"}
     return subprocess.Popen([sys.executable, "-m", "reid_lab.cli", "upgrade", "--config", str(config)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

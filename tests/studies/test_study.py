@@ -12,6 +12,7 @@ import yaml
 from reid_lab.cli import main
 from reid_lab.embedding.features import FeatureSet
 from reid_lab.metrics.rank import evaluate_rank_reference
+from reid_lab.studies.study import Study, StudyConfig
 
 pytestmark = pytest.mark.slow
 
@@ -162,15 +163,18 @@ def test_every_plugin_and_override_is_checked_before_anything_trains(tiny_synthe
     study["study"]["methods"]["late"] = {"compatible_losses": [{"name": "bcd"}]}  # a typo in the last method
     config = tmp_path / "typo.yaml"
     config.write_text(yaml.safe_dump(study))
-    with pytest.raises(ValueError, match=r"study.methods.late: unknown compatible loss 'bcd'"):
-        main(["upgrade", "--config", str(config)])
+    assert main(["upgrade", "--config", str(config)]) == 2  # the CLI exits 2 and names the key
+    assert "study.methods.late: unknown compatible loss 'bcd'" in capsys.readouterr().err
     assert not (tmp_path / "s" / "train").exists()  # nothing trained before the error
 
     study = _study(tiny_synthetic, tmp_path / "s")
     study["study"]["scenario"]["new_model"] = {"backbone": "resnet18", "embeding_dim": 64}
     config.write_text(yaml.safe_dump(study))
+    assert main(["upgrade", "--config", str(config)]) == 2
+    assert "scenario.new_model has unknown argument(s) ['embeding_dim']" in capsys.readouterr().err
+    # the same checks hold for the Python API, before anything trains
     with pytest.raises(ValueError, match=r"scenario.new_model has unknown argument\(s\) \['embeding_dim'\]"):
-        main(["upgrade", "--config", str(config)])
+        Study(StudyConfig.load(config)).run()
 
 
 def test_a_dimension_change_study_reports_the_cross_test_through_the_adapter(tiny_synthetic, tmp_path, cli_argv):

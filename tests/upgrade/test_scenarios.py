@@ -210,12 +210,12 @@ def test_save_load_round_trip_and_subset_format(tmp_path: Path) -> None:
 
 
 def test_saved_subset_is_readable_by_the_data_module(tmp_path: Path) -> None:
-    from reid_lab.data.datamodule import _select_subset
+    from reid_lab.data.subset import select_subset
 
     records = make_records()
     split = split_training_set(records, "extended_class", old_fraction=0.5, seed=0)
     written = save_split(split, tmp_path)
-    assert sorted(_select_subset(records, str(written["old"]))) == sorted(split.old)
+    assert sorted(select_subset(records, str(written["old"]))) == sorted(split.old)
 
 
 def test_resaving_the_same_split_is_a_no_op(tmp_path: Path) -> None:
