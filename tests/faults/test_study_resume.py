@@ -38,13 +38,32 @@ def _config(root: Path, out: Path) -> Path:
 
 
 def _upgrade(config: Path) -> subprocess.Popen:
-    # wandb disabled: a SIGKILLed run's wandb service can outlive it for a while and hold its run id, which the
-    # resumed stage reuses ("run ID ... is in use"); this test is about the training state
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline",
            "WANDB_SILENT": "true"}
     return subprocess.Popen([sys.executable, "-m", "reid_lab.cli", "upgrade", "--config", str(config)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+
+
+def _kill_wandb_service_of(pid: int) -> None:
+    """SIGKILL the wandb service a killed run started (``wandb-core ... --pid <pid>``, in its own session), as a
+    crash of the whole machine or job would: left alive, it holds the run id the resumed stage continues."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"wandb-core") for a in args) and b"--pid" in args and \
+                args[args.index(b"--pid") + 1] == str(pid).encode():
+            try:
+                os.killpg(int(proc.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 30
+            while (proc / "cmdline").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
 
 
 def _weights(stage: Path) -> dict[str, torch.Tensor]:
@@ -64,6 +83,7 @@ def test_a_study_killed_mid_training_resumes_to_the_uninterrupted_result(tiny_sy
     while not last.is_file() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     os.killpg(run.pid, signal.SIGKILL)  # right after the new model's first epoch checkpoint
+    _kill_wandb_service_of(run.pid)
     run.communicate(timeout=60)
     assert run.returncode == -signal.SIGKILL
     assert (out / "train" / "old" / "done.json").is_file() and not (out / "train" / "bct" / "done.json").exists()
