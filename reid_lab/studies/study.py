@@ -15,6 +15,7 @@ scenario, the old model, the new model and the methods to compare::
         bct: {compatible_losses: [{name: bct}]}
         ract: {compatible_losses: [{name: ract}]}
       evaluation: {orderings: [random, uncertainty, oracle], independent: independent}
+      logger: wandb                                    # offline wandb runs per stage; none: no logger
 
 A study is not tied to one encoder: a stage may train any module on any data module (a ReID CNN on
 ``ReIDDataModule``, a dual encoder ``CLIPModule`` on ``TextImageDataModule``; split files name images by path,
@@ -85,7 +86,7 @@ log = logging.getLogger(__name__)
 # "uncertainty" is RACT's entropy order; "uncertainty_margin" / "uncertainty_least_confidence" use the other
 # estimators of reid_lab.metrics.backfill.old_model_uncertainty on the same old-classifier posteriors.
 ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", "oracle", "sigma")
-STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation"}
+STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation", "logger"}
 STAGE_KEYS = {"configs", "overrides"}
 METHOD_KEYS = {"compatible_losses", "adapter", "pairings", "overrides", "transformation"}
 TRANSFORMATION_KEYS = {"of", "uncertainty", "epochs", "hidden_dim", "lr", "batch_size", "warmup_epochs"}
@@ -111,6 +112,7 @@ class StudyConfig:
     methods: dict[str, dict[str, Any]]
     evaluation: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
+    logger: str = "wandb"  # "wandb" (offline runs under each stage folder) or "none"
 
     @classmethod
     def load(cls, path_or_dict: str | Path | dict) -> StudyConfig:
@@ -146,6 +148,9 @@ class StudyConfig:
                     raise ValueError(
                         f"{source}: methods.{name}.transformation.of must name a trained method, got {base!r}"
                     )
+        logger = str(study.get("logger", "wandb"))
+        if logger not in ("wandb", "none"):
+            raise ValueError(f"{source}: study.logger must be 'wandb' or 'none', got {logger!r}")
         evaluation = study.get("evaluation") or {}
         _check_keys(evaluation, EVAL_KEYS, f"{source}: study.evaluation")
         ratios = evaluation.get("ratios")
@@ -167,6 +172,7 @@ class StudyConfig:
             methods=methods,
             evaluation=evaluation,
             source=source,
+            logger=logger,
         )
 
     @property
@@ -323,7 +329,7 @@ class Study:
         self._discard_stage(stage_dir, version, keep_checkpoints=self._same_key(stage_dir, key))
         trainer = cfg.setdefault("trainer", {})
         trainer["default_root_dir"] = str(stage_dir)
-        trainer["logger"] = {
+        trainer["logger"] = False if self.config.logger == "none" else {
             "class_path": "lightning.pytorch.loggers.WandbLogger",
             "init_args": {"project": "reid_lab", "name": f"{self.config.name}-{version}", "group": self.config.name,
                           "save_dir": str(stage_dir), "offline": True},
@@ -536,7 +542,7 @@ class Study:
         self.timings["evaluate/backfill"] = time.perf_counter() - start
 
         claims = self.record_claims(matrix, checkpoints, features)
-        run = _report_run(self.config.name, self.out)
+        run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
         try:
             files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
                                  title=f"Upgrade study: {self.config.name}", logger=run)
@@ -653,7 +659,7 @@ class Study:
                                     pairs=[(c[t], c[t - 1]) for c in chains.values() for t in range(1, len(c))])
         rows = [{"method": m, "new": chain[-1], "old": "old", "AC": scores[m]["AC"], "AM": scores[m]["AM"]}
                 for m, chain in chains.items()]
-        run = _report_run(self.config.name, self.out)
+        run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
         try:
             files = write_report(self.out, matrix=matrix, summary_rows=rows, logger=run,
                                  title=f"Multi-step upgrade study: {self.config.name}")
