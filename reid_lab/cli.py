@@ -1,7 +1,7 @@
 """The ``reid-lab`` command: the project's own subcommands, else the LightningCLI.
 
-``reid-lab fit | validate | test | predict`` runs :mod:`reid_lab.lightning_cli`; ``synth``, ``upgrade`` and
-``index`` are plain argparse programs of their own layers, dispatched before LightningCLI starts.
+``reid-lab fit | validate | test | predict`` runs :mod:`reid_lab.lightning_cli`; ``synth``, ``upgrade``,
+``index`` and ``vlm-processor`` are plain argparse programs of their own layers, dispatched before LightningCLI starts.
 """
 
 from __future__ import annotations
@@ -28,7 +28,14 @@ def _index(argv: list[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index}
+def _vlm_processor(argv: list[str]) -> int:
+    from reid_lab.data.text.vlm_processor import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index,
+                                                      "vlm-processor": _vlm_processor}
 
 # LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
 PROJECT_COMMANDS_HELP = """
@@ -36,6 +43,8 @@ reid_lab commands (each has its own --help):
   synth      generate a synthetic ReID dataset (a Market-1501 tree): reid-lab synth --out data/synthetic
   upgrade    run a whole compatible-upgrade study in resumable stages: reid-lab upgrade --config study.yaml
   index      build and search faiss gallery indexes over saved features: reid-lab index build ...
+  vlm-processor  write a small offline Qwen2-VL processor (BPE on a dataset's captions) for VLM embedders:
+             reid-lab vlm-processor --out data/vlm_processor --root data/synthetic
 """
 
 

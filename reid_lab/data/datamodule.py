@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from reid_lab.data.datasets import load_dataset
 from reid_lab.data.image_dataset import ImageDataset
+from reid_lab.data.options import typed_options
 from reid_lab.data.preflight import BadImagesError, check_images, describe_bad
 from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
 from reid_lab.data.sampler import PKBatchSampler
@@ -78,7 +79,7 @@ class ReIDDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.dataset = dataset
         self.root = root
-        self.dataset_options = dict(dataset_options or {})
+        self.dataset_options = typed_options(dataset_options)  # dotted CLI overrides arrive as strings
         self.train_subset = train_subset
         self.image_size = tuple(image_size)
         self.batch_size = batch_size

@@ -1,4 +1,4 @@
-"""Image–text losses of dual encoders: CLIP InfoNCE, SigLIP, IRRA's similarity distribution matching, and
+"""Image–text losses of dual encoders: CLIP InfoNCE, VLM2Vec's one-directional InfoNCE, SigLIP, IRRA's similarity distribution matching, and
 supervised contrastive (SupCon) across modalities.
 
 Every loss is an ``nn.Module`` called as ``loss(image, text, pids, logit_scale)`` with ``image`` / ``text``
@@ -22,6 +22,7 @@ __all__ = [
     "IMAGE_TEXT_LOSSES",
     "CLIPLoss",
     "ImageTextLoss",
+    "InfoNCELoss",
     "SDMLoss",
     "SigLIPLoss",
     "SupConLoss",
@@ -85,6 +86,42 @@ class SigLIPLoss(ImageTextLoss):
         loss = SigLipLoss(rank=rank, world_size=world)
         return loss(_unit(image), _unit(text), self.log_scale.exp(),
                     self.bias)
+
+
+class InfoNCELoss(ImageTextLoss):
+    """One-directional InfoNCE of VLM2Vec (Jiang et al. ICLR'25): query → target with in-batch negatives.
+
+    With queries ``Q`` and targets ``T`` ``(B, D)`` L2-normalised and ``s = exp(logit_scale)`` (VLM2Vec fixes the
+    temperature at ``1 / s = 0.02``), ``L = (1/B) Σ_i -log( exp(s q_i·t_i) / Σ_j exp(s q_i·t_j) )``: the other
+    targets of the batch (of every rank under DDP, gathered with gradients) are the negatives. Caption queries
+    search image targets (``direction: text2image``, the text-to-person task); ``image2text`` reverses the
+    roles and ``both`` averages the two (then equal to :class:`CLIPLoss`). Identity is ignored, as in VLM2Vec:
+    another image of the same person in the batch counts as a negative (use ``supcon`` or ``sdm`` to treat it
+    as a positive).
+    """
+
+    name = "infonce"
+    DIRECTIONS = ("text2image", "image2text", "both")
+
+    def __init__(self, weight: float = 1.0, direction: str = "text2image") -> None:
+        super().__init__(weight)
+        if direction not in self.DIRECTIONS:
+            raise ValueError(f"infonce direction must be one of {self.DIRECTIONS}, got {direction!r}")
+        self.direction = direction
+
+    def forward(self, image: Tensor, text: Tensor, pids: Tensor, logit_scale: Tensor) -> Tensor:
+        rank, world = _rank_world()
+        image, text = _unit(image), _unit(text)
+        all_image, all_text, _ = _gather_with_grad(image, text, pids)
+        offset = rank * image.shape[0]  # this rank's pairs sit at rows offset.. of the gathered batch
+        targets = torch.arange(image.shape[0], device=image.device) + offset
+        scale = logit_scale.exp()
+        losses = []
+        if self.direction in ("text2image", "both"):
+            losses.append(F.cross_entropy(scale * text @ all_image.T, targets))
+        if self.direction in ("image2text", "both"):
+            losses.append(F.cross_entropy(scale * image @ all_text.T, targets))
+        return sum(losses) / len(losses)
 
 
 class SDMLoss(ImageTextLoss):
@@ -164,6 +201,7 @@ def _gather_with_grad(image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor
 
 IMAGE_TEXT_LOSSES: dict[str, type[ImageTextLoss]] = {
     "clip": CLIPLoss,
+    "infonce": InfoNCELoss,
     "siglip": SigLIPLoss,
     "sdm": SDMLoss,
     "supcon": SupConLoss,
@@ -171,7 +209,7 @@ IMAGE_TEXT_LOSSES: dict[str, type[ImageTextLoss]] = {
 
 
 def build_image_text_loss(name: str, **options) -> ImageTextLoss:
-    """Instantiate the image–text loss ``name`` (``clip``, ``siglip``, ``sdm``, ``supcon``); errors list the names."""
+    """Instantiate the image–text loss ``name`` (``clip``, ``infonce``, ``siglip``, ``sdm``, ``supcon``); errors list the names."""
     cls = IMAGE_TEXT_LOSSES.get(name)
     if cls is None:
         raise ValueError(f"unknown image-text loss {name!r}; available: {', '.join(sorted(IMAGE_TEXT_LOSSES))}")

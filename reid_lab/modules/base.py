@@ -298,12 +298,22 @@ class EmbeddingModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.training_output(batch)
+        total, parts = self.total_loss(batch, out)
+        self.log_training(total, parts, out)
+        return total
+
+    def total_loss(self, batch: dict[str, Any], out: TrainingOutput) -> tuple[Tensor, dict[str, Tensor]]:
+        """The module's own loss plus the upgrade host's compatible losses, and every named part."""
         total, parts = out.loss, dict(out.parts)
         if self.host is not None:
             compat, compat_parts = self.host(batch, out.embeddings, out.labels, self.current_epoch,
                                              new_classifier=self.encoder.classifier_weight, new_logits=out.logits)
             total = total + compat
             parts.update(compat_parts)
+        return total, parts
+
+    def log_training(self, total: Tensor, parts: dict[str, Tensor], out: TrainingOutput) -> None:
+        """Log the training loss, its parts and (with a classifier) the batch accuracy."""
         batch_size = out.labels.numel()
         self.log("train/loss", total, prog_bar=True, batch_size=batch_size)
         for name, value in parts.items():
@@ -311,7 +321,6 @@ class EmbeddingModule(L.LightningModule):
         if out.logits is not None:
             acc = (out.logits.argmax(1) == out.labels).float().mean()
             self.log("train/acc", acc, prog_bar=True, batch_size=batch_size)
-        return total
 
     # ------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

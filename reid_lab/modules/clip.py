@@ -21,7 +21,7 @@ from reid_lab.losses import build_loss
 from reid_lab.losses.image_text import build_image_text_loss
 from reid_lab.models.clip import CLIPEncoder
 from reid_lab.modules.base import EmbeddingModule, TrainingOutput
-from reid_lab.modules.optim import build_optimizer, lr_schedule
+from reid_lab.modules.optim import build_optimizer, per_step_scheduler
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps exp(logit_scale) to 100 after every step
 
@@ -134,13 +134,9 @@ class CLIPModule(EmbeddingModule):
             (no_decay if p.ndim < 2 or "bias" in name or "logit_scale" in name or "ln" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = build_optimizer(hp.optimizer, groups, lr=hp.lr, momentum=hp.momentum)
-        max_epochs = self.trainer.max_epochs if self._trainer is not None and self.trainer.max_epochs else 10
-        total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else max_epochs
-        steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
-        schedule = lr_schedule(hp.scheduler, max_epochs, hp.milestones or [], hp.gamma, hp.warmup_epochs,
-                               hp.warmup_factor, steps_per_epoch=steps_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(groups))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,
+                "lr_scheduler": per_step_scheduler(self, optimizer, hp.scheduler, hp.milestones or [], hp.gamma,
+                                                   hp.warmup_epochs, hp.warmup_factor)}
 
 
 PROBE = ["a woman in a long red coat with a black backpack", "a man wearing blue jeans and white shoes"]

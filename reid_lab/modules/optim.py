@@ -56,3 +56,17 @@ def lr_schedule(
         return 1.0
 
     return factor
+
+
+def per_step_scheduler(module, optimizer, kind: str, milestones: list[int], gamma: float, warmup_epochs: float,
+                       warmup_factor: float, default_epochs: int = 10) -> dict:
+    """Lightning's ``lr_scheduler`` entry: :func:`lr_schedule` on every parameter group, stepped per optimiser
+    step, with the trainer's ``max_epochs`` and steps per epoch (``default_epochs`` without a trainer)."""
+    trainer = module._trainer
+    max_epochs = trainer.max_epochs if trainer is not None and trainer.max_epochs else default_epochs
+    total_steps = trainer.estimated_stepping_batches if trainer is not None else max_epochs
+    steps_per_epoch = max(1, math.ceil(total_steps / max_epochs))
+    schedule = lr_schedule(kind, max_epochs, milestones, gamma, warmup_epochs, warmup_factor,
+                           steps_per_epoch=steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule] * len(optimizer.param_groups))
+    return {"scheduler": scheduler, "interval": "step"}

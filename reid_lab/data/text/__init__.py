@@ -21,7 +21,7 @@ from reid_lab.data.text.records import (
     caption_queries,
     relabel_captioned,
 )
-from reid_lab.data.text.tokenizers import CaptionTokenizer, HFTokenizer, OpenCLIPTokenizer
+from reid_lab.data.text.tokenizers import CaptionTokenizer, HFTokenizer, OpenCLIPTokenizer, VLMTextTokenizer
 
 __all__ = [
     "FORMATS",
@@ -33,6 +33,7 @@ __all__ = [
     "HFTokenizer",
     "OpenCLIPTokenizer",
     "TextReIDSplits",
+    "VLMTextTokenizer",
     "caption_queries",
     "load_caption_dataset",
     "load_cuhkpedes",

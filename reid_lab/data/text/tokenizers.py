@@ -175,3 +175,53 @@ def resolve_tokenizer_folder(path: str | None = None, package: str | None = None
     if not folder.is_dir():
         raise ValueError(f"tokenizer folder {folder} does not exist")
     return folder
+
+
+class VLMTextTokenizer(CaptionTokenizer):
+    """Captions for a Qwen2-VL-family embedder: ``instruction + caption`` then ``<|im_end|>``, left-padded.
+
+    Each row is the tokens of ``TEXT_TEMPLATE.format(instruction=..., text=caption)`` (no special tokens added),
+    truncated to ``L - 1`` ids, followed by the ``<|im_end|>`` id at which the encoder pools (last-token
+    pooling), and left-padded with ``<|endoftext|>`` to ``L`` (decoder-only models read the final position).
+
+    Args:
+        processor_path: a processor folder (see :mod:`reid_lab.data.text.vlm_processor`).
+        instruction: the task instruction prefixed to every caption (part of the embedding space: queries and
+            the model must use the same one).
+        context_length: ids per caption.
+    """
+
+    def __init__(self, processor_path: str, instruction: str = "Find the person described: ",
+                 context_length: int = 48) -> None:
+        from reid_lab.data.text.vlm_processor import END_TOKEN, PAD_TOKEN, load_processor
+
+        self.processor_path = str(processor_path)
+        self.instruction = str(instruction)
+        self.context_length = self._length(context_length)
+        self._init_args = {"processor_path": self.processor_path, "instruction": self.instruction,
+                           "context_length": self.context_length}
+        self.tokenizer = load_processor(processor_path).tokenizer
+        self._end_id = int(self.tokenizer.convert_tokens_to_ids(END_TOKEN))
+        self._pad_id = int(self.tokenizer.convert_tokens_to_ids(PAD_TOKEN))
+
+    def __call__(self, texts: Sequence[str], context_length: int | None = None) -> Tensor:
+        import torch
+
+        from reid_lab.data.text.vlm_processor import TEXT_TEMPLATE
+
+        length = self._length(context_length)
+        prompts = [TEXT_TEMPLATE.format(instruction=self.instruction, text=t) for t in texts]
+        rows = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        ids = torch.full((len(rows), length), self._pad_id, dtype=torch.long)
+        for i, row in enumerate(rows):
+            row = list(row[: length - 1]) + [self._end_id]
+            ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
+        return ids
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def pad_id(self) -> int:
+        return self._pad_id

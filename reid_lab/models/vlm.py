@@ -1,0 +1,251 @@
+"""``VLMEncoder``: a ``transformers`` vision-language model (Qwen2-VL family) as an embedding encoder, VLM2Vec-style.
+
+VLM2Vec (Jiang et al., ICLR'25, "VLM2Vec: Training Vision-Language Models for Massive Multimodal Embedding
+Tasks") turns a generative VLM into an embedder: the input is an instruction plus a text and / or an image,
+the embedding is the last layer's hidden state at the final token (last-token pooling; the batch is
+left-padded so the final position is that token), L2-normalised, trained with InfoNCE.
+
+Inputs follow the encoder contract, so a VLM embedder trains and evaluates on the same data modules as the
+ReID and CLIP models and can be the new (or the old) model of an upgrade:
+
+* ``batch["image"]`` ``(B, 3, H, W)``: images normalised with ``input_mean`` / ``input_std`` (the data modules'
+  ImageNet statistics). They are un-normalised to ``[0, 1]`` and given to the model's own image processor
+  (resize to a multiple of ``patch_size * merge_size`` inside its pixel budget, the model's normalisation),
+  inside :data:`~reid_lab.data.text.vlm_processor.IMAGE_TEMPLATE` with ``instructions["image"]``.
+* ``batch["text"]`` ``(B, L)``: token ids from :class:`~reid_lab.data.text.VLMTextTokenizer` (instruction +
+  caption + ``<|im_end|>``, left-padded). The attention mask is rebuilt from the left padding.
+
+Outputs: ``{"image": (B, D), "text": (B, D)}`` with ``D`` the language model's hidden size, not normalised.
+
+The model comes from a local folder (``model_path``: ``config.json`` + weights, never the hub) or from a
+config (``model_cfg``: ``model_type`` plus its sub-configs; random init, e.g. a tiny Qwen2-VL for tests). The
+vocabulary size and the vision token ids are filled in from the processor when a config leaves them out. The
+spec of a built encoder records the whole resolved config, so a checkpoint rebuilds without the model folder.
+
+LoRA / DoRA (peft): ``lora: {r, alpha, dropout, target_modules, use_dora}`` wraps the model; only adapter
+weights train. :meth:`VLMEncoder.merge_lora` folds them into the base weights; :meth:`save_adapter` writes the
+peft adapter folder. ``gradient_checkpointing`` recomputes activations in the backward pass (non-reentrant).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reid_lab.data.options import typed_options
+from reid_lab.data.text.tokenizers import VLMTextTokenizer
+from reid_lab.data.text.vlm_processor import (
+    IMAGE_TEMPLATE,
+    PAD_TOKEN,
+    load_processor,
+    processor_digest,
+)
+from reid_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from reid_lab.embedding.encoder import Encoder
+
+DEFAULT_INSTRUCTIONS = {"image": "Represent the given person image: ", "text": "Find the person described: "}
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+POOLINGS = ("last", "mean")
+
+
+def last_token_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(B, L, D), (B, L) -> (B, D)``: the hidden state of each row's last attended position (left or right
+    padding alike)."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (positions * attention_mask.long()).argmax(dim=1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(B, L, D), (B, L) -> (B, D)``: the mean over attended positions."""
+    mask = attention_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)
+
+
+def left_padding_mask(ids: Tensor, pad_id: int) -> Tensor:
+    """``(B, L)`` int64 mask: 0 on the leading pad ids of each row, 1 from its first real token on."""
+    return (ids != pad_id).long().cummax(dim=1).values
+
+
+class VLMEncoder(Encoder):
+    """A Qwen2-VL-family model with last-token (or mean) pooling behind the encoder contract.
+
+    Args:
+        model_path: a local folder with the model (``AutoModelForImageTextToText.from_pretrained``, offline).
+        model_cfg: a config instead (``{"model_type": "qwen2_vl", "text_config": {...}, "vision_config": {...}}``,
+            as in a model's ``config.json``); random init. Exactly one of the two.
+        processor_path: the processor folder (default: ``model_path``).
+        processor_digest: the processor's digest recorded at training time (filled in automatically; a rebuild
+            from a checkpoint refuses a processor folder whose files changed).
+        pooling: ``last`` (VLM2Vec) or ``mean``.
+        instructions: ``{"image": ..., "text": ...}`` task instructions; the text one must equal the data
+            tokenizer's (checked by the module).
+        context_length: ids per caption of :meth:`tokenizer`.
+        lora: peft LoRA options ``{r, alpha, dropout, target_modules, use_dora}``; None: full fine-tuning.
+        gradient_checkpointing: recompute the language model's activations in backward.
+        input_mean / input_std: the normalisation of ``batch["image"]`` to undo before the image processor.
+    """
+
+    modalities = ("image", "text")
+    init_only_args = ("model_path",)
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        model_cfg: dict[str, Any] | None = None,
+        processor_path: str | None = None,
+        processor_digest: str | None = None,
+        pooling: str = "last",
+        instructions: dict[str, str] | None = None,
+        context_length: int = 48,
+        lora: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        input_mean: tuple[float, float, float] = IMAGENET_MEAN,
+        input_std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        if (model_path is None) == (model_cfg is None):
+            raise ValueError("give exactly one of model_path (a local model folder) or model_cfg (a config)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        processor_path = processor_path or model_path
+        if processor_path is None:
+            raise ValueError("processor_path is needed with model_cfg (make one with `reid-lab vlm-processor`)")
+        digest = _processor_digest(processor_path)
+        if processor_digest is not None and processor_digest != digest:
+            raise ValueError(f"the processor in {processor_path} (digest {digest}) differs from the one this "
+                             f"model was trained with ({processor_digest}): its token ids would be wrong")
+        self.processor = load_processor(processor_path)
+        tokenizer = self.processor.tokenizer
+        self.pad_id = int(tokenizer.convert_tokens_to_ids(PAD_TOKEN))
+        if model_path is not None:
+            folder = Path(model_path).expanduser()
+            if not (folder / "config.json").is_file():
+                raise ValueError(f"model_path {folder} holds no config.json (a transformers model folder)")
+            model = AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True)
+        else:
+            cfg = _with_processor_ids(typed_options(model_cfg), tokenizer)  # dotted overrides arrive as strings
+            if "model_type" not in cfg:
+                raise ValueError("model_cfg needs model_type (e.g. qwen2_vl), as in a model's config.json")
+            config = AutoConfig.for_model(**cfg)
+            model = AutoModelForImageTextToText.from_config(config)
+        resolved_cfg = json.loads(model.config.to_json_string(use_diff=False))
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora = typed_options(lora) if lora else None
+        self.model = _with_lora(model, self.lora) if self.lora else model
+        self.pooling = pooling
+        self.instructions = {**DEFAULT_INSTRUCTIONS, **(instructions or {})}
+        self.context_length = int(context_length)
+        self.register_buffer("input_mean", torch.tensor(input_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(input_std).view(1, 3, 1, 1), persistent=False)
+        self.record_init_args(model_path=model_path, model_cfg=resolved_cfg, processor_path=str(processor_path),
+                              processor_digest=digest, pooling=pooling, instructions=self.instructions,
+                              context_length=self.context_length, lora=self.lora,
+                              gradient_checkpointing=bool(gradient_checkpointing), input_mean=tuple(input_mean),
+                              input_std=tuple(input_std))
+
+    # ------------------------------------------------------------------------------------ properties
+    @property
+    def base(self) -> nn.Module:
+        """The ``transformers`` model (inside the peft wrapper when there is one)."""
+        return self.model.get_base_model() if self.lora else self.model
+
+    @property
+    def embedding_dim(self) -> int:
+        config = self.base.config
+        return int(getattr(config, "text_config", config).hidden_size)
+
+    def tokenizer(self) -> VLMTextTokenizer:
+        """The caption tokenizer matching this encoder (its processor, text instruction and context length)."""
+        return VLMTextTokenizer(self._init_args["processor_path"], instruction=self.instructions["text"],
+                                context_length=self.context_length)
+
+    # ------------------------------------------------------------------------------------- embedding
+    def _pool(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        return last_token_pool(hidden, attention_mask) if self.pooling == "last" else mean_pool(hidden, attention_mask)
+
+    def _forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        # The base model (no LM head): (B, L, D) last hidden states.
+        out = self.base.model(**inputs, use_cache=False)
+        return self._pool(out.last_hidden_state, inputs["attention_mask"])
+
+    def encode_text(self, ids: Tensor) -> Tensor:
+        """``(B, L)`` left-padded ids of :class:`VLMTextTokenizer` ``-> (B, D)``."""
+        mask = left_padding_mask(ids, self.pad_id)
+        return self._forward({"input_ids": ids, "attention_mask": mask, "mm_token_type_ids": torch.zeros_like(ids)})
+
+    def image_inputs(self, images: Tensor) -> dict[str, Tensor]:
+        """The processor's inputs for ``(B, 3, H, W)`` normalised images (on the images' device)."""
+        pixels = (images.float() * self.input_std + self.input_mean).clamp(0, 1).cpu()
+        prompt = IMAGE_TEMPLATE.format(instruction=self.instructions["image"])
+        inputs = self.processor(text=[prompt] * len(pixels), images=list(pixels), return_tensors="pt",
+                                do_rescale=False, padding=True)
+        return {k: v.to(images.device) for k, v in inputs.items()}
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W) -> (B, D)``."""
+        return self._forward(self.image_inputs(images))
+
+    def encode(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
+        out = {}
+        for modality in self.check_batch(batch):
+            out[modality] = self.encode_image(batch["image"]) if modality == "image" else self.encode_text(batch["text"])
+        return out
+
+    # ------------------------------------------------------------------------------------------- LoRA
+    def merge_lora(self) -> None:
+        """Fold the LoRA / DoRA weights into the base weights (same outputs; no adapter left to train)."""
+        if not self.lora:
+            raise ValueError("this encoder has no LoRA adapter to merge")
+        self.model = self.model.merge_and_unload()
+        self.lora = None
+        self._init_args["lora"] = None
+
+    def save_adapter(self, folder: str | Path) -> Path:
+        """Write the peft adapter (``adapter_config.json`` + weights) to ``folder``."""
+        if not self.lora:
+            raise ValueError("this encoder has no LoRA adapter to save")
+        self.model.save_pretrained(str(folder))
+        return Path(folder)
+
+
+def _processor_digest(path: str | Path) -> str:
+    if not Path(path).expanduser().is_dir():
+        raise ValueError(f"VLM processor folder {path} does not exist (make one with `reid-lab vlm-processor`)")
+    return processor_digest(Path(path).expanduser())
+
+
+def _with_processor_ids(cfg: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """Fill the vocabulary size and the vision token ids from the processor's tokenizer where ``cfg`` omits them."""
+    ids = {"image_token_id": "<|image_pad|>", "video_token_id": "<|video_pad|>",
+           "vision_start_token_id": "<|vision_start|>", "vision_end_token_id": "<|vision_end|>"}
+    for key, token in ids.items():
+        cfg.setdefault(key, int(tokenizer.convert_tokens_to_ids(token)))
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("vocab_size", len(tokenizer))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        text.setdefault(key, int(tokenizer.convert_tokens_to_ids(PAD_TOKEN)))
+    cfg["text_config"] = text
+    return cfg
+
+
+def _with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    allowed = {"r", "alpha", "dropout", "target_modules", "use_dora"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"lora has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    config = LoraConfig(r=int(options.get("r", 8)), lora_alpha=float(options.get("alpha", 16)),
+                        lora_dropout=float(options.get("dropout", 0.0)),
+                        target_modules=list(options.get("target_modules") or DEFAULT_LORA_TARGETS),
+                        use_dora=bool(options.get("use_dora", False)))
+    return get_peft_model(model, config)

@@ -1,0 +1,168 @@
+"""``VLMEmbeddingModule``: a VLM2Vec-style embedder (:class:`~reid_lab.models.vlm.VLMEncoder`) trained with
+contrastive image–text losses, optionally through GradCache.
+
+Everything else comes from :class:`~reid_lab.modules.base.EmbeddingModule`: the upgrade host (a VLM's caption
+queries and images can be trained compatible with an old CLIP, ReID CNN or VLM gallery through the same
+plugins and pairings), checkpoints that rebuild the encoder (resolved config, processor digest, LoRA options),
+space records, evaluation under the data's protocol (caption → image without camera filter, or image → image
+ReID), predict rows.
+
+Training batches are those of :class:`~reid_lab.data.TextImageDataModule` with a
+:class:`~reid_lab.data.text.VLMTextTokenizer`: ``image`` ``(B, 3, H, W)``, ``text`` ``(B, L)`` (the caption
+queries, instruction included) and ``pid`` ``(B,)``. The default loss is VLM2Vec's one-directional InfoNCE
+(caption query → image target, in-batch negatives) at the fixed temperature 0.02.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reid_lab.losses.image_text import build_image_text_loss
+from reid_lab.models.vlm import VLMEncoder
+from reid_lab.modules.base import EmbeddingModule, TrainingOutput
+from reid_lab.modules.clip import _build, check_tokenizer
+from reid_lab.modules.grad_cache import grad_cache_backward
+from reid_lab.modules.optim import build_optimizer, per_step_scheduler
+
+
+class VLMEmbeddingModule(EmbeddingModule):
+    """VLM2Vec-style training of a transformers VLM as an embedder.
+
+    Args:
+        model_path / model_cfg / processor_path / pooling / instructions / context_length / lora /
+            gradient_checkpointing: the encoder (see :class:`~reid_lab.models.vlm.VLMEncoder`).
+        losses: image–text losses ``[{name: infonce | clip | sdm | supcon | siglip, weight, **options}]``
+            (default ``[{name: infonce}]``: caption → image InfoNCE).
+        temperature: the softmax temperature of the losses (VLM2Vec: 0.02); the loss scale is ``1 / temperature``.
+        learnable_temperature: train ``log(1 / temperature)`` (clamped to ``[0, log 100]`` as open_clip does).
+        grad_cache_chunk: embed the batch in chunks of this many items through GradCache (exact full-batch
+            gradients, one chunk's activation memory; see :mod:`reid_lab.modules.grad_cache`). Uses Lightning's
+            manual optimisation; single-process only for now (an error under DDP).
+        num_classes: linked from the data module (unused by the default losses).
+        optimizer / lr / weight_decay / momentum / scheduler / milestones / gamma / warmup_epochs /
+            warmup_factor: optimiser and per-step schedule (no weight decay on gains, biases, temperature).
+        distance / max_rank / space_label / upgrade: see :class:`EmbeddingModule`.
+    """
+
+    monitor = "val/R1"
+    protocol = "cross_modal"
+
+    def __init__(
+        self,
+        model_path: str | None = None,
+        model_cfg: dict[str, Any] | None = None,
+        processor_path: str | None = None,
+        pooling: str = "last",
+        instructions: dict[str, str] | None = None,
+        context_length: int = 48,
+        lora: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        losses: list[dict[str, Any]] | None = None,
+        temperature: float = 0.02,
+        learnable_temperature: bool = False,
+        grad_cache_chunk: int | None = None,
+        num_classes: int = 0,
+        optimizer: str = "adamw",
+        lr: float = 1e-4,
+        weight_decay: float = 0.01,
+        momentum: float = 0.9,
+        scheduler: str = "cosine",
+        milestones: list[int] | None = None,
+        gamma: float = 0.1,
+        warmup_epochs: float = 0.5,
+        warmup_factor: float = 0.01,
+        distance: str = "cosine",
+        max_rank: int = 50,
+        space_label: str | None = None,
+        upgrade: dict[str, Any] | None = None,
+    ) -> None:
+        encoder = VLMEncoder(model_path=model_path, model_cfg=model_cfg, processor_path=processor_path,
+                             pooling=pooling, instructions=instructions, context_length=context_length, lora=lora,
+                             gradient_checkpointing=gradient_checkpointing)
+        super().__init__(encoder, distance=distance, max_rank=max_rank, space_label=space_label, upgrade=upgrade)
+        self.save_hyperparameters()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)),
+                                        requires_grad=bool(learnable_temperature))
+        self.losses = nn.ModuleList(_build(losses if losses is not None else [{"name": "infonce"}],
+                                           build_image_text_loss, "losses"))
+        if grad_cache_chunk is not None and int(grad_cache_chunk) <= 0:
+            raise ValueError(f"grad_cache_chunk must be a positive number of items, got {grad_cache_chunk}")
+        self.grad_cache_chunk = int(grad_cache_chunk) if grad_cache_chunk else None
+        self.automatic_optimization = self.grad_cache_chunk is None
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "tokenize"):
+            check_tokenizer(datamodule.tokenize, self.encoder.tokenizer())
+        if self.grad_cache_chunk and self._trainer is not None and self.trainer.world_size > 1:
+            raise ValueError("grad_cache_chunk runs in one process for now; under DDP train without it (the "
+                             "contrastive losses already use every rank's items as negatives)")
+
+    def space_model_name(self) -> str:
+        return "vlm"
+
+    # --------------------------------------------------------------------------------------- training
+    def embed_training(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Training representations ``{"image": (B, D), "text": (B, D)}`` of a pair batch."""
+        return {"image": self.encoder.encode_image(batch["image"]), "text": self.encoder.encode_text(batch["text"])}
+
+    def losses_of(self, reps: dict[str, Tensor], batch: dict[str, Any]) -> TrainingOutput:
+        """The module's own losses on the batch's representations."""
+        pids = batch["pid"]
+        total = reps["image"].new_zeros(())
+        parts: dict[str, Tensor] = {}
+        for loss in self.losses:
+            value = loss(reps["image"], reps["text"], pids, self.logit_scale)
+            parts[loss.name] = value.detach()
+            total = total + loss.weight * value
+        parts["temperature"] = 1.0 / self.logit_scale.detach().exp()
+        return TrainingOutput(loss=total, embeddings=reps, labels=pids, parts=parts)
+
+    def training_output(self, batch: dict[str, Any]) -> TrainingOutput:
+        return self.losses_of(self.embed_training(batch), batch)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor | None:
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
+        optimizer.zero_grad()
+        outputs: dict[str, Any] = {}
+
+        def loss_fn(reps: dict[str, Tensor]):
+            out = self.losses_of(reps, batch)
+            total, parts = self.total_loss(batch, out)
+            outputs.update(out=out, parts=parts)
+            return total, None
+
+        total, _ = grad_cache_backward(batch, int(batch["pid"].numel()), self.grad_cache_chunk,
+                                       self.embed_training, loss_fn, backward=self.manual_backward)
+        optimizer.step()
+        scheduler.step()
+        self._clamp_temperature()
+        self.log_training(total, outputs["parts"], outputs["out"])
+        return None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self._clamp_temperature()
+
+    def _clamp_temperature(self) -> None:
+        with torch.no_grad():
+            self.logit_scale.clamp_(0, math.log(100))
+
+    # -------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.named_parameters() if p.requires_grad and p.ndim >= 2 and "bias" not in n]
+        no_decay = [p for n, p in self.named_parameters() if p.requires_grad and (p.ndim < 2 or "bias" in n)]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = build_optimizer(hp.optimizer, [g for g in groups if g["params"]], lr=hp.lr, momentum=hp.momentum)
+        return {"optimizer": optimizer,
+                "lr_scheduler": per_step_scheduler(self, optimizer, hp.scheduler, hp.milestones or [], hp.gamma,
+                                                   hp.warmup_epochs, hp.warmup_factor)}

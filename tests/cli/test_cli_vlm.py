@@ -1,0 +1,73 @@
+"""A VLM2Vec-style embedder through the real LightningCLI: fit with GradCache, test (caption -> image), predict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reid_lab.data.text.vlm_processor import build_offline_processor
+from reid_lab.embedding.checkpoint import read_checkpoint
+from reid_lab.embedding.features import FeatureSet
+from reid_lab.lightning_cli import run_lightning_cli
+from reid_lab.metrics.rank import evaluate_rank_reference
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def processor(tmp_path_factory, tiny_synthetic):
+    from reid_lab.data.text.parsers import load_text_dataset
+
+    corpus = [c for r in load_text_dataset("synthetic", tiny_synthetic).train for c in r.captions]
+    return build_offline_processor(tmp_path_factory.mktemp("vlm") / "processor", corpus + ["Find the person "],
+                                   vocab_size=300)
+
+
+def _args(root: Path, tmp: Path, processor: Path) -> list[str]:
+    return [
+        "--config", str(REPO / "configs/experiments/synthetic_vlm_text2person.yaml"),
+        f"--data.init_args.root={root}", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+        "--data.init_args.eval_batch_size=32", f"--data.init_args.tokenizer.init_args.processor_path={processor}",
+        f"--model.init_args.processor_path={processor}", "--model.init_args.grad_cache_chunk=3",
+        "--model.init_args.lora={r: 4, dropout: 0.1}",
+        "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1", "--trainer.limit_train_batches=2",
+        "--trainer.accelerator=cpu", f"--trainer.logger.init_args.save_dir={tmp / 'runs'}",
+        f"--trainer.default_root_dir={tmp}",
+    ]
+
+
+def test_fit_with_grad_cache_then_test_and_predict(tiny_synthetic, tmp_path, cli_argv, processor):
+    args = _args(tiny_synthetic, tmp_path, processor)
+    fit = run_lightning_cli(["fit", *args])
+    fit.trainer.logger.experiment.finish()
+    assert not fit.model.automatic_optimization and fit.trainer.global_step == 2  # one optimiser step per batch
+    best = fit.trainer.checkpoint_callback.best_model_path
+    checkpoint = read_checkpoint(best)
+    assert checkpoint["encoder"]["init_args"]["lora"] == {"r": 4, "dropout": 0.1}
+    assert checkpoint["embedding_space"]["modalities"] == ["image", "text"]
+    test = run_lightning_cli(["test", *args, "--ckpt_path", best])
+    test.trainer.logger.experiment.finish()
+    metrics = test.trainer.callback_metrics
+    outs = {}
+    for modality in ("text", "image"):
+        out = tmp_path / f"{modality}.pt"
+        cli = run_lightning_cli(["predict", *args, "--ckpt_path", best, f"--data.init_args.predict_modality={modality}",
+                                 f"--predict_writer.output={out}"])
+        cli.trainer.logger.experiment.finish()
+        outs[modality] = FeatureSet.load(out)
+    captions, images = outs["text"], outs["image"]
+    assert captions.space == images.space and captions.features.shape[1] == 64
+    q = torch.nn.functional.normalize(captions.features, dim=1)
+    g = torch.nn.functional.normalize(images.features, dim=1)
+    reference = evaluate_rank_reference(1 - q @ g.T, captions.pids, images.pids)
+    assert float(metrics["test/R1"]) == pytest.approx(100 * reference.cmc[0], abs=1e-3)
+    assert float(metrics["test/mAP"]) == pytest.approx(100 * reference.mAP, abs=1e-3)
+
+
+def test_a_caption_tokenizer_with_another_instruction_is_refused(tiny_synthetic, tmp_path, cli_argv, processor):
+    with pytest.raises(ValueError, match="differ from the text tower's"):
+        run_lightning_cli(["fit", *_args(tiny_synthetic, tmp_path, processor),
+                           "--data.init_args.tokenizer.init_args.instruction=Describe: "])
