@@ -10,6 +10,7 @@ every stage through it) and the ``reid-lab`` entry point (:mod:`reid_lab.cli`).
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from reid_lab.embedding.features import FeatureWriter
 from reid_lab.modules.base import EmbeddingModule
 from reid_lab.modules.checkpoint_io import AtomicCheckpointIO
 from reid_lab.modules.guards import DivergenceGuard
+from reid_lab.modules.progress import PlainProgress
 
 jsonargparse.set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
@@ -170,6 +172,9 @@ class ReIDLabCLI(LightningCLI):
         listed = listed if isinstance(listed, list) else [listed]
         if not any(isinstance(c, DivergenceGuard) for c in [*listed, *callbacks]):
             callbacks = [*callbacks, DivergenceGuard()]
+        # Output to a file or a pipe: Rich draws nothing until the end; print plain progress lines instead.
+        if not sys.stdout.isatty() and not any(isinstance(c, PlainProgress) for c in [*listed, *callbacks]):
+            callbacks = [*callbacks, PlainProgress()]
         return super()._instantiate_trainer(config, callbacks)
 
 

@@ -90,6 +90,22 @@ def check_upgrade(upgrade: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"compatible_losses": [], **upgrade}
 
 
+PROBE = ["a woman in a long red coat with a black backpack", "a man wearing blue jeans and white shoes"]
+
+
+def check_tokenizer(data_tokenize, model_tokenize) -> None:
+    """Refuse a data module whose token ids differ from the text tower's (another vocabulary or length):
+    the model would silently read the wrong words."""
+    got, want = data_tokenize(PROBE), model_tokenize(PROBE)
+    if got.shape != want.shape or not torch.equal(got.long(), want.long()):
+        raise ValueError(
+            f"the data module's tokenizer gives ids of shape {tuple(got.shape)} that differ from the text tower's "
+            f"{tuple(want.shape)} on the same captions: use the tower's tokenizer and context length (e.g. "
+            "OpenCLIPTokenizer for open_clip's text transformer, HFTokenizer of the packaged MiniLM for "
+            "text_tower: minilm_l6)"
+        )
+
+
 @dataclass
 class TrainingOutput:
     """What a subclass's training step produced.
@@ -168,6 +184,25 @@ class EmbeddingModule(L.LightningModule):
                 raise FileNotFoundError(f"model.init_args.upgrade.old_checkpoint {old} does not exist: training "
                                         "or validating against the old model needs it")
             self._build_host()
+        if self.host is not None and stage == "fit":
+            self._check_old_text_tokens()
+
+    def _check_old_text_tokens(self) -> None:
+        """A pairing onto the old model's text side feeds it the training batch's caption ids: refuse a data
+        tokenizer that differs from the old text tower's (another vocabulary would be read as wrong words)."""
+        if not any(old == "text" for _, old in self.host.pairings):
+            return
+        datamodule = getattr(self._trainer, "datamodule", None)
+        old_tokenizer = getattr(self.host.old.encoder, "tokenizer", None)
+        if datamodule is None or not hasattr(datamodule, "tokenize") or not callable(old_tokenizer):
+            return
+        try:
+            check_tokenizer(datamodule.tokenize, old_tokenizer())
+        except ValueError as err:
+            pairs = [f"{n}->{o}" for n, o in self.host.pairings if o == "text"]
+            raise ValueError(f"pairing {pairs} gives the old model ({self.host.old_checkpoint}) the training "
+                             f"captions' token ids, but {err}. Pair the new text with the old images instead "
+                             "(text->image), or train with the old text tower's tokenizer") from err
 
     def _follow_data_protocol(self) -> None:
         """Evaluate under the data's protocol when the encoder can embed its queries: a dual encoder tested on

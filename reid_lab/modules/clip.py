@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from reid_lab.losses import build_loss
 from reid_lab.losses.image_text import build_image_text_loss
 from reid_lab.models.clip import CLIPEncoder
-from reid_lab.modules.base import EmbeddingModule, TrainingOutput
+from reid_lab.modules.base import EmbeddingModule, TrainingOutput, check_tokenizer
 from reid_lab.modules.optim import build_optimizer, per_step_scheduler
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps exp(logit_scale) to 100 after every step
@@ -137,22 +137,6 @@ class CLIPModule(EmbeddingModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": per_step_scheduler(self, optimizer, hp.scheduler, hp.milestones or [], hp.gamma,
                                                    hp.warmup_epochs, hp.warmup_factor)}
-
-
-PROBE = ["a woman in a long red coat with a black backpack", "a man wearing blue jeans and white shoes"]
-
-
-def check_tokenizer(data_tokenize, model_tokenize) -> None:
-    """Refuse a data module whose token ids differ from the text tower's (another vocabulary or length):
-    the model would silently read the wrong words."""
-    got, want = data_tokenize(PROBE), model_tokenize(PROBE)
-    if got.shape != want.shape or not torch.equal(got.long(), want.long()):
-        raise ValueError(
-            f"the data module's tokenizer gives ids of shape {tuple(got.shape)} that differ from the text tower's "
-            f"{tuple(want.shape)} on the same captions: use the tower's tokenizer and context length (e.g. "
-            "OpenCLIPTokenizer for open_clip's text transformer, HFTokenizer of the packaged MiniLM for "
-            "text_tower: minilm_l6)"
-        )
 
 
 def _build(specs: list[dict[str, Any]], factory, where: str, allow_empty: bool = False) -> list[nn.Module]:

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from reid_lab.losses.image_text import build_image_text_loss
 from reid_lab.models.vlm import VLMEncoder
-from reid_lab.modules.base import EmbeddingModule, TrainingOutput
-from reid_lab.modules.clip import _build, check_tokenizer
+from reid_lab.modules.base import EmbeddingModule, TrainingOutput, check_tokenizer
+from reid_lab.modules.clip import _build
 from reid_lab.modules.grad_cache import grad_cache_backward
 from reid_lab.modules.optim import build_optimizer, per_step_scheduler
 

@@ -38,7 +38,8 @@ def embed_evaluation_split(embedder: Embedder, dm: EvaluationData,
     """Embed the test split of ``dm`` with ``embedder``: every query (image or caption) and gallery image.
 
     Batches come from ``dm.test_dataloader()`` (homogeneous: each holds images or captions), so the
-    evaluation transform and tokenizer are the ones ``reid-lab test`` uses.
+    evaluation transform is the one ``reid-lab test`` uses; captions are tokenized again by the encoder's own
+    ``tokenizer()`` when it has one (the versions of a study may read different vocabularies).
 
     Returns:
         The :class:`FeatureSet` (``(N, D)`` features, pids, ``is_query``; camids for image queries and None for
@@ -56,11 +57,18 @@ def embed_evaluation_split(embedder: Embedder, dm: EvaluationData,
         raise ValueError(f"the evaluation split has {query_modality} queries but the model embeds only "
                          f"{list(modalities)}: caption queries need a dual encoder (e.g. CLIPModule)")
     device = embedder.device
+    # Captions are tokenized by the model's own tokenizer when it has one: the data module's tokenizer belongs to
+    # the stage whose data it is, and another text tower (an open_clip model, a VLM) reads other token ids.
+    own_tokenizer = getattr(embedder.encoder, "tokenizer", None)
+    tokenize = own_tokenizer() if query_modality == "text" and callable(own_tokenizer) else None
     parts: dict[str, list[Tensor]] = {"embedding": [], "pid": [], "is_query": [], "index": [], "camid": []}
     logits: list[Tensor] = []
     for batch in dm.test_dataloader():
         modality = "text" if "text" in batch else "image"
-        out = embedder({modality: batch[modality].to(device)})
+        inputs = batch[modality]
+        if modality == "text" and tokenize is not None:
+            inputs = tokenize([records[int(i)].text for i in batch["index"]]).long()
+        out = embedder({modality: inputs.to(device)})
         parts["embedding"].append(out[modality].float().cpu())
         for key in ("pid", "is_query", "index"):
             parts[key].append(batch[key].cpu())

@@ -154,3 +154,46 @@ def test_caption_queries_need_dual_encoders_before_anything_trains(tiny_syntheti
     err = capsys.readouterr().err
     assert "caption queries" in err and "study.old trains reid_lab.modules.ReIDModule" in err
     assert not (out / "train").exists()
+
+
+def test_a_clip_gallery_upgraded_to_a_vlm_embedder(tiny_synthetic, tmp_path, cli_argv):
+    """The same host and plugins upgrade a VLM2Vec-style embedder: its caption queries search the old CLIP
+    model's image gallery (pairings text->image and image->image, BCT)."""
+    from reid_lab.data.text.parsers import load_text_dataset
+    from reid_lab.data.text.vlm_processor import build_offline_processor
+
+    corpus = [c for r in load_text_dataset("synthetic", tiny_synthetic).train for c in r.captions]
+    processor = str(build_offline_processor(tmp_path / "processor", corpus + ["Find the person "], vocab_size=300))
+    out = tmp_path / "study"
+    vlm = {**_data(tiny_synthetic), **TRAINER, "data.init_args.context_length": 24,
+           "data.init_args.tokenizer.init_args.processor_path": processor,
+           "model.init_args.processor_path": processor, "model.init_args.context_length": 24,
+           "model.init_args.model_cfg.text_config.hidden_size": 32,
+           "model.init_args.model_cfg.text_config.intermediate_size": 64,
+           "model.init_args.model_cfg.text_config.rope_parameters.mrope_section": [1, 1, 2],
+           "model.init_args.model_cfg.vision_config.hidden_size": 32}
+    study = {"study": {
+        "name": "tiny_clip_to_vlm", "out": str(out),
+        "scenario": {"kind": "extended_class", "old_fraction": 0.5, "seed": 0},
+        "old": {"configs": [str(REPO / "configs/data/synthetic_text.yaml"), str(REPO / "configs/model/clip_tiny.yaml"),
+                            str(REPO / "configs/trainer/cpu_demo.yaml")], "overrides": _clip(tiny_synthetic)},
+        "new": {"configs": [str(REPO / "configs/data/synthetic_text_vlm.yaml"),
+                            str(REPO / "configs/model/vlm_tiny_qwen2.yaml"), str(REPO / "configs/trainer/cpu_demo.yaml")],
+                "overrides": vlm},
+        "methods": {"bct": {"compatible_losses": [{"name": "bct"}], "pairings": ["text->image", "image->image"]}},
+        "evaluation": {"orderings": ["random"], "ratios": [0, 1.0]},
+    }}
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump(study))
+    assert main(["upgrade", "--config", str(config)]) == 0
+    feats = {v: FeatureSet.load(out / "features" / f"{v}.pt") for v in ("old", "bct")}
+    assert feats["bct"].modalities == ("text", "image") and feats["bct"].features.shape[1] == 32
+    assert feats["bct"].items == feats["old"].items
+    _, old_g = feats["old"].split()
+    bct_q, _ = feats["bct"].split()
+    cross = _cross(bct_q, old_g)  # VLM caption queries against the CLIP image gallery, no camera filter
+    assert _cell(out / "report.json", "bct", "old")["mAP"] == pytest.approx(100 * cross.mAP, abs=1e-4)
+    ckpt = read_checkpoint(out / "train" / "bct" / "checkpoints" / "last.ckpt")
+    assert ckpt["encoder"]["class_path"] == "reid_lab.models.vlm.VLMEncoder"
+    assert ckpt["hyper_parameters"]["upgrade"]["pairings"] == ["text->image", "image->image"]
+    assert ckpt["embedding_space"]["parent"] == feats["old"].space["space_id"]
