@@ -93,3 +93,14 @@ def test_clip_train_step_times_lightning_and_open_clip_on_the_same_model(capsys)
     losses = re.search(r"first-step loss: lightning ([\d.]+), plain ([\d.]+)", out)
     assert float(losses.group(1)) == pytest.approx(float(losses.group(2)), rel=1e-5)  # same model, same data
     assert "lightning overhead:" in out
+
+
+def test_vlm_grad_cache_benchmark_same_loss_and_less_activation_memory(capsys):
+    load("vlm_grad_cache").main(["--batch-size", "8", "--chunks", "2", "--rounds", "1", "--steps", "1",
+                                 "--threads", "1"])
+    out = capsys.readouterr().out
+    rows = {m.group(1): (float(m.group(2)), float(m.group(3))) for m in re.finditer(
+        r"^(full|grad_cache\(2\))\s+([\d.]+)\s+[\d.]+\s+[\d.]+x\s+[\d.]+\s+([\d.]+)x$", out, re.M)}
+    assert set(rows) == {"full", "grad_cache(2)"}, out
+    assert rows["grad_cache(2)"][0] == pytest.approx(rows["full"][0], abs=1e-6)  # the same step's loss
+    assert rows["grad_cache(2)"][1] < 0.5  # a chunk of 2 out of 8 holds well under half the activations
