@@ -19,6 +19,7 @@ from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
 from reid_lab.data.sampler import PKBatchSampler
 from reid_lab.data.subset import select_subset
 from reid_lab.data.transforms import build_test_transform, build_train_transform
+from reid_lab.data.validation import carve_validation_ids, validation_query_gallery
 from reid_lab.data.views import TrainingSetView
 
 PredictSplit = Literal["test", "query", "gallery", "train"]
@@ -37,6 +38,11 @@ class ReIDDataModule(L.LightningDataModule):
             for CUHK03-NP, ``{"camera_regex": ...}`` for folder data).
         train_subset: optional JSON file naming the training images to use (written by an upgrade scenario;
             ``{"paths": [...]}``). Pids of the subset are relabelled to ``0..N-1``.
+        val_subset: optional JSON file naming training images held out for validation (``{"paths": [...]}``,
+            written by a study; see :mod:`reid_lab.data.validation`): they leave training and ``val/*`` ranks
+            their query / gallery instead of the test split's. Overlap with ``train_subset`` is an error.
+        val_fraction: without ``val_subset``, hold out this share of the training identities (drawn with
+            ``seed``) for validation; 0 (default) validates on the test query / gallery, as toolboxes do.
         image_size: ``(height, width)`` of the network input.
         batch_size: training batch size per device (P x K).
         num_instances: K, images per identity in a training batch (0 = plain random batches).
@@ -60,6 +66,8 @@ class ReIDDataModule(L.LightningDataModule):
         root: str = "data",
         dataset_options: dict | None = None,
         train_subset: str | None = None,
+        val_subset: str | None = None,
+        val_fraction: float = 0.0,
         image_size: tuple[int, int] = (256, 128),
         batch_size: int = 64,
         num_instances: int = 4,
@@ -81,6 +89,11 @@ class ReIDDataModule(L.LightningDataModule):
         self.root = root
         self.dataset_options = typed_options(dataset_options)  # dotted CLI overrides arrive as strings
         self.train_subset = train_subset
+        self.val_subset = val_subset
+        self.val_fraction = float(val_fraction)
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self._val_records: list[ImageRecord] | None = None
         self.image_size = tuple(image_size)
         self.batch_size = batch_size
         self.num_instances = num_instances
@@ -121,8 +134,31 @@ class ReIDDataModule(L.LightningDataModule):
             records = self.splits.train
             if self.train_subset is not None:
                 records = select_subset(records, self.train_subset)
-            self._train_records = relabel(records)
+            held_out = {r.path for r in self.val_records}
+            if self.val_subset is not None and self.train_subset is not None:
+                overlap = held_out & {r.path for r in records}
+                if overlap:
+                    raise ValueError(f"val_subset {self.val_subset} and train_subset {self.train_subset} share "
+                                     f"{len(overlap)} image(s), e.g. {sorted(overlap)[0]!r}: validation images must "
+                                     "not be trained on")
+            self._train_records = relabel([r for r in records if r.path not in held_out])
         return self._train_records
+
+    @property
+    def val_records(self) -> list[ImageRecord]:
+        """Training images held out for validation (``val_subset`` or ``val_fraction``); empty: none."""
+        if self._val_records is None:
+            records: list[ImageRecord] = []
+            if self.val_subset is not None:
+                records = select_subset(self.splits.train, self.val_subset)
+            elif self.val_fraction > 0:
+                pool = self.splits.train
+                if self.train_subset is not None:
+                    pool = select_subset(pool, self.train_subset)
+                held = carve_validation_ids([r.pid for r in pool], self.val_fraction, self.seed)
+                records = [r for r in pool if r.pid in held]
+            self._val_records = records
+        return self._val_records
 
     @property
     def train_records(self) -> list[ImageRecord]:
@@ -144,8 +180,19 @@ class ReIDDataModule(L.LightningDataModule):
         return self.splits.num_cameras
 
     def eval_records(self) -> tuple[list[ImageRecord], list[bool]]:
-        """Query then gallery records and the matching ``is_query`` flags."""
+        """Query then gallery records of the test split and the matching ``is_query`` flags."""
         query, gallery = self._readable(self.splits.query), self._readable(self.splits.gallery)
+        return query + gallery, [True] * len(query) + [False] * len(gallery)
+
+    def val_eval_records(self) -> tuple[list[ImageRecord], list[bool]]:
+        """What ``val/*`` ranks: the held-out training identities' query then gallery when there are any
+        (:func:`~reid_lab.data.validation.validation_query_gallery`), else the test split's."""
+        if not self.val_records:
+            return self.eval_records()
+        query, gallery = validation_query_gallery(self._readable(self.val_records))
+        if not query:
+            raise ValueError(f"the {len(self.val_records)} held-out validation images give no query (every "
+                             "identity is seen by one camera only): hold out more identities")
         return query + gallery, [True] * len(query) + [False] * len(gallery)
 
     # ------------------------------------------------------------------------------------- pre-flight
@@ -156,13 +203,15 @@ class ReIDDataModule(L.LightningDataModule):
     def stage_records(self, stage: str | None) -> tuple[str, list[ImageRecord]]:
         """What a stage reads: fit: train + query + gallery; validate / test: query + gallery; predict: its split."""
         query_gallery = self.splits.query + self.splits.gallery
+        if stage == "validate" and self.val_records:
+            return "validation", self.val_records
         if stage in ("validate", "test"):
             return "query, gallery", query_gallery
         if stage == "predict":
             split = self.predict_split
             records = {"test": query_gallery, "train": self.all_train_records}.get(split)
             return split, records if records is not None else getattr(self.splits, split)
-        return "train, query, gallery", self.all_train_records + query_gallery
+        return "train, validation, query, gallery", self.all_train_records + self.val_records + query_gallery
 
     def preflight(self, stage: str | None = None) -> dict[str, str]:
         """Decode every image ``stage`` will read; fail naming all bad ones, or skip them when asked.
@@ -224,13 +273,13 @@ class ReIDDataModule(L.LightningDataModule):
             **self._loader_kwargs(),
         )
 
-    def _eval_loader(self) -> DataLoader:
-        records, is_query = self.eval_records()
+    def _eval_loader(self, validation: bool = False) -> DataLoader:
+        records, is_query = self.val_eval_records() if validation else self.eval_records()
         dataset = ImageDataset(records, self.test_transform, is_query=is_query)
         return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+        return self._eval_loader(validation=True)
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader()

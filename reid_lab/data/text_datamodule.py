@@ -74,8 +74,11 @@ class TextImageDataModule(L.LightningDataModule):
             tokenizer, whatever its own default.
         flip_prob / padding / random_erasing_prob: training augmentation (see
             :func:`~reid_lab.data.transforms.build_train_transform`).
-        val_split: the split validation ranks: ``val``, ``test``, or ``auto`` (``val`` when the dataset has one,
-            else ``test``, as IRRA does for ICFG-PEDES).
+        val_subset: optional JSON file naming training images held out for validation (written by a study, see
+            :mod:`reid_lab.data.validation`): they leave training, and validation ranks their captions against
+            them; it replaces ``val_split``.
+        val_split: the split validation ranks without ``val_subset``: ``val``, ``test``, or ``auto`` (``val`` when
+            the dataset has one, else ``test``, as IRRA does for ICFG-PEDES).
         predict_split: the split ``predict`` embeds (``test``, ``val`` or ``train``).
         predict_modality: ``text`` (the split's captions) or ``image`` (its images).
         seed: seed of the identity sampler and of the per-epoch caption draw.
@@ -87,6 +90,7 @@ class TextImageDataModule(L.LightningDataModule):
         dataset: TextDataset = "synthetic",
         root: str = "data/synthetic",
         train_subset: str | None = None,
+        val_subset: str | None = None,
         image_size: tuple[int, int] = (256, 128),
         batch_size: int = 64,
         num_instances: int = 4,
@@ -117,6 +121,7 @@ class TextImageDataModule(L.LightningDataModule):
         self.dataset = dataset
         self.root = root
         self.train_subset = train_subset
+        self.val_subset = val_subset
         self.image_size = tuple(int(s) for s in image_size)
         self.batch_size = batch_size
         self.num_instances = num_instances
@@ -168,9 +173,24 @@ class TextImageDataModule(L.LightningDataModule):
         if self._train_records is None:
             records = self.splits.train
             if self.train_subset is not None:
-                records = relabel_captioned(select_subset(records, self.train_subset))
+                records = select_subset(records, self.train_subset)
+            if self.val_subset is not None:
+                held_out = {r.path for r in self.val_records}
+                overlap = held_out & {r.path for r in records} if self.train_subset is not None else set()
+                if overlap:
+                    raise ValueError(f"val_subset {self.val_subset} and train_subset {self.train_subset} share "
+                                     f"{len(overlap)} image(s), e.g. {sorted(overlap)[0]!r}: validation images must "
+                                     "not be trained on")
+                records = [r for r in records if r.path not in held_out]
+            if self.train_subset is not None or self.val_subset is not None:
+                records = relabel_captioned(records)
             self._train_records = records
         return self._train_records
+
+    @property
+    def val_records(self) -> list[CaptionedImage]:
+        """Training images held out for validation (``val_subset``); empty without one."""
+        return select_subset(self.splits.train, self.val_subset) if self.val_subset is not None else []
 
     @property
     def num_classes(self) -> int:
@@ -193,7 +213,10 @@ class TextImageDataModule(L.LightningDataModule):
         Queries are every caption of the split's images (image order, then caption order); the gallery is the
         split's images. A query's ``text`` and an image's ``path`` are the items of a feature file.
         """
-        images = self.splits.split(self.split_for(stage))
+        if stage in ("validate", "fit", "val") and self.val_subset is not None:
+            images = self.val_records  # held-out training identities: every caption queries their images
+        else:
+            images = self.splits.split(self.split_for(stage))
         queries = caption_queries(images)
         return [*queries, *images], [True] * len(queries) + [False] * len(images)
 

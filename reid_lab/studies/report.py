@@ -328,6 +328,7 @@ def write_report(
     logger: Any = None,
     metric: str = "mAP",
     log_prefix: str = "upgrade",
+    protocol: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write the report of an upgrade study (JSON, Markdown, PNG plots), atomically.
 
@@ -342,6 +343,8 @@ def write_report(
             to it. Skipped only when ``None``; a logger without ``log`` raises ``TypeError``.
         metric: metric of the study table and of the AUC column.
         log_prefix: key prefix for the wandb log.
+        protocol: how the study chose and measured (e.g. ``{"evaluation": ..., "validation": ...,
+            "selection": ...}``), recorded in the JSON and as a Markdown section.
 
     Returns:
         ``{"json", "markdown", "compatibility_matrix", "backfill_<metric>", "flips"}`` → paths of
@@ -373,11 +376,14 @@ def write_report(
         "compatibility_matrix": matrix.to_dict() if matrix is not None else None,
         "curves": {m: {o: c.to_dict() for o, c in by.items()} for m, by in (curves or {}).items()},
         "study": rows,
+        "protocol": dict(protocol or {}),
     }
     text = json.dumps(_json_ready(report), indent=2, allow_nan=False)
     files["json"] = atomic_write_bytes(out / "report.json", text.encode("utf-8"))
 
     sections = [f"# {title}"]
+    if protocol:
+        sections.append("## Protocol\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in protocol.items()))
     if matrix is not None:
         sections.append("## Compatibility matrix\n\nRows: query model, columns: gallery model (percent).")
         sections.append(matrix.to_markdown("mAP"))

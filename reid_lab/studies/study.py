@@ -15,7 +15,17 @@ scenario, the old model, the new model and the methods to compare::
         bct: {compatible_losses: [{name: bct}]}
         ract: {compatible_losses: [{name: ract}]}
       evaluation: {orderings: [random, uncertainty, oracle], independent: independent}
+      validation: {fraction: 0.15, seed: 0}            # held-out training identities (default); none: test split
+      selection: best                                  # best validation checkpoint (default) or last
       logger: wandb                                    # offline wandb runs per stage; none: no logger
+
+**Model selection never reads the test split** (unless ``validation: none``): before the scenario splits the
+training set, a seeded share of its identities is held out (``split/val.json``, see
+:mod:`reid_lab.data.validation`); every stage trains without them and validates on their query / gallery.
+``selection: best`` keeps each stage's best validation checkpoint: the module's own key (``val/mAP`` or
+``val/R1``) for the old model and methods without compatible losses, the validation *cross-test*
+(``val/cross/mAP``: new queries against the old model's gallery) for compatible methods; ``last`` keeps the
+last epoch. The rule is written into the report. The test split is read only by the evaluation stages.
 
 A study is not tied to one encoder: a stage may train any module on any data module (a ReID CNN on
 ``ReIDDataModule``, a dual encoder ``CLIPModule`` on ``TextImageDataModule``; split files name images by path,
@@ -56,6 +66,7 @@ from omegaconf import OmegaConf
 from reid_lab.atomic import atomic_torch_save, atomic_write_text
 from reid_lab.data.datamodule import ReIDDataModule
 from reid_lab.data.text_datamodule import TextImageDataModule
+from reid_lab.data.validation import DEFAULT_VAL_FRACTION, carve_validation_ids
 from reid_lab.embedding.checkpoint import read_checkpoint
 from reid_lab.embedding.extract import extract
 from reid_lab.embedding.features import FeatureSet
@@ -86,7 +97,10 @@ log = logging.getLogger(__name__)
 # "uncertainty" is RACT's entropy order; "uncertainty_margin" / "uncertainty_least_confidence" use the other
 # estimators of reid_lab.metrics.backfill.old_model_uncertainty on the same old-classifier posteriors.
 ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", "oracle", "sigma")
-STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation", "logger"}
+STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation", "logger", "validation",
+              "selection"}
+VALIDATION_KEYS = {"fraction", "seed"}
+SELECTIONS = ("best", "last")
 STAGE_KEYS = {"configs", "overrides"}
 METHOD_KEYS = {"compatible_losses", "adapter", "pairings", "overrides", "transformation"}
 TRANSFORMATION_KEYS = {"of", "uncertainty", "epochs", "hidden_dim", "lr", "batch_size", "warmup_epochs"}
@@ -113,6 +127,8 @@ class StudyConfig:
     evaluation: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
     logger: str = "wandb"  # "wandb" (offline runs under each stage folder) or "none"
+    validation: dict[str, Any] | None = field(default_factory=lambda: {"fraction": DEFAULT_VAL_FRACTION, "seed": 0})
+    selection: str = "best"
 
     @classmethod
     def load(cls, path_or_dict: str | Path | dict) -> StudyConfig:
@@ -151,6 +167,18 @@ class StudyConfig:
         logger = str(study.get("logger", "wandb"))
         if logger not in ("wandb", "none"):
             raise ValueError(f"{source}: study.logger must be 'wandb' or 'none', got {logger!r}")
+        validation = study.get("validation", {})
+        if validation in (None, False, "none"):
+            validation = None
+        else:
+            _check_keys(validation, VALIDATION_KEYS, f"{source}: study.validation")
+            validation = {"fraction": float(validation.get("fraction", DEFAULT_VAL_FRACTION)),
+                          "seed": int(validation.get("seed", 0))}
+            if not 0 < validation["fraction"] < 1:
+                raise ValueError(f"{source}: study.validation.fraction must be in (0, 1), got {validation['fraction']}")
+        selection = str(study.get("selection", "best"))
+        if selection not in SELECTIONS:
+            raise ValueError(f"{source}: study.selection must be one of {SELECTIONS}, got {selection!r}")
         evaluation = study.get("evaluation") or {}
         _check_keys(evaluation, EVAL_KEYS, f"{source}: study.evaluation")
         ratios = evaluation.get("ratios")
@@ -173,6 +201,8 @@ class StudyConfig:
             evaluation=evaluation,
             source=source,
             logger=logger,
+            validation=validation,
+            selection=selection,
         )
 
     @property
@@ -272,7 +302,7 @@ class Study:
     def split(self) -> dict[str, str]:
         """Stage 1: split the training set by the scenario and save it (reused when identical)."""
         dm = self.datamodule()
-        upgrade_split = self.config.scenario.split(training_images(dm))
+        upgrade_split = self.config.scenario.split(self.training_pool(dm))
         try:
             files = save_split(upgrade_split, self.out / "split")
         except FileExistsError:  # the scenario changed: a new split, and every stage trained on the old one re-runs
@@ -284,6 +314,45 @@ class Study:
               f"old {summary['old_ids']} ids / {summary['old_images']} images, "
               f"new {summary['new_ids']} ids / {summary['new_images']} images")
         return {"old": str(files["old"]), "new": str(files["new"])}
+
+    @property
+    def val_file(self) -> Path | None:
+        """``split/val.json``: the held-out validation images (None with ``validation: none``)."""
+        return self.out / "split" / "val.json" if self.config.validation is not None else None
+
+    def training_pool(self, dm) -> list:
+        """The training images the scenario splits: all of them, less the held-out validation identities
+        (written to :attr:`val_file`, unchanged when it already holds the same images)."""
+        images = training_images(dm)
+        if self.config.validation is None:
+            print("[split] validation: none: checkpoints are selected on the test split")
+            return images
+        fraction, seed = self.config.validation["fraction"], self.config.validation["seed"]
+        held = carve_validation_ids([r.pid for r in images], fraction, seed)
+        val = [r for r in images if r.pid in held]
+        payload = json.dumps({"paths": sorted(r.path for r in val), "num_ids": len(held), "num_images": len(val),
+                              "fraction": fraction, "seed": seed}, indent=1)
+        path = self.val_file
+        if not path.is_file() or path.read_text() != payload:
+            atomic_write_text(path, payload)
+        print(f"[split] validation: {len(held)} held-out training identities / {len(val)} images ({path})")
+        return [r for r in images if r.pid not in held]
+
+    def protocol(self) -> dict[str, str]:
+        """How this study chose its checkpoints and where it measured (recorded in the report)."""
+        if self.config.validation is None:
+            validation = "none: validation ran on the test split, so checkpoint choices read test data"
+        else:
+            v = self.config.validation
+            validation = (f"held-out training identities ({v['fraction']:.0%}, seed {v['seed']}, {self.val_file}); "
+                          "query / gallery by camera inside them; no training set contains them")
+        if self.config.selection == "last":
+            selection = "the last epoch of every stage"
+        else:
+            selection = ("best validation checkpoint: the module's own key (val/mAP or val/R1) for the old model "
+                         "and methods without compatible losses; the validation cross-test val/cross/mAP (new "
+                         "queries against the old gallery) for compatible methods")
+        return {"evaluation": EVALUATION_SPLIT, "validation": validation, "selection": selection}
 
     # ---------------------------------------------------------------------------------------- training
     def compose(self, stage_configs: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -316,8 +385,13 @@ class Study:
                 "adapter": method_spec.get("adapter", "linear"),
                 **({"pairings": list(method_spec["pairings"])} if method_spec.get("pairings") else {}),
             }
-        cfg.setdefault("data", {}).setdefault("init_args", {})["train_subset"] = train_subset
+        data_args = cfg.setdefault("data", {}).setdefault("init_args", {})
+        data_args["train_subset"] = train_subset
+        if self.val_file is not None:
+            data_args["val_subset"] = str(self.val_file)
         key = stage_key(stage="train", config=cfg, train_subset=file_digest(train_subset),
+                        val_subset=file_digest(self.val_file) if self.val_file is not None else None,
+                        selection=self.config.selection,
                         old=self.keys.get(str(old_checkpoint)) if old_checkpoint else None)
         if done.is_file():
             info = json.loads(done.read_text())
@@ -334,9 +408,11 @@ class Study:
             "init_args": {"project": "reid_lab", "name": f"{self.config.name}-{version}", "group": self.config.name,
                           "save_dir": str(stage_dir), "offline": True},
         }
+        checkpointing: dict[str, Any] = {"dirpath": str(stage_dir / "checkpoints")}
+        if method_spec.get("compatible_losses") and self.config.selection == "best":
+            checkpointing["monitor"] = "val/cross/mAP"  # a compatible method is chosen on its cross-test
         trainer["callbacks"] = [
-            {"class_path": "reid_lab.modules.checkpointing.EmbeddingCheckpoint",
-             "init_args": {"dirpath": str(stage_dir / "checkpoints")}},
+            {"class_path": "reid_lab.modules.checkpointing.EmbeddingCheckpoint", "init_args": checkpointing},
             {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
         ]
         config_path = stage_dir / "config.yaml"
@@ -353,7 +429,8 @@ class Study:
         start = time.perf_counter()
         cli = run_lightning_cli(args)
         seconds = time.perf_counter() - start
-        best = cli.trainer.checkpoint_callback.best_model_path or str(last)
+        best = str(last) if self.config.selection == "last" else cli.trainer.checkpoint_callback.best_model_path
+        best = best or str(last)
         metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
         if cli.trainer.logger is not None and hasattr(cli.trainer.logger, "experiment"):
             cli.trainer.logger.experiment.finish()
@@ -545,7 +622,7 @@ class Study:
         run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
         try:
             files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
-                                 title=f"Upgrade study: {self.config.name}", logger=run)
+                                 title=f"Upgrade study: {self.config.name}", logger=run, protocol=self.protocol())
         finally:
             if run is not None:
                 run.finish()
@@ -623,7 +700,7 @@ class Study:
         from reid_lab.metrics.compatibility import multi_step_scores
 
         dm = self.datamodule()
-        steps = self.config.scenario.chain(training_images(dm))
+        steps = self.config.scenario.chain(self.training_pool(dm))
         step_files = []
         for t, records in enumerate(steps, start=1):
             path = self.out / "split" / f"step{t}.json"
@@ -661,7 +738,7 @@ class Study:
                 for m, chain in chains.items()]
         run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
         try:
-            files = write_report(self.out, matrix=matrix, summary_rows=rows, logger=run,
+            files = write_report(self.out, matrix=matrix, summary_rows=rows, logger=run, protocol=self.protocol(),
                                  title=f"Multi-step upgrade study: {self.config.name}")
         finally:
             if run is not None:

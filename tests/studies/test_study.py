@@ -198,3 +198,57 @@ def test_a_dimension_change_study_reports_the_cross_test_through_the_adapter(tin
     assert FeatureSet.load(out / "features" / "bct.pt").features.shape[1] == 64
     assert cells[("bct", "old")] == pytest.approx(100 * cross.mAP, abs=1e-4)
     assert "bct" in report["curves"]
+
+
+def _poison_test_labels(root: Path) -> None:
+    """Give every query image of the test split another identity's pid (its camera kept): every test ranking
+    changes, the training folder stays byte for byte the same."""
+    import random
+    import re
+
+    queries = sorted(p for p in (root / "query").glob("*.jpg") if re.match(r"^\d{4}_", p.name))
+    pids = sorted({int(p.name[:4]) for p in queries})
+    rng = random.Random(0)
+    for p in queries:
+        other = rng.choice([q for q in pids if q != int(p.name[:4])])
+        target = p.with_name(f"{other:04d}{p.name[4:]}")
+        if not target.exists():
+            p.rename(target)
+
+
+def test_checkpoints_are_selected_without_reading_the_test_split(tiny_synthetic, tmp_path, cli_argv):
+    """Poison the test split's labels: every selection (checkpoints, validation metrics) stays the same, while
+    the test metrics move (so the poison reached what the report reads)."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_synthetic, root)
+    runs = {}
+    for name in ("clean", "poisoned"):
+        if name == "poisoned":
+            _poison_test_labels(root)
+        cfg = _study(root, tmp_path / name)
+        cfg["study"]["methods"] = {"bct": {"compatible_losses": [{"name": "bct"}]}}
+        cfg["study"]["evaluation"] = {"orderings": ["random"], "ratios": [0, 1.0]}
+        cfg["study"]["logger"] = "none"
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        assert main(["upgrade", "--config", str(config)]) == 0
+        runs[name] = {v: json.loads((tmp_path / name / "train" / v / "done.json").read_text())
+                      for v in ("old", "bct")}
+        runs[name]["report"] = json.loads((tmp_path / name / "report.json").read_text())
+    clean, poisoned = runs["clean"], runs["poisoned"]
+    for version in ("old", "bct"):
+        assert Path(clean[version]["checkpoint"]).name == Path(poisoned[version]["checkpoint"]).name
+        assert clean[version]["val"] == poisoned[version]["val"] and clean[version]["val"]
+    assert "val/cross/mAP" in clean["bct"]["val"]  # a compatible method is chosen on its validation cross-test
+    assert Path(clean["bct"]["checkpoint"]).name.startswith("epoch") and "mAP" in Path(clean["bct"]["checkpoint"]).name
+    cells = {(c["query"], c["gallery"]): c["mAP"] for c in clean["report"]["compatibility_matrix"]["cells"]}
+    moved = {(c["query"], c["gallery"]): c["mAP"] for c in poisoned["report"]["compatibility_matrix"]["cells"]}
+    assert cells[("old", "old")] != pytest.approx(moved[("old", "old")], abs=1e-6)
+    protocol = clean["report"]["protocol"]
+    assert "held-out training identities" in protocol["validation"] and "val/cross/mAP" in protocol["selection"]
+    val = json.loads((tmp_path / "clean" / "split" / "val.json").read_text())
+    trained = {p for side in ("old", "new") for p in json.loads(
+        (tmp_path / "clean" / "split" / f"{side}.json").read_text())["paths"]}
+    assert val["paths"] and not (set(val["paths"]) & trained)
