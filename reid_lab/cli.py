@@ -28,6 +28,12 @@ def _index(argv: list[str]) -> int:
     return main(argv)
 
 
+def _baseline(argv: list[str]) -> int:
+    from reid_lab.studies.baseline import main
+
+    return main(argv)
+
+
 def _vlm_processor(argv: list[str]) -> int:
     from reid_lab.data.text.vlm_processor import main
 
@@ -35,7 +41,7 @@ def _vlm_processor(argv: list[str]) -> int:
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index,
-                                                      "vlm-processor": _vlm_processor}
+                                                      "vlm-processor": _vlm_processor, "baseline": _baseline}
 
 # LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
 PROJECT_COMMANDS_HELP = """
@@ -43,6 +49,8 @@ reid_lab commands (each has its own --help):
   synth      generate a synthetic ReID dataset (a Market-1501 tree): reid-lab synth --out data/synthetic
   upgrade    run a whole compatible-upgrade study in resumable stages: reid-lab upgrade --config study.yaml
   index      build and search faiss gallery indexes over saved features: reid-lab index build ...
+  baseline   raw-pixel (and untrained backbone) R1 / mAP of a dataset, before any training:
+             reid-lab baseline --config configs/data/folder.yaml --backbone mobilenet_v2 --pretrained imagenet
   vlm-processor  write a small offline Qwen2-VL processor (BPE on a dataset's captions) for VLM embedders:
              reid-lab vlm-processor --out data/vlm_processor --root data/synthetic
 """

@@ -295,6 +295,7 @@ class EmbeddingModule(L.LightningModule):
         if self.host is not None and checkpoint.get("compatibility_state"):
             self.host.load_state(checkpoint["compatibility_state"])
         self._resume_rng = checkpoint.get("rng_states")
+        self._checkpoint_epoch = checkpoint.get("epoch")
 
     # --------------------------------------------------------------------------------------- training
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:  # pragma: no cover - abstract
@@ -380,7 +381,12 @@ class EmbeddingModule(L.LightningModule):
         self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=False)
         metric.reset()
         summary = "  ".join(f"{k} {float(v):.2f}" for k, v in results.items())
-        self.print(f"[epoch {self.current_epoch}] {prefix}: {summary}")
+        if prefix == "test":  # a test run starts at epoch 0 whatever it loaded: name the checkpoint's epoch
+            loaded = getattr(self, "_checkpoint_epoch", None)
+            where = f"checkpoint of epoch {loaded}" if loaded is not None else "initial weights"
+            self.print(f"[test, {where}] {prefix}: {summary}")
+        else:
+            self.print(f"[epoch {self.current_epoch}] {prefix}: {summary}")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric(self.val_metric, "val")

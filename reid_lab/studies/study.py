@@ -437,6 +437,8 @@ class Study:
         if cli.trainer.current_epoch < int(trainer.get("max_epochs") or 0):
             raise RuntimeError(f"training of {version} stopped early at epoch {cli.trainer.current_epoch}")
         atomic_write_text(stage_dir / "key", key)
+        if Path(best).resolve() != last.resolve():
+            _drop_training_state(best)  # the selected weights are evaluated, never resumed: keep them slim
         atomic_write_text(done, json.dumps({"checkpoint": best, "key": key, "seconds": seconds, "val": metrics},
                                            indent=2))
         self.timings[f"train/{version}"] = seconds
@@ -630,6 +632,8 @@ class Study:
                    "timings": self.timings}
         atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
         print((self.out / "report.md").read_text())
+        print(f"[study] {self.out} holds {_disk_usage(self.out) / 2**20:.1f} MiB (each stage's last.ckpt keeps the "
+              "optimiser state for resuming; selected checkpoints keep weights only)")
         return summary
 
     @staticmethod
@@ -800,3 +804,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     study.run()
     return 0
+
+
+def _drop_training_state(checkpoint: str | Path) -> None:
+    """Rewrite a checkpoint without optimiser and scheduler state (weights, hyper-parameters and records stay)."""
+    ckpt = read_checkpoint(checkpoint)
+    if "optimizer_states" in ckpt or "lr_schedulers" in ckpt:
+        ckpt.pop("optimizer_states", None)
+        ckpt.pop("lr_schedulers", None)
+        atomic_torch_save(ckpt, checkpoint)
+
+
+def _disk_usage(folder: Path) -> int:
+    """Bytes of every file under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

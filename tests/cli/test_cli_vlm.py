@@ -39,7 +39,7 @@ def _args(root: Path, tmp: Path, processor: Path) -> list[str]:
     ]
 
 
-def test_fit_with_grad_cache_then_test_and_predict(tiny_synthetic, tmp_path, cli_argv, processor):
+def test_fit_with_grad_cache_then_test_and_predict(tiny_synthetic, tmp_path, cli_argv, processor, capsys):
     args = _args(tiny_synthetic, tmp_path, processor)
     fit = run_lightning_cli(["fit", *args])
     fit.trainer.logger.experiment.finish()
@@ -51,6 +51,8 @@ def test_fit_with_grad_cache_then_test_and_predict(tiny_synthetic, tmp_path, cli
     test = run_lightning_cli(["test", *args, "--ckpt_path", best])
     test.trainer.logger.experiment.finish()
     metrics = test.trainer.callback_metrics
+    epoch = checkpoint["epoch"]
+    assert f"[test, checkpoint of epoch {epoch}] test: R1" in capsys.readouterr().out
     outs = {}
     for modality in ("text", "image"):
         out = tmp_path / f"{modality}.pt"

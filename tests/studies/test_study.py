@@ -241,6 +241,11 @@ def test_checkpoints_are_selected_without_reading_the_test_split(tiny_synthetic,
     for version in ("old", "bct"):
         assert Path(clean[version]["checkpoint"]).name == Path(poisoned[version]["checkpoint"]).name
         assert clean[version]["val"] == poisoned[version]["val"] and clean[version]["val"]
+    for version in ("old", "bct"):  # a selected checkpoint that is not the last one keeps weights only
+        best, last = Path(clean[version]["checkpoint"]), tmp_path / "clean" / "train" / version / "checkpoints" / "last.ckpt"
+        assert "optimizer_states" in torch.load(last, weights_only=True)
+        if best != last:
+            assert "optimizer_states" not in torch.load(best, weights_only=True)
     assert "val/cross/mAP" in clean["bct"]["val"]  # a compatible method is chosen on its validation cross-test
     assert Path(clean["bct"]["checkpoint"]).name.startswith("epoch") and "mAP" in Path(clean["bct"]["checkpoint"]).name
     cells = {(c["query"], c["gallery"]): c["mAP"] for c in clean["report"]["compatibility_matrix"]["cells"]}
