@@ -28,6 +28,12 @@ def _index(argv: list[str]) -> int:
     return main(argv)
 
 
+def _pairs(argv: list[str]) -> int:
+    from reid_lab.data.pairs import main
+
+    return main(argv)
+
+
 def _baseline(argv: list[str]) -> int:
     from reid_lab.studies.baseline import main
 
@@ -41,7 +47,8 @@ def _vlm_processor(argv: list[str]) -> int:
 
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index,
-                                                      "vlm-processor": _vlm_processor, "baseline": _baseline}
+                                                      "vlm-processor": _vlm_processor, "baseline": _baseline,
+                                                      "pairs": _pairs}
 
 # LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
 PROJECT_COMMANDS_HELP = """
@@ -51,6 +58,8 @@ reid_lab commands (each has its own --help):
   index      build and search faiss gallery indexes over saved features: reid-lab index build ...
   baseline   raw-pixel (and untrained backbone) R1 / mAP of a dataset, before any training:
              reid-lab baseline --config configs/data/folder.yaml --backbone mobilenet_v2 --pretrained imagenet
+  pairs      write MMEB-style instruction pairs (caption->person, person->person, person->caption) of a
+             synthetic set: reid-lab pairs --root data/synthetic --split train --negatives 1
   vlm-processor  write a small offline Qwen2-VL processor (BPE on a dataset's captions) for VLM embedders:
              reid-lab vlm-processor --out data/vlm_processor --root data/synthetic
 """

@@ -6,7 +6,8 @@ without Lightning.
 
 from reid_lab.data.records import DatasetFormatError, ImageRecord, ReIDSplits, relabel
 
-__all__ = ["DatasetFormatError", "ImageRecord", "ReIDDataModule", "ReIDSplits", "TextImageDataModule", "relabel"]
+__all__ = ["DatasetFormatError", "ImageRecord", "PairDataModule", "ReIDDataModule", "ReIDSplits",
+           "TextImageDataModule", "relabel"]
 
 
 def __getattr__(name: str):
@@ -18,4 +19,8 @@ def __getattr__(name: str):
         from reid_lab.data.text_datamodule import TextImageDataModule
 
         return TextImageDataModule
+    if name == "PairDataModule":
+        from reid_lab.data.pair_datamodule import PairDataModule
+
+        return PairDataModule
     raise AttributeError(f"module 'reid_lab.data' has no attribute {name!r}")

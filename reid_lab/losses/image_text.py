@@ -27,6 +27,7 @@ __all__ = [
     "SigLIPLoss",
     "SupConLoss",
     "build_image_text_loss",
+    "pair_infonce",
 ]
 
 
@@ -122,6 +123,20 @@ class InfoNCELoss(ImageTextLoss):
         if self.direction in ("image2text", "both"):
             losses.append(F.cross_entropy(scale * image @ all_text.T, targets))
         return sum(losses) / len(losses)
+
+
+def pair_infonce(query: Tensor, target: Tensor, negatives: Tensor | None, logit_scale: Tensor) -> Tensor:
+    """VLM2Vec's InfoNCE on instruction pairs with hard negatives.
+
+    ``query`` / ``target`` ``(B, D)``, ``negatives`` ``(B * K, D)`` or None, L2-normalised here; the candidates of
+    every query are all ``B`` targets and all ``B * K`` negatives of the batch (in-batch plus hard negatives,
+    as VLM2Vec), the positive is its own target: ``L = mean_i CE(s · q_i Cᵀ, i)``, ``s = exp(logit_scale)``.
+    """
+    q, candidates = _unit(query), _unit(target)
+    if negatives is not None and negatives.numel():
+        candidates = torch.cat([candidates, _unit(negatives)])
+    logits = logit_scale.exp() * q @ candidates.T
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
 
 
 class SDMLoss(ImageTextLoss):

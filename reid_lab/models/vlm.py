@@ -40,6 +40,8 @@ from torch import Tensor, nn
 from reid_lab.data.options import typed_options
 from reid_lab.data.text.tokenizers import VLMTextTokenizer
 from reid_lab.data.text.vlm_processor import (
+    END_TOKEN,
+    IMAGE_BLOCK,
     IMAGE_TEMPLATE,
     PAD_TOKEN,
     load_processor,
@@ -193,6 +195,22 @@ class VLMEncoder(Encoder):
     def encode_image(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W) -> (B, D)``."""
         return self._forward(self.image_inputs(images))
+
+    def embed_items(self, side: Mapping[str, Any]) -> Tensor:
+        """Items of a pair batch (:class:`~reid_lab.data.PairDataModule`: ``instruction``, ``text`` (str or None),
+        ``image`` ``(B, 3, H, W)`` and ``has_image`` ``(B,)``) ``-> (B, D)``: ``[image block] instruction text
+        <|im_end|>`` per item, one forward for the whole (mixed) batch. A text-only item embeds as
+        :meth:`encode_text` of the same instruction and text does."""
+        has_image = side["has_image"].bool()
+        prompts = [f"{IMAGE_BLOCK if img else ''}{instruction}{text or ''}{END_TOKEN}"
+                   for instruction, text, img in zip(side["instruction"], side["text"], has_image.tolist())]
+        images = side["image"][has_image]
+        extra: dict[str, Any] = {}
+        if len(images):
+            pixels = (images.float() * self.input_std + self.input_mean).clamp(0, 1).cpu()
+            extra = {"images": list(pixels), "do_rescale": False}
+        inputs = self.processor(text=prompts, return_tensors="pt", padding=True, **extra)
+        return self._forward({k: v.to(side["image"].device) for k, v in inputs.items()})
 
     def encode(self, batch: Mapping[str, Any]) -> dict[str, Tensor]:
         out = {}

@@ -210,8 +210,8 @@ class EmbeddingModule(L.LightningModule):
         the cross-modal protocol. A module whose encoder cannot embed the data's queries keeps its own."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         protocol = getattr(datamodule, "eval_protocol", None)
-        if protocol is None or protocol == self.protocol:
-            return
+        if protocol not in ("reid", "cross_modal") or protocol == self.protocol:
+            return  # none declared, or one the module evaluates itself (instruction pairs)
         if protocol == "cross_modal" and "text" not in self.encoder.modalities:
             return
         self.protocol = protocol

@@ -71,6 +71,7 @@ def grad_cache_backward(
     loss_fn: Callable[[dict[str, Tensor]], tuple[Tensor, Any]],
     backward: Callable[[Tensor], None] = Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    slicer: Callable[[dict[str, Any], slice, int], dict[str, Any]] = slice_batch,
 ) -> tuple[Tensor, Any]:
     """Accumulate the full-batch gradient of ``loss_fn(embed(batch))`` into the parameters' ``.grad``, chunk-wise.
 
@@ -82,6 +83,8 @@ def grad_cache_backward(
         loss_fn: ``{modality: (B, D)} -> (loss, extra)`` on the whole batch's representations.
         backward: how to back-propagate a scalar (Lightning's ``manual_backward`` under a Trainer).
         no_sync: a context that defers DDP's gradient all-reduce (entered for all but the last backward).
+        slicer: ``(batch, rows, size) -> chunk`` (default :func:`slice_batch`; a pair batch with hard negatives
+            slices its ``K`` negatives per pair along).
 
     Returns:
         The loss (detached) and ``extra`` from ``loss_fn``.
@@ -92,18 +95,24 @@ def grad_cache_backward(
     with torch.no_grad():
         for rows in slices:
             states.append(_capture(devices))
-            cached.append(embed(slice_batch(batch, rows, size)))
+            cached.append(embed(slicer(batch, rows, size)))
     after = _capture(devices)
     reps = {m: torch.cat([c[m] for c in cached]).detach().requires_grad_(True) for m in cached[0]}
     loss, extra = loss_fn(reps)
     with no_sync():
         backward(loss)
     grads = {m: r.grad if r.grad is not None else torch.zeros_like(r) for m, r in reps.items()}
+    starts = {m: 0 for m in reps}  # each chunk's rows of every representation (negatives: K per pair)
     for i, rows in enumerate(slices):
         sync = nullcontext() if i == len(slices) - 1 else no_sync()
         with sync, _replayed(states[i]):
-            chunk = embed(slice_batch(batch, rows, size))
-            surrogate = sum((chunk[m] * grads[m][rows]).sum() for m in chunk)
+            chunk = embed(slicer(batch, rows, size))
+            parts = {}
+            for m in chunk:
+                n = cached[i][m].shape[0]
+                parts[m] = grads[m][starts[m]:starts[m] + n]
+                starts[m] += n
+            surrogate = sum((chunk[m] * parts[m]).sum() for m in chunk)
             backward(surrogate)
     with _replayed(after):  # continue from where the first pass left the random state
         pass

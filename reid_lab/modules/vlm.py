@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reid_lab.losses.image_text import build_image_text_loss
+from reid_lab.losses.image_text import build_image_text_loss, pair_infonce
 from reid_lab.models.vlm import VLMEncoder
 from reid_lab.modules.base import EmbeddingModule, TrainingOutput, check_tokenizer
 from reid_lab.modules.clip import _build
-from reid_lab.modules.grad_cache import grad_cache_backward
+from reid_lab.modules.grad_cache import grad_cache_backward, slice_batch
 from reid_lab.modules.optim import build_optimizer, per_step_scheduler
 
 
@@ -48,7 +48,6 @@ class VLMEmbeddingModule(EmbeddingModule):
         distance / max_rank / space_label / upgrade: see :class:`EmbeddingModule`.
     """
 
-    monitor = "val/R1"
     protocol = "cross_modal"
 
     def __init__(
@@ -95,6 +94,7 @@ class VLMEmbeddingModule(EmbeddingModule):
             raise ValueError(f"grad_cache_chunk must be a positive number of items, got {grad_cache_chunk}")
         self.grad_cache_chunk = int(grad_cache_chunk) if grad_cache_chunk else None
         self.automatic_optimization = self.grad_cache_chunk is None
+        self._pair_counts: dict[str, list[int]] = {}  # split -> [hits, queries, candidates per query]
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
@@ -108,13 +108,33 @@ class VLMEmbeddingModule(EmbeddingModule):
     def space_model_name(self) -> str:
         return "vlm"
 
+    @property
+    def monitor(self) -> str:
+        """``val/P@1`` on instruction pairs (:class:`~reid_lab.data.PairDataModule`), else ``val/R1``."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return "val/P@1" if getattr(datamodule, "eval_protocol", None) == "pairs" else "val/R1"
+
     # --------------------------------------------------------------------------------------- training
     def embed_training(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Training representations ``{"image": (B, D), "text": (B, D)}`` of a pair batch."""
+        """Training representations: ``{"image": (B, D), "text": (B, D)}`` of an image–caption batch, or
+        ``{"query", "target"[, "negatives"]}`` of an instruction-pair batch."""
+        if "query" in batch:
+            reps = {"query": self.encoder.embed_items(batch["query"]),
+                    "target": self.encoder.embed_items(batch["target"])}
+            if "negatives" in batch:
+                reps["negatives"] = self.encoder.embed_items(batch["negatives"])
+            return reps
         return {"image": self.encoder.encode_image(batch["image"]), "text": self.encoder.encode_text(batch["text"])}
 
     def losses_of(self, reps: dict[str, Tensor], batch: dict[str, Any]) -> TrainingOutput:
         """The module's own losses on the batch's representations."""
+        if "query" in reps:
+            if self.host is not None:
+                raise ValueError("instruction-pair batches carry no per-modality embeddings for the upgrade host: "
+                                 "train an upgrade on TextImageDataModule or ReIDDataModule data")
+            loss = pair_infonce(reps["query"], reps["target"], reps.get("negatives"), self.logit_scale)
+            parts = {"pair_infonce": loss.detach(), "temperature": 1.0 / self.logit_scale.detach().exp()}
+            return TrainingOutput(loss=loss, embeddings=reps, labels=batch["pid"], parts=parts)
         pids = batch["pid"]
         total = reps["image"].new_zeros(())
         parts: dict[str, Tensor] = {}
@@ -142,12 +162,56 @@ class VLMEmbeddingModule(EmbeddingModule):
             return total, None
 
         total, _ = grad_cache_backward(batch, int(batch["pid"].numel()), self.grad_cache_chunk,
-                                       self.embed_training, loss_fn, backward=self.manual_backward)
+                                       self.embed_training, loss_fn, backward=self.manual_backward,
+                                       slicer=slice_pair_batch if "query" in batch else slice_batch)
         optimizer.step()
         scheduler.step()
         self._clamp_temperature()
         self.log_training(total, outputs["parts"], outputs["out"])
         return None
+
+    # ------------------------------------------------------------------------------- pair evaluation
+    def _pair_step(self, batch: dict[str, Any], split: str) -> None:
+        reps = {k: torch.nn.functional.normalize(v.float(), dim=1) for k, v in self.embed_training(batch).items()}
+        if "negatives" not in reps:
+            raise ValueError("MMEB-style evaluation needs pairs with negatives (the candidates besides the target)")
+        q, t = reps["query"], reps["target"]
+        n = reps["negatives"].view(q.shape[0], -1, q.shape[1])
+        positive = (q * t).sum(dim=1)
+        hits = positive > torch.einsum("bd,bkd->bk", q, n).max(dim=1).values  # ties count against the target
+        counts = self._pair_counts.setdefault(split, [0, 0, n.shape[1] + 1])
+        counts[0] += int(hits.sum())
+        counts[1] += int(hits.numel())
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "query" in batch:
+            return self._pair_step(batch, "val")
+        return super().validation_step(batch, batch_idx)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if "query" in batch:
+            return self._pair_step(batch, "test")
+        return super().test_step(batch, batch_idx)
+
+    def _log_pairs(self, split: str) -> bool:
+        counts = self._pair_counts.pop(split, None)
+        if counts is None:
+            return False
+        if not self.trainer.sanity_checking:
+            hits, total, candidates = counts
+            p1 = 100.0 * hits / max(total, 1)
+            self.log(f"{split}/P@1", p1)
+            self.print(f"[epoch {self.current_epoch}] {split}: P@1 {p1:.2f} over {total} queries, {candidates} "
+                       f"candidates each (chance {100.0 / candidates:.2f})")
+        return True
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._log_pairs("val"):
+            super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        if not self._log_pairs("test"):
+            super().on_test_epoch_end()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self._clamp_temperature()
@@ -166,3 +230,15 @@ class VLMEmbeddingModule(EmbeddingModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": per_step_scheduler(self, optimizer, hp.scheduler, hp.milestones or [], hp.gamma,
                                                    hp.warmup_epochs, hp.warmup_factor)}
+
+
+def slice_pair_batch(batch: dict[str, Any], rows: slice, size: int) -> dict[str, Any]:
+    """Rows ``rows`` of an instruction-pair batch: its queries, targets and pids, and the ``K`` negatives of each
+    of those pairs (negatives hold ``size * K`` items, pair by pair)."""
+    out: dict[str, Any] = {"pid": batch["pid"][rows], "index": batch["index"][rows]}
+    for side in ("query", "target"):
+        out[side] = slice_batch(batch[side], rows, size)
+    if "negatives" in batch:
+        k = len(batch["negatives"]["text"]) // size
+        out["negatives"] = slice_batch(batch["negatives"], slice(rows.start * k, rows.stop * k), size * k)
+    return out

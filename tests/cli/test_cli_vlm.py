@@ -73,3 +73,41 @@ def test_a_caption_tokenizer_with_another_instruction_is_refused(tiny_synthetic,
     with pytest.raises(ValueError, match="differ from the text tower's"):
         run_lightning_cli(["fit", *_args(tiny_synthetic, tmp_path, processor),
                            "--data.init_args.tokenizer.init_args.instruction=Describe: "])
+
+
+def test_fit_and_test_on_instruction_pairs(tiny_synthetic, tmp_path, cli_argv, processor, capsys):
+    """MMEB-style pairs: GradCache training with hard negatives; test/P@1 equals a per-item recomputation."""
+    from reid_lab.data.pairs import load_pairs, synthetic_pairs, write_pairs
+    from reid_lab.modules.vlm import VLMEmbeddingModule
+
+    train = write_pairs(synthetic_pairs(tiny_synthetic, num_negatives=1), tmp_path / "train.jsonl")
+    test = write_pairs(synthetic_pairs(tiny_synthetic, num_negatives=4, split="test")[:24], tmp_path / "test.jsonl")
+    args = ["--config", str(REPO / "configs/experiments/synthetic_vlm_pairs.yaml"),
+            f"--data.init_args.train_pairs={train}", f"--data.init_args.test_pairs={test}",
+            f"--data.init_args.image_root={tiny_synthetic}", "--data.init_args.batch_size=6",
+            "--data.init_args.num_workers=0", f"--model.init_args.processor_path={processor}",
+            "--model.init_args.grad_cache_chunk=4", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+            "--trainer.limit_train_batches=2", "--trainer.accelerator=cpu",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.default_root_dir={tmp_path}"]
+    fit = run_lightning_cli(["fit", *args])
+    fit.trainer.logger.experiment.finish()
+    best = fit.trainer.checkpoint_callback.best_model_path
+    assert "-P@1" in Path(best).name  # selected on Precision@1
+    result = run_lightning_cli(["test", *args, "--ckpt_path", best])
+    result.trainer.logger.experiment.finish()
+    assert "candidates each (chance 20.00)" in capsys.readouterr().out
+    module = VLMEmbeddingModule.load_from_checkpoint(best, map_location="cpu").eval()
+    dm = result.datamodule
+    hits = 0
+    with torch.no_grad():
+        for record in load_pairs(test, image_root=tiny_synthetic):
+            def one(item):
+                from reid_lab.data.pair_datamodule import PairDataset, collate_pairs  # one item, no padding
+
+                row = PairDataset([], dm.test_transform, dm.image_size)._item(item)
+                side = collate_pairs([{"query": row, "target": row, "negatives": [], "pid": 0, "index": 0}])["query"]
+                return torch.nn.functional.normalize(module.encoder.embed_items(side), dim=1)[0]
+            q = one(record.query)
+            scores = [float(q @ one(c)) for c in (record.target, *record.negatives)]
+            hits += scores[0] > max(scores[1:])
+    assert float(result.trainer.callback_metrics["test/P@1"]) == pytest.approx(100 * hits / 24, abs=1e-3)

@@ -176,3 +176,22 @@ def test_bad_configs_name_the_problem(processor_dir, tmp_path):
         VLMEncoder(model_path=str(tmp_path), processor_path=str(processor_dir))
     with pytest.raises(ValueError, match=r"lora has unknown key\(s\) \['rank'\]"):
         VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir), lora={"rank": 4})
+
+
+def test_pair_items_embed_like_the_single_modality_paths(encoder):
+    """A text-only item = encode_text with the same instruction; an image item's tokens = the image template's;
+    mixing text, image and image+text items in one left-padded batch changes no item's embedding."""
+    torch.manual_seed(2)
+    pixels = _normalised(torch.rand(2, 3, 96, 48))
+    side = {"instruction": ["Find the person described: ", "Represent the given person image: ", "Q: "],
+            "text": ["a man in a red coat", None, "is the bag white?"],
+            "image": torch.stack([torch.zeros(3, 96, 48), pixels[0], pixels[1]]),
+            "has_image": torch.tensor([False, True, True])}
+    with torch.no_grad():
+        mixed = encoder.embed_items(side)
+        text = encoder.encode({"text": encoder.tokenizer()(["a man in a red coat"])})["text"]
+        image = encoder.encode({"image": pixels[:1]})["image"]
+        alone = encoder.embed_items({k: v[2:] for k, v in side.items()})
+    torch.testing.assert_close(mixed[0], text[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[1], image[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed[2], alone[0], atol=1e-5, rtol=1e-5)

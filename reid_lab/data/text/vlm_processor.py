@@ -30,7 +30,8 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
 )
 PAD_TOKEN = "<|endoftext|>"
 END_TOKEN = "<|im_end|>"
-IMAGE_TEMPLATE = "<|vision_start|><|image_pad|><|vision_end|>{instruction}" + END_TOKEN
+IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"  # expanded by the processor to the image's tokens
+IMAGE_TEMPLATE = IMAGE_BLOCK + "{instruction}" + END_TOKEN
 TEXT_TEMPLATE = "{instruction}{text}"  # END_TOKEN is appended after truncation, so it is never cut off
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
