@@ -202,9 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", nargs="+", default=list(PAIR_KINDS), choices=list(PAIR_KINDS))
     parser.add_argument("--negatives", type=int, default=1, help="hard negatives per pair")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-pairs", type=int, default=None, help="keep a seeded random sample of this many pairs")
     parser.add_argument("--out", default=None, help="default: <root>/pairs_<split>.jsonl")
     args = parser.parse_args(argv)
     pairs = synthetic_pairs(args.root, tuple(args.kinds), args.negatives, args.split, args.seed)
+    if args.max_pairs is not None and args.max_pairs < len(pairs):
+        keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), size=args.max_pairs, replace=False))
+        pairs = [pairs[i] for i in keep]
     out = write_pairs(pairs, args.out or Path(args.root) / f"pairs_{args.split}.jsonl")
     counts = {k: 0 for k in args.kinds}
     for p in pairs:
