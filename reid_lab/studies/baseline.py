@@ -4,7 +4,8 @@
     reid-lab baseline --config configs/data/market1501.yaml --backbone mobilenet_v2 --pretrained imagenet
 
 Two references per dataset, on its test query / gallery under the ReID protocol (same-identity same-camera
-gallery items removed):
+gallery items removed), as ranking numbers (R1 / R5 / R10 / mAP / mINP) and as verification numbers (TPR at
+FPR 1e-3 and 1e-2 over genuine / impostor query-gallery pairs, :mod:`reid_lab.metrics.verification`):
 
 * **raw pixels**: the images resized to the data config's ``image_size``, flattened, compared by cosine
   distance (:mod:`reid_lab.studies.raw_pixels`). A model that does not beat this learned the camera, not the
@@ -26,6 +27,7 @@ import yaml
 from reid_lab.data.datamodule import ReIDDataModule
 from reid_lab.data.options import typed_options
 from reid_lab.metrics import compute_distance, evaluate_rank
+from reid_lab.metrics.verification import tpr_at_fpr, verification_pairs
 from reid_lab.models.backbones import build_backbone
 from reid_lab.studies.raw_pixels import pixel_features
 
@@ -49,9 +51,14 @@ def _datamodule(config: str, root: str | None, batch_size: int) -> ReIDDataModul
 
 def _metrics(q, g, dm: ReIDDataModule) -> dict[str, float]:
     queries, gallery = dm.splits.query, dm.splits.gallery
-    result = evaluate_rank(compute_distance(q, g, metric="cosine"), [r.pid for r in queries],
-                           [r.pid for r in gallery], [r.camid for r in queries], [r.camid for r in gallery])
-    return result.summary()
+    pids = [torch.tensor([r.pid for r in rs]) for rs in (queries, gallery)]
+    camids = [torch.tensor([r.camid for r in rs]) for rs in (queries, gallery)]
+    distance = compute_distance(q, g, metric="cosine")
+    result = evaluate_rank(distance, pids[0], pids[1], camids[0], camids[1]).summary()
+    genuine, impostor = verification_pairs(1 - torch.as_tensor(distance), pids[0], pids[1], camids[0], camids[1])
+    for fpr, tpr in tpr_at_fpr(genuine, impostor, (1e-3, 1e-2)).items():
+        result[f"TPR@{fpr:g}"] = 100 * tpr
+    return result
 
 
 @torch.no_grad()
@@ -89,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{dm.splits.name}: {len(dm.splits.query)} queries, {len(dm.splits.gallery)} gallery images, "
           f"{size[0]}x{size[1]}")
     keys = list(next(iter(rows.values())))
-    print(f"{'features':<32}" + "".join(f"{k:>8}" for k in keys))
+    print(f"{'features':<32}" + "".join(f"{k:>11}" for k in keys))
     for name, metrics in rows.items():
-        print(f"{name:<32}" + "".join(f"{metrics[k]:>8.2f}" for k in keys))
+        print(f"{name:<32}" + "".join(f"{metrics[k]:>11.2f}" for k in keys))
     return 0
