@@ -5,6 +5,8 @@ One call, :func:`write_report`, turns the results of an upgrade study into
 * ``report.json`` — every number (compatibility matrix cells, backfilling curves, study rows);
 * ``report.md`` — the compatibility matrix for mAP and R1 and the study table
   ``method | self-test | cross-test (new→old) | criterion pass | update gain | AUC mAP per ordering | mean NFR``;
+  the update gain is printed with its inputs, ``gain (M(new, old) − M(old, old) / M(new*, new*) − M(old, old))``,
+  and withheld (``n/a``) when the denominator is under one point;
 * ``compatibility_matrix.png`` (heatmap), ``backfill_<metric>.png`` (one line per method/ordering,
   old self-test as a horizontal reference) and ``flips.png`` (NFR vs β).
 
@@ -108,6 +110,11 @@ def study_rows(
                 and row["criterion"] is not None
             ):
                 row["update_gain"] = update_gain(matrix, new, old, independent, metric)
+                old_self = matrix.cell(old, old, metric)
+                row["update_gain_inputs"] = {  # reported with the ratio: a tiny denominator explodes it
+                    "cross_minus_old": matrix.cell(new, old, metric) - old_self,
+                    "independent_minus_old": matrix.cell(independent, independent, metric) - old_self,
+                }
         row.update(given)
         method_curves = (curves or {}).get(given["method"], {})
         row["auc"] = {name: _curve_auc(curve, metric) for name, curve in method_curves.items()}
@@ -128,6 +135,21 @@ def _fmt(value: Any, digits: int = 2) -> str:
     if isinstance(value, (float, int, np.floating, np.integer)):
         return "—" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
     return str(value)
+
+
+MIN_GAIN_DENOMINATOR = 1.0  # metric points: below this the independent model hardly improves on the old one
+
+
+def _gain(row: Mapping[str, Any]) -> str:
+    """``gain (Δcross / Δindependent)``; the ratio is withheld when Δindependent is under
+    :data:`MIN_GAIN_DENOMINATOR` points (it would be an extreme number that says nothing)."""
+    inputs = row.get("update_gain_inputs")
+    if not inputs:
+        return _fmt(row.get("update_gain"), digits=3)
+    num, den = inputs["cross_minus_old"], inputs["independent_minus_old"]
+    if abs(den) < MIN_GAIN_DENOMINATOR:
+        return f"n/a ({num:+.2f} / {den:+.2f})"
+    return f"{_fmt(row.get('update_gain'), digits=3)} ({num:+.2f} / {den:+.2f})"
 
 
 def _orderings(rows: Sequence[Mapping[str, Any]], key: str) -> list[str]:
@@ -151,7 +173,7 @@ def _study_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
             _fmt(row.get("self_test")),
             _fmt(row.get("cross_test")),
             _fmt(row.get("criterion")),
-            _fmt(row.get("update_gain"), digits=3),
+            _gain(row),
         ]
         cells += [_fmt(row["auc"].get(name)) for name in auc_orderings]
         cells += [_fmt(row["mean_nfr"].get(name)) for name in nfr_orderings]

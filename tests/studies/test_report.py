@@ -101,6 +101,7 @@ def test_json_round_trips(report):
     (row,) = data["study"]
     assert row["criterion"] is True
     assert row["update_gain"] == pytest.approx((45 - 40) / (60 - 40))
+    assert row["update_gain_inputs"] == {"cross_minus_old": 5.0, "independent_minus_old": 20.0}
     assert row["auc"] == pytest.approx({"random": 50.0, "uncertainty": 51.0})
     assert row["mean_nfr"] == pytest.approx({"random": 2.0, "uncertainty": 5 / 3})
 
@@ -113,7 +114,7 @@ def test_markdown_has_tables_and_values(report):
     assert "| R1 (%) query ↓ / gallery → |" in text
     header = "| method | self-test | cross-test (new→old) | criterion pass | update gain | AUC mAP (random) |"
     assert header in text
-    assert "| bct | 55.00 | 45.00 | ✓ | 0.250 | 50.00 | 51.00 | 2.00 | 1.67 |" in text
+    assert "| bct | 55.00 | 45.00 | ✓ | 0.250 (+5.00 / +20.00) | 50.00 | 51.00 | 2.00 | 1.67 |" in text
     assert "n/a" in text  # wide vs old
     assert "![flips](flips.png)" in text
 
@@ -174,3 +175,15 @@ def test_curve_styles_never_repeat_in_a_4x4_study():
     # one colour per method, one line style per ordering, in every method
     assert {styles["bct", o]["color"] for o in orderings} == {"C1"}
     assert {styles[m, "sigma"]["linestyle"] for m in curves} == {":"}
+
+
+def test_an_update_gain_over_a_tiny_denominator_is_withheld_with_its_inputs():
+    from reid_lab.metrics.compatibility import CompatibilityMatrix
+    from reid_lab.studies.report import _study_markdown, study_rows
+
+    cells = {("old", "old"): _cells(40.0), ("bct", "old"): _cells(44.0), ("bct", "bct"): _cells(41.0),
+             ("indep", "indep"): _cells(40.2)}
+    matrix = CompatibilityMatrix(("old", "bct", "indep"), cells, set())
+    rows = study_rows(matrix, [{"method": "bct", "new": "bct", "old": "old", "independent": "indep"}], None)
+    assert rows[0]["update_gain"] == pytest.approx(4.0 / 0.2)  # 20: an extreme ratio of two small differences
+    assert "| n/a (+4.00 / +0.20) |" in _study_markdown(rows, "mAP")
