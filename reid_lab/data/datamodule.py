@@ -211,7 +211,9 @@ class ReIDDataModule(L.LightningDataModule):
             split = self.predict_split
             records = {"test": query_gallery, "train": self.all_train_records}.get(split)
             return split, records if records is not None else getattr(self.splits, split)
-        return "train, validation, query, gallery", self.all_train_records + self.val_records + query_gallery
+        if self.val_records:
+            return "train, validation, query, gallery", self.all_train_records + self.val_records + query_gallery
+        return "train, query, gallery", self.all_train_records + query_gallery
 
     def preflight(self, stage: str | None = None) -> dict[str, str]:
         """Decode every image ``stage`` will read; fail naming all bad ones, or skip them when asked.
