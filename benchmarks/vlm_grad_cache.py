@@ -116,9 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--hidden", type=int, default=None, help="language model width (default: the config's 64)")
+    parser.add_argument("--layers", type=int, default=None, help="language model layers (default: the config's 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_cfg = yaml.safe_load(CONFIG.read_text())["model"]["init_args"]["model_cfg"]
+    text, vision = model_cfg["text_config"], model_cfg["vision_config"]
+    if args.hidden:  # 4 heads; the multimodal rotary sections must sum to head_dim / 2
+        half = args.hidden // text["num_attention_heads"] // 2
+        text.update(hidden_size=args.hidden, intermediate_size=2 * args.hidden)
+        text["rope_parameters"]["mrope_section"] = [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]
+        vision["hidden_size"] = args.hidden  # the vision merger projects into the language model's width
+    if args.layers:
+        text["num_hidden_layers"] = args.layers
     with tempfile.TemporaryDirectory() as tmp:
         processor = build_offline_processor(Path(tmp) / "processor", [" ".join(WORDS)] * 8, vocab_size=300)
         torch.manual_seed(0)
@@ -150,8 +160,10 @@ def main(argv: list[str] | None = None) -> None:
                                 else meter.peak)
                 encoder.load_state_dict(state)  # every mode starts from the same weights
     kind = "peak CUDA memory over the step" if args.device.startswith("cuda") else "peak saved activations"
+    params = sum(p.numel() for p in encoder.parameters())
     print(f"batch {args.batch_size}, device {args.device}, {args.threads} threads, {args.rounds} rounds x "
-          f"{args.steps} steps; memory = {kind}")
+          f"{args.steps} steps; language model width {text['hidden_size']} x {text['num_hidden_layers']} layers, "
+          f"{params / 1e6:.2f} M parameters; memory = {kind}")
     full_t, full_m = statistics.median(times[None]), memory[None]
     print(f"{'mode':<16}{'first loss':>12}{'median step s':>16}{'time vs full':>14}{'memory MiB':>12}"
           f"{'memory vs full':>16}")
