@@ -28,6 +28,12 @@ def _index(argv: list[str]) -> int:
     return main(argv)
 
 
+def _export(argv: list[str]) -> int:
+    from reid_lab.modules.export import main
+
+    return main(argv)
+
+
 def _pairs(argv: list[str]) -> int:
     from reid_lab.data.pairs import main
 
@@ -48,7 +54,7 @@ def _vlm_processor(argv: list[str]) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index,
                                                       "vlm-processor": _vlm_processor, "baseline": _baseline,
-                                                      "pairs": _pairs}
+                                                      "pairs": _pairs, "export": _export}
 
 # LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
 PROJECT_COMMANDS_HELP = """
@@ -58,6 +64,8 @@ reid_lab commands (each has its own --help):
   index      build and search faiss gallery indexes over saved features: reid-lab index build ...
   baseline   raw-pixel (and untrained backbone) R1 / mAP of a dataset, before any training:
              reid-lab baseline --config configs/data/folder.yaml --backbone mobilenet_v2 --pretrained imagenet
+  export     a checkpoint's image embedder as ONNX (dynamic batch) or TorchScript, with a parity check:
+             reid-lab export --ckpt_path model.ckpt --format onnx --out model.onnx
   pairs      write MMEB-style instruction pairs (caption->person, person->person, person->caption) of a
              synthetic set: reid-lab pairs --root data/synthetic --split train --negatives 1
   vlm-processor  write a small offline Qwen2-VL processor (BPE on a dataset's captions) for VLM embedders:

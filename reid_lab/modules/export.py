@@ -1,0 +1,152 @@
+"""``reid-lab export``: a checkpoint's image embedder as ONNX (dynamic batch) or TorchScript, with a parity check.
+
+    reid-lab export --ckpt_path model.ckpt --format onnx --out model.onnx
+    reid-lab export --ckpt_path model.ckpt --format torchscript --out model.pt
+
+The exported graph maps normalised images ``(B, 3, H, W)`` (the checkpoint's ``image_size``, ImageNet
+statistics: what :func:`reid_lab.load_embedder` feeds the model) to ``(B, D)`` embeddings, with the
+checkpoint's ``flip_test`` and L2 normalisation when its space is normalised. The embedding-space record
+travels inside the file: ONNX ``metadata_props["reid_lab.embedding_space"]``, TorchScript
+``_extra_files["embedding_space.json"]``, so features made by the exported model stay tied to their space.
+
+After writing, the export is run on a batch of a *different* size than the one traced (so the dynamic batch
+axis is exercised): onnxruntime (or the loaded TorchScript module) against the checkpoint in PyTorch; the
+maximum absolute difference is printed and must stay under ``--tolerance``.
+
+Image encoders only (ReID CNNs / ViTs, the image tower of a dual encoder). VLM embedders run their image
+processor outside the graph and are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from reid_lab.embedding.checkpoint import read_checkpoint
+from reid_lab.upgrade.old_model import load_embedder
+
+SPACE_KEY = "reid_lab.embedding_space"
+
+
+class ImageEmbeddingGraph(nn.Module):
+    """``(B, 3, H, W) -> (B, D)``: the encoder's image embedding, flip TTA, optional L2 normalisation."""
+
+    def __init__(self, encoder: nn.Module, flip_test: bool, normalize: bool) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.flip_test = bool(flip_test)
+        self.normalize = bool(normalize)
+
+    def forward(self, image: Tensor) -> Tensor:
+        out = self.encoder.encode({"image": image})["image"]
+        if self.flip_test:
+            out = (out + self.encoder.encode({"image": torch.flip(image, dims=[3])})["image"]) / 2
+        out = out.float()
+        return torch.nn.functional.normalize(out, dim=1) if self.normalize else out
+
+
+def export_graph(checkpoint: str | Path) -> tuple[ImageEmbeddingGraph, tuple[int, int], dict[str, Any]]:
+    """The exportable graph of a checkpoint, its input size and its embedding-space record."""
+    raw = read_checkpoint(checkpoint)
+    embedder = load_embedder(checkpoint)
+    encoder = embedder.encoder.eval()
+    if "image" not in encoder.modalities:
+        raise ValueError(f"{checkpoint}: the encoder embeds {list(encoder.modalities)}; export needs images")
+    if type(encoder).__name__ == "VLMEncoder":
+        raise ValueError(f"{checkpoint}: a VLM embedder runs its image processor outside the graph; export the "
+                         "image encoders of ReID or CLIP checkpoints")
+    size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
+    if size is None:
+        raise ValueError(f"{checkpoint} records no data image_size: the input size is unknown")
+    space = dict(embedder.space)
+    normalize = bool(space.get("normalized", (raw.get("embedding") or {}).get("distance") == "cosine"))
+    return ImageEmbeddingGraph(encoder, embedder.flip_test, normalize).eval(), (int(size[0]), int(size[1])), space
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    os.replace(tmp, out)
+
+
+def export(checkpoint: str | Path, out: str | Path, fmt: str = "onnx", opset: int = 18) -> dict[str, Any]:
+    """Write the export atomically and check it; returns ``{"out", "format", "max_abs_diff", "batch"}``."""
+    graph, (h, w), space = export_graph(checkpoint)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    traced_batch, check_batch = torch.randn(2, 3, h, w), torch.randn(5, 3, h, w)
+    record = json.dumps(space, sort_keys=True, default=str)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmpdir:
+        tmp = Path(tmpdir) / out.name
+        if fmt == "onnx":
+            import onnx
+
+            torch.onnx.export(graph, (traced_batch,), str(tmp), input_names=["image"], output_names=["embedding"],
+                              dynamic_axes={"image": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
+                              dynamo=False)
+            model = onnx.load(str(tmp))
+            entry = model.metadata_props.add()
+            entry.key, entry.value = SPACE_KEY, record
+            onnx.checker.check_model(model)
+            onnx.save(model, str(tmp))
+            got = _run_onnx(tmp, check_batch)
+        elif fmt == "torchscript":
+            with torch.no_grad():
+                scripted = torch.jit.trace(graph, traced_batch, check_trace=False)
+            torch.jit.save(scripted, str(tmp), _extra_files={"embedding_space.json": record})
+            got = torch.jit.load(str(tmp))(check_batch).detach()
+        else:
+            raise ValueError(f"format must be onnx or torchscript, got {fmt!r}")
+        with torch.no_grad():
+            expected = graph(check_batch)
+        _replace(tmp, out)
+    return {"out": str(out), "format": fmt, "batch": len(check_batch),
+            "max_abs_diff": float((torch.as_tensor(got) - expected).abs().max())}
+
+
+def _run_onnx(path: Path, images: Tensor) -> Tensor:
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(["embedding"], {"image": images.numpy()})[0])
+
+
+def read_space(path: str | Path) -> dict[str, Any]:
+    """The embedding-space record inside an exported file (ONNX or TorchScript)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx
+
+        props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+        return json.loads(props[SPACE_KEY])
+    files = {"embedding_space.json": ""}
+    torch.jit.load(str(path), _extra_files=files)
+    return json.loads(files["embedding_space.json"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reid-lab export", description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |exported - torch| allowed")
+    args = parser.parse_args(argv)
+    try:
+        result = export(args.ckpt_path, args.out, args.format, args.opset)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"reid-lab export: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {result['out']} ({result['format']}); parity on a batch of {result['batch']}: max |exported - "
+          f"torch| = {result['max_abs_diff']:.2e} (tolerance {args.tolerance:g})")
+    if result["max_abs_diff"] > args.tolerance:
+        print("reid-lab export: the exported model differs from the checkpoint beyond the tolerance", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,54 @@
+"""`reid-lab export`: ONNX (run by onnxruntime) and TorchScript files that embed as the checkpoint does, with the
+space record inside."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import reid_lab
+from reid_lab.cli import main
+from reid_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from reid_lab.embedding.checkpoint import read_checkpoint
+from reid_lab.modules.export import read_space
+from reid_lab.modules.reid import ReIDModule
+from tests.conftest import save_module_checkpoint
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    module = ReIDModule(backbone="resnet18", num_classes=4, last_stride=1, flip_test=True, space_label="export")
+    return save_module_checkpoint(module, tmp_path / "model.ckpt", datamodule_hparams={"image_size": [64, 32]})
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", "onnx"), ("torchscript", "pt")])
+def test_export_embeds_like_the_checkpoint(checkpoint, tmp_path, capsys, fmt, suffix):
+    import onnxruntime
+
+    out = tmp_path / f"model.{suffix}"
+    assert main(["export", "--ckpt_path", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    diff = float(re.search(r"max \|exported - torch\| = ([\d.e+-]+)", capsys.readouterr().out).group(1))
+    assert diff < 1e-4
+    assert read_space(out) == read_checkpoint(checkpoint)["embedding_space"]
+    torch.manual_seed(3)
+    pixels = torch.rand(7, 3, 64, 32)  # a batch size the export was not traced with
+    expected = reid_lab.load_embedder(checkpoint)(pixels)  # flip TTA and normalisation included
+    images = ((pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    if fmt == "onnx":
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"image": images.numpy().astype(np.float32)})[0])
+    else:
+        got = torch.jit.load(str(out))(images)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_a_checkpoint_without_an_input_size_is_refused(tmp_path, capsys):
+    module = ReIDModule(backbone="resnet18", num_classes=4)
+    bare = save_module_checkpoint(module, tmp_path / "bare.ckpt")
+    assert main(["export", "--ckpt_path", str(bare), "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "records no data image_size" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()
