@@ -201,8 +201,13 @@ class VLMEmbeddingModule(EmbeddingModule):
             hits, total, candidates = counts
             p1 = 100.0 * hits / max(total, 1)
             self.log(f"{split}/P@1", p1)
-            self.print(f"[epoch {self.current_epoch}] {split}: P@1 {p1:.2f} over {total} queries, {candidates} "
-                       f"candidates each (chance {100.0 / candidates:.2f})")
+            if split == "test":
+                loaded = getattr(self, "_checkpoint_epoch", None)
+                where = f"[test, checkpoint of epoch {loaded}]" if loaded is not None else "[test, initial weights]"
+            else:
+                where = f"[epoch {self.current_epoch}]"
+            self.print(f"{where} {split}: P@1 {p1:.2f} over {total} queries, {candidates} candidates each "
+                       f"(chance {100.0 / candidates:.2f})")
         return True
 
     def on_validation_epoch_end(self) -> None:
