@@ -14,7 +14,9 @@ tokenizer (:meth:`CLIPEncoder.tokenizer`). Outputs: ``{"image": (B, D), "text": 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import open_clip
@@ -25,6 +27,41 @@ from reid_lab.embedding.encoder import Encoder
 from reid_lab.models.backbones import build_backbone
 from reid_lab.models.pooling import build_pooling
 from reid_lab.models.text import open_clip_text_cfg
+
+LOCAL_DIR = "local-dir:"
+LOCAL_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+
+def _config_file(path: Path) -> dict[str, Any]:
+    """An open_clip model config from a JSON file: the config itself or ``{"model_cfg": {...}, ...}``."""
+    if not path.is_file():
+        raise ValueError(f"model_cfg file {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"model_cfg file {path} is not valid JSON: {err}") from err
+    cfg = data.get("model_cfg", data) if isinstance(data, dict) else None
+    if not isinstance(cfg, dict) or "embed_dim" not in cfg:
+        raise ValueError(f"{path}: expected an open_clip model config (with embed_dim, vision_cfg, text_cfg)")
+    return dict(cfg)
+
+
+def _local_dir(folder: str) -> tuple[dict[str, Any], Path | None]:
+    """open_clip's ``local-dir:`` layout: ``open_clip_config.json`` and optional weights beside it."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"local-dir {root} does not exist")
+    cfg = _config_file(root / "open_clip_config.json")
+    weights = next((root / name for name in LOCAL_WEIGHTS if (root / name).is_file()), None)
+    return cfg, weights
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class BackboneImageTower(nn.Module):
@@ -48,9 +85,12 @@ class CLIPEncoder(Encoder):
     """An open_clip model behind the encoder contract.
 
     Args:
-        model_name: an open_clip built-in config (``open_clip.list_models()``), built with random weights.
-        model_cfg: an inline open_clip config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...); exclusive
-            with ``model_name``.
+        model_name: an open_clip built-in config (``open_clip.list_models()``), built with random weights; or
+            ``local-dir:<folder>`` in open_clip's layout (``open_clip_config.json`` + optional
+            ``open_clip_model.safetensors`` / ``open_clip_pytorch_model.bin``, loaded).
+        model_cfg: an inline open_clip config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...) or a JSON file
+            holding one; exclusive with ``model_name``. A file or folder is recorded as the config it held, so
+            checkpoints rebuild without it.
         image_size: ``[H, W]`` input size (overrides the config's; ReID uses e.g. ``[256, 128]``).
         text_tower: ``"minilm_l6"``: the packaged all-MiniLM-L6-v2 as the text tower (mean pooling + a linear
             projection to ``embed_dim``), loaded from its installed package.
@@ -67,7 +107,7 @@ class CLIPEncoder(Encoder):
     def __init__(
         self,
         model_name: str | None = None,
-        model_cfg: dict[str, Any] | None = None,
+        model_cfg: dict[str, Any] | str | None = None,
         image_size: list[int] | tuple[int, int] | None = None,
         text_tower: str | None = None,
         context_length: int = 32,
@@ -84,9 +124,18 @@ class CLIPEncoder(Encoder):
             raise ValueError("image_pretrained needs image_backbone (a reid_lab backbone name)")
         if (model_name is None) == (model_cfg is None):
             raise ValueError("give exactly one of model_name (an open_clip config name) or model_cfg (a config)")
-        cfg = dict(open_clip.get_model_config(model_name) or {}) if model_name else dict(model_cfg)
+        local_weights = None
+        if model_name is not None and str(model_name).startswith(LOCAL_DIR):
+            cfg, local_weights = _local_dir(str(model_name)[len(LOCAL_DIR):])
+        elif isinstance(model_cfg, (str, Path)):
+            cfg = _config_file(Path(model_cfg))
+        else:
+            cfg = dict(open_clip.get_model_config(model_name) or {}) if model_name else dict(model_cfg)
         if model_name and not cfg:
             raise ValueError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
+        if local_weights is not None or isinstance(model_cfg, (str, Path)):
+            # the checkpoint rebuilds from the config itself, not from a folder that may be gone
+            self._init_args.update(model_name=None, model_cfg=json.loads(json.dumps(cfg)))
         cfg["vision_cfg"] = dict(cfg.get("vision_cfg") or {})
         cfg["text_cfg"] = dict(cfg.get("text_cfg") or {})
         if image_size is not None:
@@ -103,6 +152,8 @@ class CLIPEncoder(Encoder):
             self.model = open_clip.model.CLIP(**cfg)
         if image_backbone is not None:
             self.model.visual = BackboneImageTower(image_backbone, int(cfg["embed_dim"]), pretrained=image_pretrained)
+        if local_weights is not None:
+            self.model.load_state_dict(_read_state(local_weights))
         if weights is not None:
             state = torch.load(weights, map_location="cpu", weights_only=True)
             self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)

@@ -30,7 +30,8 @@ class CLIPModule(EmbeddingModule):
     """CLIP-style image–text training (open_clip towers, see :class:`~reid_lab.models.clip.CLIPEncoder`).
 
     Args:
-        model_name / model_cfg / text_tower / context_length / lock_text / weights: the encoder.
+        model_name / model_cfg / text_tower / context_length / lock_text / weights: the encoder (model_name may be
+            ``local-dir:<folder>`` in open_clip's layout, model_cfg a JSON file).
         force_image_size: ``[H, W]`` overriding the config's image size (open_clip's name for it).
         image_backbone / image_pretrained: a reid_lab backbone as the image tower (e.g. ``mobilenet_v2`` with
             ``imagenet`` weights from an installed package).
@@ -48,7 +49,7 @@ class CLIPModule(EmbeddingModule):
     def __init__(
         self,
         model_name: str | None = None,
-        model_cfg: dict[str, Any] | None = None,
+        model_cfg: dict[str, Any] | str | None = None,
         force_image_size: tuple[int, int] | None = None,
         text_tower: str | None = None,
         context_length: int = 32,
