@@ -50,12 +50,17 @@ def _devices(batch: dict[str, Any]) -> list[int]:
     return sorted({v.device.index or 0 for v in batch.values() if isinstance(v, Tensor) and v.is_cuda})
 
 
-@contextmanager
-def _replayed(state: dict[str, Any]) -> Iterator[None]:
-    """Run the block from a captured random state (CPU and the CUDA devices in it)."""
+def _restore(state: dict[str, Any]) -> None:
+    """Set the CPU and CUDA random states captured by :func:`_capture`."""
     torch.set_rng_state(state["cpu"])
     for device, cuda_state in state["cuda"].items():
         torch.cuda.set_rng_state(cuda_state, device)
+
+
+@contextmanager
+def _replayed(state: dict[str, Any]) -> Iterator[None]:
+    """Run the block from a captured random state (a chunk's second pass draws the first pass's numbers)."""
+    _restore(state)
     yield
 
 
@@ -114,6 +119,5 @@ def grad_cache_backward(
                 starts[m] += n
             surrogate = sum((chunk[m] * parts[m]).sum() for m in chunk)
             backward(surrogate)
-    with _replayed(after):  # continue from where the first pass left the random state
-        pass
+    _restore(after)  # continue from where the first pass left the random state
     return loss.detach(), extra
