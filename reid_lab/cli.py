@@ -46,6 +46,18 @@ def _baseline(argv: list[str]) -> int:
     return main(argv)
 
 
+def _visualize(argv: list[str]) -> int:
+    from reid_lab.studies.visualize import main
+
+    return main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from reid_lab.studies.html_report import main
+
+    return main(argv)
+
+
 def _vlm_processor(argv: list[str]) -> int:
     from reid_lab.data.text.vlm_processor import main
 
@@ -54,7 +66,8 @@ def _vlm_processor(argv: list[str]) -> int:
 
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index,
                                                       "vlm-processor": _vlm_processor, "baseline": _baseline,
-                                                      "pairs": _pairs, "export": _export}
+                                                      "pairs": _pairs, "export": _export,
+                                                      "visualize": _visualize, "report": _report}
 
 # LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
 PROJECT_COMMANDS_HELP = """
@@ -66,6 +79,10 @@ reid_lab commands (each has its own --help):
              reid-lab baseline --config configs/data/folder.yaml --backbone mobilenet_v2 --pretrained imagenet
   export     a checkpoint's image embedder as ONNX (dynamic batch) or TorchScript, with a parity check:
              reid-lab export --ckpt_path model.ckpt --format onnx --out model.onnx
+  visualize  ranked lists (query + top-k, marked correct / junk / wrong / distractor) as PNG + HTML:
+             reid-lab visualize --ckpt_path model.ckpt --worst 50 --out reports/ranked
+             reid-lab visualize --study reports/synthetic_upgrade --method bct --worst 30
+  report     one self-contained HTML page of an upgrade study: reid-lab report --study reports/synthetic_upgrade
   pairs      write MMEB-style instruction pairs (caption->person, person->person, person->caption) of a
              synthetic set: reid-lab pairs --root data/synthetic --split train --negatives 1
   vlm-processor  write a small offline Qwen2-VL processor (BPE on a dataset's captions) for VLM embedders:

@@ -37,7 +37,7 @@ compatible losses tie (see :mod:`reid_lab.upgrade.host`).
 
 Stages, each under ``<out>/``: ``split/`` (old / new training sets), ``train/<version>/`` (one Lightning
 ``fit`` per version, config written to ``config.yaml`` first), ``features/<version>.pt`` (query and
-gallery embeddings with their embedding-space record), and the report (``report.json``, ``report.md``,
+gallery embeddings with their embedding-space record), and the report (``report.json``, ``report.md``, ``report.html``,
 PNG plots). A finished stage leaves a marker and is skipped on the next run; a killed training stage
 resumes from its ``last.ckpt``. After the evaluation, every method that passes the empirical criterion
 M(φ_new, φ_old) > M(φ_old, φ_old) gets a verified compatibility claim on the old space, written into its
@@ -85,6 +85,7 @@ from reid_lab.metrics.compatibility import VersionFeatures, compatibility_matrix
 from reid_lab.metrics.distance import evaluate_features
 from reid_lab.studies.claims import DEFAULT_CLAIM_MARGIN, EVALUATION_SPLIT, chance_level
 from reid_lab.studies.evaluation_split import embed_evaluation_split, training_images
+from reid_lab.studies.html_report import write_html_report
 from reid_lab.studies.report import write_report
 from reid_lab.studies.stage_keys import file_digest, stage_key
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
@@ -631,9 +632,11 @@ class Study:
         summary = {"matrix": matrix, "curves": curves, "claims": claims, "files": files,
                    "timings": self.timings}
         atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
+        files["html"] = write_html_report(self.out)
         print((self.out / "report.md").read_text())
         print(f"[study] {self.out} holds {_disk_usage(self.out) / 2**20:.1f} MiB (each stage's last.ckpt keeps the "
               "optimiser state for resuming; selected checkpoints keep weights only)")
+        print(f"[study] report page (self-contained HTML): {files['html']}")
         return summary
 
     @staticmethod

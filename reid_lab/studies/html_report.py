@@ -1,0 +1,172 @@
+"""``reid-lab report``: one self-contained HTML page per upgrade study, readable offline.
+
+    reid-lab report --study reports/synthetic_upgrade            # writes reports/synthetic_upgrade/report.html
+
+The page gathers what a study wrote (``reid-lab upgrade`` calls this at its end too):
+
+* the protocol (how checkpoints were chosen and what was measured) and the study table (self-test, cross-test,
+  BCT's criterion, update gain, backfill AUC and mean negative-flip rate per ordering);
+* the compatibility matrix as a heatmap and as numbers; the backfill and flip curves;
+* negatively flipped queries as images: for each method, the queries the old system answered right at rank 1
+  and the new model's queries searching the old gallery (the hot-refresh start) answer wrong, ranked side by
+  side (:mod:`reid_lab.studies.ranked_lists`);
+* the resolved config of every trained stage, and the stage times.
+
+Every picture is embedded as a ``data:`` URI: the file can be mailed or archived on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from reid_lab.atomic import atomic_write_text
+from reid_lab.embedding.features import FeatureSet
+from reid_lab.studies.pictures import PAGE_STYLE, escape, file_uri, legend_html
+from reid_lab.studies.ranked_lists import as_feature_sets, compare_systems
+from reid_lab.studies.ranked_render import list_html, new_thumbs
+
+CURVE_FILES = ("compatibility_matrix.png", "backfill_mAP.png", "backfill_R1.png", "backfill_mINP.png", "flips.png")
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        return "–" if isinstance(value, float) and not math.isfinite(value) else f"{value:.{digits}f}"
+    return "–" if value is None else escape(value)
+
+
+def study_table(rows: list[dict[str, Any]]) -> str:
+    """The study table: one row per method, AUC / NFR columns per ordering."""
+    orderings = list(dict.fromkeys(o for r in rows for o in (r.get("auc") or {})))  # the study's order
+    head = ["method", "self-test", "cross-test", "old self-test", "criterion", "update gain"]
+    head += [f"AUC ({o})" for o in orderings] + [f"mean NFR % ({o})" for o in orderings]
+    out = ["<table><tr>" + "".join(f'<th class="{"name" if i == 0 else ""}">{escape(h)}</th>'
+                                   for i, h in enumerate(head)) + "</tr>"]
+    for r in rows:
+        cells = [r.get("self_test"), r.get("cross_test"), r.get("old_self_test"), r.get("criterion"),
+                 r.get("update_gain")]
+        cells += [(r.get("auc") or {}).get(o) for o in orderings] + [(r.get("mean_nfr") or {}).get(o)
+                                                                        for o in orderings]
+        out.append(f'<tr><td class="name">{escape(r.get("method"))}</td>'
+                   + "".join(f"<td>{_number(c, 3 if i == 4 else 2)}</td>" for i, c in enumerate(cells)) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def matrix_table(matrix: dict[str, Any], metric: str = "mAP") -> str:
+    """The compatibility matrix (rows: query model, columns: gallery model)."""
+    versions = list(matrix.get("versions") or [])
+    cells = {(c["query"], c["gallery"]): c for c in matrix.get("cells") or []}
+    out = [f"<table><tr><th class='name'>{escape(metric)} query ↓ / gallery →</th>"
+           + "".join(f"<th>{escape(v)}</th>" for v in versions) + "</tr>"]
+    for q in versions:
+        row = "".join(f"<td>{_number((cells.get((q, g)) or {}).get(metric))}</td>" for g in versions)
+        out.append(f"<tr><td class='name'><b>{escape(q)}</b></td>{row}</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def flipped_queries_html(study: Path, rows: list[dict[str, Any]], per_method: int, top_k: int) -> str:
+    """For each method with feature files: its negatively flipped queries at the hot-refresh start, as images."""
+    parts = []
+    thumbs, uris = new_thumbs(), {}
+    cache: dict[str, tuple[FeatureSet, FeatureSet]] = {}
+
+    def load(version: str) -> tuple[FeatureSet, FeatureSet] | None:
+        if version not in cache:
+            path = study / "features" / f"{version}.pt"
+            if not path.is_file():
+                return None
+            cache[version] = as_feature_sets(FeatureSet.load(path))
+        return cache[version]
+
+    for r in rows:
+        old, new = r.get("old"), r.get("new")
+        if not old or not new or old == new:
+            continue
+        old_fs, new_fs = load(old), load(new)
+        if old_fs is None or new_fs is None or new_fs[0].features.shape[1] != old_fs[1].features.shape[1]:
+            continue
+        ref, cross = f"{old} -> {old}", f"{new} -> {old}"
+        comparisons = compare_systems({ref: old_fs, cross: (new_fs[0], old_fs[1])}, ref, top_k)
+        flipped = [c for c in comparisons if c.flipped]
+        total = len(comparisons)
+        parts.append(f"<h3>{escape(r['method'])}: {len(flipped)} of {total} queries flip "
+                     f"({100 * len(flipped) / max(1, total):.1f} %) when its queries search the old gallery</h3>")
+        for c in flipped[:per_method]:
+            parts.append(f'<div class="query"><b>query {c.query}</b>')
+            parts.extend(list_html(name, lst, thumbs, uris) for name, lst in c.lists.items())
+            parts.append("</div>")
+    return "\n".join(parts)
+
+
+def configs_html(study: Path) -> str:
+    parts = []
+    for config in sorted((study / "train").glob("*/config.yaml")):
+        parts.append(f"<details><summary>{escape(config.parent.name)}</summary>"
+                     f"<pre>{escape(config.read_text())}</pre></details>")
+    return "\n".join(parts) or "<p>no stage configs found under train/</p>"
+
+
+def write_html_report(study: str | Path, flips_per_method: int = 5, top_k: int = 10) -> Path:
+    """Write ``<study>/report.html`` from the study's ``report.json``, plots, features and stage configs."""
+    study = Path(study)
+    report_path = study / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{report_path} does not exist: run the study first (reid-lab upgrade --config ...)")
+    report = json.loads(report_path.read_text())
+    title = report.get("title") or f"Upgrade study: {study.name}"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
+             f"<style>{PAGE_STYLE}</style></head><body><h1>{escape(title)}</h1>"]
+    protocol = report.get("protocol") or {}
+    if protocol:
+        parts.append("<h2>Protocol</h2><ul>" + "".join(f"<li><b>{escape(k)}</b>: {escape(v)}</li>"
+                                                     for k, v in protocol.items()) + "</ul>")
+    rows = report.get("study") or []
+    if rows:
+        parts.append(f"<h2>Study ({escape(report.get('metric', 'mAP'))}, percent)</h2>")
+        parts.append("<p>cross-test: the new model's queries against the old model's gallery; criterion: cross-test "
+                     "above the old self-test (Shen et al., CVPR'20); AUC: mean over the backfill-ratio grid; "
+                     "NFR: negative flips in percent of queries, mean over the grid.</p>")
+        parts.append(study_table(rows))
+    matrix = report.get("compatibility_matrix")
+    if matrix:
+        parts.append("<h2>Compatibility matrix</h2>" + matrix_table(matrix, "mAP") + matrix_table(matrix, "R1"))
+    figures = [name for name in CURVE_FILES if (study / name).is_file()]
+    if figures:
+        parts.append("<h2>Plots</h2>")
+        parts.extend(f'<figure><img src="{file_uri(study / name)}" alt="{escape(name)}">'
+                     f"<figcaption>{escape(name)}</figcaption></figure>" for name in figures)
+    flips = flipped_queries_html(study, rows, flips_per_method, top_k)
+    if flips:
+        parts.append("<h2>Negatively flipped queries</h2>" + legend_html() + flips)
+    timings = study / "timings.json"
+    if timings.is_file():
+        t = json.loads(timings.read_text())
+        parts.append("<h2>Stage times</h2><table>" + "".join(
+            f"<tr><td class='name'>{escape(k)}</td><td>{_number(v, 1)} s</td></tr>" for k, v in t.items())
+            + "</table>")
+    parts.append("<h2>Resolved configs</h2>" + configs_html(study))
+    parts.append("</body></html>")
+    return atomic_write_text(study / "report.html", "\n".join(parts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="reid-lab report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", required=True, help="the study's output folder (its `out:`)")
+    parser.add_argument("--flips", type=int, default=5, help="flipped queries shown per method")
+    parser.add_argument("--top-k", type=int, default=10, help="gallery items per ranked list")
+    args = parser.parse_args(argv)
+    path = write_html_report(args.study, args.flips, args.top_k)
+    print(f"[report] {path} ({path.stat().st_size / 2**20:.1f} MiB, self-contained)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
