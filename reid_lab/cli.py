@@ -58,6 +58,21 @@ def _report(argv: list[str]) -> int:
     return main(argv)
 
 
+def _merge_features(argv: list[str]) -> int:
+    import argparse
+
+    from reid_lab.embedding.features import merge_feature_files
+
+    parser = argparse.ArgumentParser(prog="reid-lab merge-features", description="Merge the per-rank parts of a "
+                                     "distributed `reid-lab predict` (<stem>.rank<k>-of-<W>.pt) into one file.")
+    parser.add_argument("parts", nargs="+", help="every part, e.g. predictions/features.rank*-of-4.pt")
+    parser.add_argument("--out", required=True, help="the merged feature file")
+    args = parser.parse_args(argv)
+    merged = merge_feature_files(args.parts)
+    print(f"merged {len(args.parts)} parts: {len(merged.items)} embeddings to {merged.save(args.out)}")
+    return 0
+
+
 def _vlm_processor(argv: list[str]) -> int:
     from reid_lab.data.text.vlm_processor import main
 
@@ -67,7 +82,8 @@ def _vlm_processor(argv: list[str]) -> int:
 SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"synth": _synth, "upgrade": _upgrade, "index": _index,
                                                       "vlm-processor": _vlm_processor, "baseline": _baseline,
                                                       "pairs": _pairs, "export": _export,
-                                                      "visualize": _visualize, "report": _report}
+                                                      "visualize": _visualize, "report": _report,
+                                                      "merge-features": _merge_features}
 
 # LightningCLI's own help lists only fit / validate / test / predict; ``reid-lab --help`` adds these.
 PROJECT_COMMANDS_HELP = """
@@ -82,6 +98,8 @@ reid_lab commands (each has its own --help):
   visualize  ranked lists (query + top-k, marked correct / junk / wrong / distractor) as PNG + HTML:
              reid-lab visualize --ckpt_path model.ckpt --worst 50 --out reports/ranked
              reid-lab visualize --study reports/synthetic_upgrade --method bct --worst 30
+  merge-features  one feature file from the per-rank parts of a multi-node `predict` (order and space kept):
+             reid-lab merge-features predictions/features.rank*-of-8.pt --out predictions/features.pt
   report     one self-contained HTML page of an upgrade study: reid-lab report --study reports/synthetic_upgrade
   pairs      write MMEB-style instruction pairs (caption->person, person->person, person->caption) of a
              synthetic set: reid-lab pairs --root data/synthetic --split train --negatives 1

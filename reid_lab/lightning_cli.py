@@ -46,7 +46,7 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
     """Saves the resolved config next to its own run, never over an existing file, and into the logger.
 
     The file is ``<save_dir>/<name>/<version>/config.<stage>.yaml`` (the folder that also holds the run's
-    checkpoints) or, without a logger, ``<default_root_dir>/configs/<stage>-<time>.yaml``; a name already
+    checkpoints) or, without a logger, ``<default_root_dir>/run_configs/<stage>-<time>.yaml``; a name already
     taken gets a numbered suffix. (Lightning's own callback writes ``config.yaml`` into the logger's shared
     ``save_dir``, or the working folder without a logger, over whatever file is there.)
     """
@@ -75,7 +75,8 @@ def _config_path(trainer, stage) -> Path:
         root = Path(logger.save_dir or trainer.default_root_dir)
         name = logger.name or ""
         return root / str(name) / (version if isinstance(version, str) else f"version_{version}") / f"config.{stage}.yaml"
-    return Path(trainer.default_root_dir) / "configs" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
+    # not "configs/": run from the project root, that is where the project's own config files live
+    return Path(trainer.default_root_dir) / "run_configs" / f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}.yaml"
 
 
 def _free_path(path: Path) -> Path:

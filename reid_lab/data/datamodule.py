@@ -17,6 +17,7 @@ from reid_lab.data.options import typed_options
 from reid_lab.data.preflight import BadImagesError, check_images, describe_bad
 from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
 from reid_lab.data.sampler import PKBatchSampler
+from reid_lab.data.shard import sequential_batches
 from reid_lab.data.subset import select_subset
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 from reid_lab.data.validation import carve_validation_ids, validation_query_gallery
@@ -278,7 +279,9 @@ class ReIDDataModule(L.LightningDataModule):
     def _eval_loader(self, validation: bool = False) -> DataLoader:
         records, is_query = self.val_eval_records() if validation else self.eval_records()
         dataset = ImageDataset(records, self.test_transform, is_query=is_query)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        # under DDP each rank reads one contiguous block: no item is ranked twice (reid_lab.data.shard)
+        return DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), self.eval_batch_size),
+                          **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(validation=True)
@@ -310,7 +313,9 @@ class ReIDDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         records, is_query = self.predict_records()
         dataset = ImageDataset(records, self.test_transform, is_query=is_query)
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        # under DDP each rank embeds one contiguous block and writes its own part (FeatureWriter merges them)
+        return DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), self.eval_batch_size),
+                          **self._loader_kwargs())
 
     def on_train_epoch_start(self) -> None:  # pragma: no cover - Lightning calls the sampler hook itself
         pass

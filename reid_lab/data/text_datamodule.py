@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from reid_lab.data.sampler import PKBatchSampler
+from reid_lab.data.shard import ShardedBatchSampler
 from reid_lab.data.subset import select_subset
 from reid_lab.data.text.datasets import (
     CaptionPairBatchSampler,
@@ -265,7 +266,8 @@ class TextImageDataModule(L.LightningDataModule):
             with_camids=self.splits.has_cameras,
         )
         sampler = QueryGalleryBatchSampler(num_query, len(records) - num_query, self.eval_batch_size)
-        return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
+        # under DDP each rank reads one contiguous block of batches (reid_lab.data.shard)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler), **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._query_gallery_loader(*self.eval_records("validate"))

@@ -18,6 +18,7 @@ atomically (temporary file in the same folder, then ``os.replace``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,67 @@ class FeatureSet:
         )
 
 
+PART_PATTERN = re.compile(r"^(?P<stem>.+)\.rank(?P<rank>\d+)-of-(?P<world>\d+)$")
+
+
+def part_path(path: str | Path, rank: int, world_size: int) -> Path:
+    """Where rank ``rank`` of ``world_size`` writes its part of the feature file ``path``."""
+    p = Path(path)
+    return p.with_name(f"{p.stem}.rank{rank}-of-{world_size}{p.suffix}")
+
+
+def merge_feature_files(parts: list[str | Path]) -> FeatureSet:
+    """One feature set from the per-rank parts of a distributed ``predict`` (``<stem>.rank<k>-of-<W>.pt``).
+
+    Each rank embeds one contiguous block of the split (:mod:`reid_lab.data.shard`), so the parts concatenated in
+    rank order are the split in its one-device order. Refused: a missing or repeated rank, parts of different
+    runs (another stem or world size), and parts whose embedding space, modality or dimension differ.
+    """
+    if not parts:
+        raise ValueError("no feature parts to merge")
+    found: dict[int, Path] = {}
+    stems, worlds = set(), set()
+    for part in map(Path, parts):
+        m = PART_PATTERN.match(part.stem)
+        if m is None:
+            raise ValueError(f"{part}: not a per-rank part (expected <stem>.rank<k>-of-<W>.pt)")
+        rank, world = int(m["rank"]), int(m["world"])
+        if rank in found:
+            raise ValueError(f"{part}: rank {rank} given twice ({found[rank]})")
+        found[rank] = part
+        stems.add((part.parent, m["stem"]))
+        worlds.add(world)
+    if len(stems) != 1 or len(worlds) != 1:
+        raise ValueError(f"parts of different runs: stems {sorted(str(s[1]) for s in stems)}, world sizes "
+                         f"{sorted(worlds)}")
+    world = worlds.pop()
+    missing = sorted(set(range(world)) - set(found))
+    if missing:
+        raise ValueError(f"ranks {missing} of {world} are missing: a merge without them would silently drop items")
+    sets = [FeatureSet.load(found[r]) for r in range(world)]
+    first = sets[0]
+    for r, fs in enumerate(sets[1:], start=1):
+        for name in ("space", "modality", "query_modality"):
+            if getattr(fs, name) != getattr(first, name):
+                raise ValueError(f"{found[r]}: its {name} differs from rank 0's ({getattr(fs, name)!r} vs "
+                                 f"{getattr(first, name)!r}): parts of different models or splits")
+        if fs.features.shape[1] != first.features.shape[1]:
+            raise ValueError(f"{found[r]}: {fs.features.shape[1]}-d features, rank 0 has {first.features.shape[1]}-d")
+    camids = None if first.camids is None else torch.cat([fs.camids for fs in sets])
+    return FeatureSet(torch.cat([fs.features for fs in sets]), torch.cat([fs.pids for fs in sets]), camids,
+                      torch.cat([fs.is_query for fs in sets]), [i for fs in sets for i in fs.items],
+                      dict(first.space), first.modality, first.query_modality)
+
+
 class FeatureWriter(BasePredictionWriter):
     """Writes the predictions of ``reid-lab predict`` to one feature file.
 
     The module's ``predict_step`` returns ``embedding``, ``pid``, ``index``, ``is_query``, ``camid`` (when
     the data has cameras) and ``modality``; the items (image paths or captions) come from the data module's
-    ``predict_records()``. With several devices every rank writes
-    its own part (``<stem>.rank<k>.pt``).
+    ``predict_records()``. With several devices every rank writes its own part
+    (``<stem>.rank<k>-of-<W>.pt``, one contiguous block of the split each) and rank 0 then merges them into the
+    asked-for file, checked item by item against the data module's order (:func:`merge_feature_files`; the
+    parts stay, for a merge by hand when ranks ran on machines without a shared disk).
 
     Args:
         output: feature file to write (``.pt``); ``None`` disables writing.
@@ -166,7 +221,20 @@ class FeatureWriter(BasePredictionWriter):
             cat["is_query"][order], items, space, modality,
         )
         path = Path(self.output)
-        if trainer.world_size > 1:
-            path = path.with_name(f"{path.stem}.rank{trainer.global_rank}{path.suffix}")
-        self.written = features.save(path)
-        print(f"wrote {len(features.items)} {modality} embeddings of dim {features.features.shape[1]} to {self.written}")
+        if trainer.world_size == 1:
+            self.written = features.save(path)
+            print(f"wrote {len(features.items)} {modality} embeddings of dim {features.features.shape[1]} to "
+                  f"{self.written}")
+            return
+        part = features.save(part_path(path, trainer.global_rank, trainer.world_size))
+        print(f"rank {trainer.global_rank}: wrote {len(features.items)} {modality} embeddings to {part}")
+        trainer.strategy.barrier("feature_parts")
+        if trainer.global_rank == 0:
+            merged = merge_feature_files([part_path(path, r, trainer.world_size) for r in range(trainer.world_size)])
+            expected = [getattr(r, "path", None) or getattr(r, "text", "") for r in records]
+            if merged.items != expected:
+                raise RuntimeError(f"the merged parts of {path} are not the split in its order ({len(merged.items)} "
+                                   f"items, {len(expected)} expected): was the predict loader sharded contiguously?")
+            self.written = merged.save(path)
+            print(f"merged {trainer.world_size} parts: {len(merged.items)} {modality} embeddings to {self.written}")
+        trainer.strategy.barrier("feature_merge")

@@ -18,7 +18,7 @@ def test_config_files_never_overwrite(tiny_synthetic, tmp_path, cli_argv):
     for _ in range(2):
         run_lightning_cli(["test", *args])
     assert user_file.read_text() == "my own notes\n"
-    saved = sorted((tmp_path / "configs").glob("test-*.yaml"))
+    saved = sorted((tmp_path / "run_configs").glob("test-*.yaml"))
     assert len(saved) == 2  # one per run, the second did not replace the first
     assert yaml.safe_load(saved[0].read_text())["model"]["init_args"]["backbone"] == "resnet18"
 
