@@ -16,7 +16,7 @@ Peak activation memory is one chunk's; the cost is one extra forward pass per st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
@@ -77,6 +77,7 @@ def grad_cache_backward(
     backward: Callable[[Tensor], None] = Tensor.backward,
     no_sync: Callable[[], AbstractContextManager] = nullcontext,
     slicer: Callable[[dict[str, Any], slice, int], dict[str, Any]] = slice_batch,
+    params: Iterable[Tensor] = (),
 ) -> tuple[Tensor, Any]:
     """Accumulate the full-batch gradient of ``loss_fn(embed(batch))`` into the parameters' ``.grad``, chunk-wise.
 
@@ -87,7 +88,12 @@ def grad_cache_backward(
         embed: ``chunk -> {modality: (b, D)}`` representations (with a graph when grad is enabled).
         loss_fn: ``{modality: (B, D)} -> (loss, extra)`` on the whole batch's representations.
         backward: how to back-propagate a scalar (Lightning's ``manual_backward`` under a Trainer).
-        no_sync: a context that defers DDP's gradient all-reduce (entered for all but the last backward).
+        no_sync: a context that defers DDP's gradient all-reduce (entered for all but the last backward). Under
+            DDP the last chunk's backward then all-reduces the gradients every earlier backward accumulated
+            locally (the reducer reads ``.grad``, accumulated ones included): one all-reduce per step.
+        params: the trainable parameters. Each enters the last backward with weight 0, so DDP's reducer hears from
+            every one of them there, also from those only the loss holds (a learnable temperature, an upgrade
+            host's adapters), whose gradients came in the loss's own (unsynchronised) backward.
         slicer: ``(batch, rows, size) -> chunk`` (default :func:`slice_batch`; a pair batch with hard negatives
             slices its ``K`` negatives per pair along).
 
@@ -118,6 +124,8 @@ def grad_cache_backward(
                 parts[m] = grads[m][starts[m]:starts[m] + n]
                 starts[m] += n
             surrogate = sum((chunk[m] * parts[m]).sum() for m in chunk)
+            if i == len(slices) - 1:
+                surrogate = surrogate + sum((0.0 * p.sum() for p in params), surrogate.new_zeros(()))
             backward(surrogate)
     _restore(after)  # continue from where the first pass left the random state
     return loss.detach(), extra

@@ -16,6 +16,7 @@ queries, instruction included) and ``pid`` ``(B,)``. The default loss is VLM2Vec
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ class VLMEmbeddingModule(EmbeddingModule):
         learnable_temperature: train ``log(1 / temperature)`` (clamped to ``[0, log 100]`` as open_clip does).
         grad_cache_chunk: embed the batch in chunks of this many items through GradCache (exact full-batch
             gradients, one chunk's activation memory; see :mod:`reid_lab.modules.grad_cache`). Uses Lightning's
-            manual optimisation; single-process only for now (an error under DDP).
+            manual optimisation; under DDP the all-reduce waits for the last chunk (``no_sync`` before it).
         num_classes: linked from the data module (unused by the default losses).
         optimizer / lr / weight_decay / momentum / scheduler / milestones / gamma / warmup_epochs /
             warmup_factor: optimiser and per-step schedule (no weight decay on gains, biases, temperature).
@@ -101,9 +102,6 @@ class VLMEmbeddingModule(EmbeddingModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "tokenize"):
             check_tokenizer(datamodule.tokenize, self.encoder.tokenizer())
-        if self.grad_cache_chunk and self._trainer is not None and self.trainer.world_size > 1:
-            raise ValueError("grad_cache_chunk runs in one process for now; under DDP train without it (the "
-                             "contrastive losses already use every rank's items as negatives)")
 
     def space_model_name(self) -> str:
         return "vlm"
@@ -161,9 +159,15 @@ class VLMEmbeddingModule(EmbeddingModule):
             outputs.update(out=out, parts=parts)
             return total, None
 
+        # Under DDP: no all-reduce until the last chunk's backward, which then reduces the accumulated gradients
+        # (every parameter takes part in it, see grad_cache_backward); the loss gathers every rank's
+        # representations as negatives, as without GradCache.
+        distributed = self.trainer.world_size > 1
         total, _ = grad_cache_backward(batch, int(batch["pid"].numel()), self.grad_cache_chunk,
                                        self.embed_training, loss_fn, backward=self.manual_backward,
-                                       slicer=slice_pair_batch if "query" in batch else slice_batch)
+                                       no_sync=self.trainer.strategy.block_backward_sync if distributed else nullcontext,
+                                       slicer=slice_pair_batch if "query" in batch else slice_batch,
+                                       params=[p for p in self.parameters() if p.requires_grad] if distributed else ())
         optimizer.step()
         scheduler.step()
         self._clamp_temperature()
