@@ -18,6 +18,7 @@ scenario, the old model, the new model and the methods to compare::
       validation: {fraction: 0.15, seed: 0}            # held-out training identities (default); none: test split
       selection: best                                  # best validation checkpoint (default) or last
       logger: wandb                                    # offline wandb runs per stage; none: no logger
+      artifacts: false                                 # true: features + selected checkpoints as wandb artifacts
 
 **Model selection never reads the test split** (unless ``validation: none``): before the scenario splits the
 training set, a seeded share of its identities is held out (``split/val.json``, see
@@ -88,6 +89,7 @@ from reid_lab.studies.evaluation_split import embed_evaluation_split, training_i
 from reid_lab.studies.html_report import write_html_report
 from reid_lab.studies.report import write_report
 from reid_lab.studies.stage_keys import file_digest, stage_key
+from reid_lab.studies.wandb_report import log_study_extras
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
 from reid_lab.upgrade.old_model import load_embedder
 from reid_lab.upgrade.scenario import ScenarioConfig, load_scenario
@@ -99,7 +101,7 @@ log = logging.getLogger(__name__)
 # estimators of reid_lab.metrics.backfill.old_model_uncertainty on the same old-classifier posteriors.
 ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", "oracle", "sigma")
 STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation", "logger", "validation",
-              "selection"}
+              "selection", "artifacts"}
 VALIDATION_KEYS = {"fraction", "seed"}
 SELECTIONS = ("best", "last")
 STAGE_KEYS = {"configs", "overrides"}
@@ -128,6 +130,7 @@ class StudyConfig:
     evaluation: dict[str, Any] = field(default_factory=dict)
     source: str = "<dict>"
     logger: str = "wandb"  # "wandb" (offline runs under each stage folder) or "none"
+    artifacts: bool = False  # features and selected checkpoints as wandb artifacts of the report run
     validation: dict[str, Any] | None = field(default_factory=lambda: {"fraction": DEFAULT_VAL_FRACTION, "seed": 0})
     selection: str = "best"
 
@@ -180,6 +183,9 @@ class StudyConfig:
         selection = str(study.get("selection", "best"))
         if selection not in SELECTIONS:
             raise ValueError(f"{source}: study.selection must be one of {SELECTIONS}, got {selection!r}")
+        artifacts = study.get("artifacts", False)
+        if not isinstance(artifacts, bool):
+            raise ValueError(f"{source}: study.artifacts must be true or false, got {artifacts!r}")
         evaluation = study.get("evaluation") or {}
         _check_keys(evaluation, EVAL_KEYS, f"{source}: study.evaluation")
         ratios = evaluation.get("ratios")
@@ -204,6 +210,7 @@ class StudyConfig:
             logger=logger,
             validation=validation,
             selection=selection,
+            artifacts=artifacts,
         )
 
     @property
@@ -626,6 +633,9 @@ class Study:
         try:
             files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
                                  title=f"Upgrade study: {self.config.name}", logger=run, protocol=self.protocol())
+            if run is not None:
+                log_study_extras(run, self.out, json.loads((self.out / "report.json").read_text())["study"],
+                                 artifacts=self.config.artifacts, name=self.config.name)
         finally:
             if run is not None:
                 run.finish()
