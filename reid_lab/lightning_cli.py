@@ -112,9 +112,11 @@ class ReIDLabCLI(LightningCLI):
         parser.add_lightning_class_args(FeatureWriter, "predict_writer")
 
     def before_instantiate_classes(self) -> None:
-        """``fit --ckpt_path``: continue the checkpoint's own logger run, so its checkpoint folder (and top-k
-        state) is the same one instead of a new run's."""
-        if self.subcommand != "fit":
+        """``fit / test / validate --ckpt_path``: log into the checkpoint's own logger run (same run id), so its
+        checkpoint folder and top-k state are the same ones and test metrics land next to the training curves
+        (offline: a second run folder with the same id, which ``wandb sync`` appends to the run) instead of a
+        new run, and Lightning does not warn that the checkpoint dirpath changed."""
+        if self.subcommand not in ("fit", "test", "validate"):
             return
         config = self.config[self.subcommand]
         ckpt_path = config.get("ckpt_path")
@@ -128,7 +130,8 @@ class ReIDLabCLI(LightningCLI):
         if run.get("logger") == str(logger.get("class_path", "")).rsplit(".", 1)[-1] and init_args is not None:
             if "id" in init_args and init_args.get("id") is None:
                 init_args["id"] = run["version"]
-                print(f"reid-lab fit: resuming logger run {run['version']} of {ckpt_path}")
+                verb = "resuming" if self.subcommand == "fit" else "logging into"
+                print(f"reid-lab {self.subcommand}: {verb} logger run {run['version']} of {ckpt_path}")
 
     # ``test`` / ``predict`` without weights would report numbers of a random initialisation: refuse unless
     # the user says so with ``--ckpt_path random``.
