@@ -257,3 +257,65 @@ def test_checkpoints_are_selected_without_reading_the_test_split(tiny_synthetic,
     trained = {p for side in ("old", "new") for p in json.loads(
         (tmp_path / "clean" / "split" / f"{side}.json").read_text())["paths"]}
     assert val["paths"] and not (set(val["paths"]) & trained)
+
+
+def _folder_from_synthetic(src: Path, dst: Path) -> None:
+    """The tiny synthetic set in the `folder` layout: root/id<pid>/<image>, cameras kept in the file names."""
+    import shutil
+
+    for split in ("bounding_box_train", "query", "bounding_box_test"):
+        for p in sorted((src / split).glob("*.jpg")):
+            pid = int(p.name.split("_")[0])
+            if pid > 0:
+                (dst / f"id{pid:04d}").mkdir(parents=True, exist_ok=True)
+                shutil.copy(p, dst / f"id{pid:04d}" / f"{split}_{p.name}")
+
+
+def _poison_folder_test_ids(root: Path, test_ids: list[str]) -> None:
+    """Move the images of each test identity into the next test identity's folder (cyclically): every test label
+    changes, the training identities' folders (and so the train / validation split) stay as they were."""
+    import shutil
+
+    moves = [(root / a, root / b) for a, b in zip(test_ids, test_ids[1:] + test_ids[:1])]
+    staged = []
+    for a, b in moves:
+        tmp = a.with_name(a.name + ".moving")
+        shutil.move(a, tmp)
+        staged.append((tmp, b))
+    for tmp, b in staged:
+        shutil.move(tmp, b)
+
+
+def test_a_folder_study_selects_checkpoints_without_reading_the_test_split(tiny_synthetic, tmp_path, cli_argv):
+    """The poison check on the `folder` format (identity folders, cameras from a file-name regex)."""
+    from reid_lab.data.datasets import load_dataset
+
+    root = tmp_path / "folder"
+    _folder_from_synthetic(tiny_synthetic, root)
+    options = {"camera_regex": "_c(?P<cam>\\d+)s", "train_fraction": 0.5, "num_query_per_id": 1, "seed": 0}
+    splits = load_dataset("folder", root, **options)
+    test_ids = sorted({Path(r.path).parent.name for r in splits.query + splits.gallery})
+    train_ids = sorted({Path(r.path).parent.name for r in splits.train})
+    assert len(test_ids) >= 2 and not set(test_ids) & set(train_ids)
+    runs = {}
+    for name in ("clean", "poisoned"):
+        if name == "poisoned":
+            _poison_folder_test_ids(root, test_ids)
+        cfg = _study(root, tmp_path / name)
+        for stage in ("old", "new"):
+            cfg["study"][stage]["overrides"].update({"data.init_args.dataset": "folder",
+                                                     "data.init_args.dataset_options": options})
+        cfg["study"]["methods"] = {"bct": {"compatible_losses": [{"name": "bct"}]}}
+        cfg["study"]["evaluation"] = {"orderings": ["random"], "ratios": [0, 1.0]}
+        cfg["study"]["logger"] = "none"
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        assert main(["upgrade", "--config", str(config)]) == 0
+        runs[name] = {v: json.loads((tmp_path / name / "train" / v / "done.json").read_text()) for v in ("old", "bct")}
+        runs[name]["report"] = json.loads((tmp_path / name / "report.json").read_text())
+    for version in ("old", "bct"):
+        assert Path(runs["clean"][version]["checkpoint"]).name == Path(runs["poisoned"][version]["checkpoint"]).name
+        assert runs["clean"][version]["val"] == runs["poisoned"][version]["val"] and runs["clean"][version]["val"]
+    cells = [{(c["query"], c["gallery"]): c["mAP"] for c in runs[n]["report"]["compatibility_matrix"]["cells"]}
+             for n in ("clean", "poisoned")]
+    assert cells[0][("old", "old")] != pytest.approx(cells[1][("old", "old")], abs=1e-6)
