@@ -167,3 +167,21 @@ def test_visualize_ckpt_path_ranks_what_load_embedder_embeds(tiny_synthetic, tmp
         s = shown[r.item]
         assert s["first_match"] == r.first_match
         assert (s["AP"] is None and not r.valid) or s["AP"] == pytest.approx(100 * r.ap, abs=1e-3)
+
+
+def test_caption_queries_are_drawn_as_text(tmp_path):
+    """Text-to-person: caption queries (no cameras, nothing junk) show their text in the grid and the page."""
+    from reid_lab.studies.ranked_render import grid_image, ranked_html
+
+    _, images = _feature_file(tmp_path)
+    gallery = images.select(~images.is_query)
+    g = FeatureSet(gallery.features, gallery.pids, None, gallery.is_query, gallery.items)
+    captions = ["a person in a red coat", "a person with a green bag"]
+    q = FeatureSet(g.features[[0, 3]] + 0.01, torch.tensor([0, 1]), None, torch.tensor([True, True]), captions,
+                   modality="text")
+    lists = rank_lists(q, g, top_k=3)
+    assert [r.modality for r in lists] == ["text", "text"] and "junk" not in lists[0].marks
+    picture = grid_image([("clip", r) for r in lists])
+    assert picture.height > 2 * 48
+    page = ranked_html([("q", [("clip", r) for r in lists])], "captions")
+    assert '<div class="caption">a person in a red coat</div>' in page
