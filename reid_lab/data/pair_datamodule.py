@@ -20,9 +20,10 @@ from typing import Any
 import lightning as L
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from reid_lab.data.pairs import Item, PairRecord, load_pairs
+from reid_lab.data.shard import sequential_batches, world
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 
 
@@ -117,10 +118,19 @@ class PairDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         dataset = PairDataset(self.records(split), self.train_transform if train else self.test_transform,
                               self.image_size)
-        generator = torch.Generator().manual_seed(self.hparams.seed) if train else None
-        return DataLoader(dataset, batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
-                          shuffle=train, drop_last=train, generator=generator, collate_fn=collate_pairs,
-                          num_workers=self.hparams.num_workers, persistent_workers=self.hparams.num_workers > 0)
+        workers = {"collate_fn": collate_pairs, "num_workers": self.hparams.num_workers,
+                   "persistent_workers": self.hparams.num_workers > 0}
+        if not train:  # under DDP each rank reads one contiguous block of batches (reid_lab.data.shard)
+            return DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), self.hparams.eval_batch_size),
+                              **workers)
+        rank, world_size = world()
+        if world_size > 1:  # disjoint pairs per rank, reshuffled per epoch (Lightning calls set_epoch)
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                         seed=self.hparams.seed, drop_last=True)
+            return DataLoader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True, **workers)
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=True, drop_last=True,
+                          generator=generator, **workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

@@ -199,10 +199,14 @@ class VLMEmbeddingModule(EmbeddingModule):
 
     def _log_pairs(self, split: str) -> bool:
         counts = self._pair_counts.pop(split, None)
-        if counts is None:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if counts is None and getattr(datamodule, "eval_protocol", None) != "pairs":
             return False
+        # under DDP each rank scored its own block of pairs: sum the counts (a rank may have had no batch)
+        local = torch.tensor(counts or [0, 0, 0], dtype=torch.long, device=self.device)
+        hits, total = (int(v) for v in self.trainer.strategy.reduce(local[:2].clone(), reduce_op="sum").tolist())
+        candidates = int(self.trainer.strategy.reduce(local[2:].clone(), reduce_op="max").item())
         if not self.trainer.sanity_checking:
-            hits, total, candidates = counts
             p1 = 100.0 * hits / max(total, 1)
             self.log(f"{split}/P@1", p1)
             if split == "test":
