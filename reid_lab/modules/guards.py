@@ -9,6 +9,12 @@
   seen so far, never below ``min_reference`` (a reference of ~0, e.g. a hinge loss on easy batches, must
   not make every ordinary loss look like an explosion).
 
+Under manual optimisation (GradCache) ``backward`` runs on per-chunk surrogate scalars (``rep · rep.grad``), not
+on the training loss, so the hook does nothing there; such a module calls :func:`check_training_loss` with its
+real loss after computing it and before any backward pass (:class:`~reid_lab.modules.vlm.VLMEmbeddingModule`
+does). Reading the surrogates instead would stop a sound run (a first surrogate of ~1e-6 makes the next one an
+"explosion") or let a real explosion through.
+
 Either raises :class:`TrainingDiverged`, whose message names the global step, the epoch, the loss and its
 logged parts, the learning rate(s) and the last checkpoint written before the divergence. Lightning then
 ends the run (``on_exception``): no checkpoint is written after the divergent step, and ``reid-lab`` exits
@@ -24,7 +30,7 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["DivergenceGuard", "TrainingDiverged"]
+__all__ = ["DivergenceGuard", "TrainingDiverged", "check_training_loss"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -64,6 +70,12 @@ class DivergenceGuard(Callback):
         self.reference = None
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if pl_module.automatic_optimization:
+            self.check(trainer, loss)
+        # manual optimisation: the module reports its loss itself (check_training_loss), see the module docstring
+
+    def check(self, trainer, loss) -> None:
+        """Check one step's training loss; raise :class:`TrainingDiverged` if it is non-finite or exploded."""
         value = float(loss.detach())
         problem = None
         if not math.isfinite(value):
@@ -88,6 +100,14 @@ class DivergenceGuard(Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self._recent = deque(state_dict.get("recent", []), maxlen=self.window)
         self.reference = state_dict.get("reference")
+
+
+def check_training_loss(trainer, loss) -> None:
+    """Give one step's training loss to every :class:`DivergenceGuard` of ``trainer``: for modules with manual
+    optimisation, called after the loss is computed and before any backward pass of the step."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, DivergenceGuard):
+            callback.check(trainer, loss)
 
 
 def _message(trainer, problem: str) -> str:

@@ -27,6 +27,7 @@ from reid_lab.models.vlm import VLMEncoder
 from reid_lab.modules.base import EmbeddingModule, TrainingOutput, check_tokenizer
 from reid_lab.modules.clip import _build
 from reid_lab.modules.grad_cache import grad_cache_backward, slice_batch
+from reid_lab.modules.guards import check_training_loss
 from reid_lab.modules.optim import build_optimizer, per_step_scheduler
 
 
@@ -157,6 +158,7 @@ class VLMEmbeddingModule(EmbeddingModule):
             out = self.losses_of(reps, batch)
             total, parts = self.total_loss(batch, out)
             outputs.update(out=out, parts=parts)
+            check_training_loss(self.trainer, total)  # the guard sees the loss, not the chunks' surrogates
             return total, None
 
         # Under DDP: no all-reduce until the last chunk's backward, which then reduces the accumulated gradients

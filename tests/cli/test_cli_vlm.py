@@ -152,3 +152,65 @@ def test_grad_cache_under_ddp_equals_the_plain_ddp_step(tiny_synthetic, tmp_path
     assert any(float(plain[k].abs().max()) > 0 for k in trained if "lora_B" in k)
     for key in trained:
         torch.testing.assert_close(cached[key], plain[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_pair_precision_at_1_of_two_ranks_equals_one_process(tiny_synthetic, tmp_path, cli_argv, processor, capsys):
+    """MMEB-style pair evaluation under DDP: 2 gloo ranks each score their own contiguous block of the 23 test
+    pairs (6 batches of 4, the last one short) and the hit counts are summed across ranks, so the printed
+    Precision@1 and its query count equal one process's on the same checkpoint. Before the counts were reduced,
+    each rank would have printed the P@1 of its own half."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from reid_lab.data.pairs import synthetic_pairs, write_pairs
+
+    train = write_pairs(synthetic_pairs(tiny_synthetic, num_negatives=1), tmp_path / "train.jsonl")
+    test = write_pairs(synthetic_pairs(tiny_synthetic, num_negatives=4, split="test")[:23], tmp_path / "test.jsonl")
+    args = ["--config", str(REPO / "configs/experiments/synthetic_vlm_pairs.yaml"),
+            f"--data.init_args.train_pairs={train}", f"--data.init_args.test_pairs={test}",
+            f"--data.init_args.image_root={tiny_synthetic}", "--data.init_args.batch_size=6",
+            "--data.init_args.eval_batch_size=4", "--data.init_args.num_workers=0",
+            f"--model.init_args.processor_path={processor}", "--trainer.accelerator=cpu"]
+    fit = run_lightning_cli(["fit", *args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=3",
+                             "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.callbacks=[]",
+                             f"--trainer.default_root_dir={tmp_path}"])
+    ckpt = tmp_path / "trained.ckpt"
+    fit.trainer.save_checkpoint(ckpt)
+    test_args = ["test", *args, "--ckpt_path", str(ckpt), "--trainer.logger=false", "--trainer.callbacks=[]"]
+
+    def p1_line(output: str) -> str:
+        lines = [line for line in output.splitlines() if re.match(r"^\[test[^\]]*\] test: P@1", line)]
+        assert len(lines) == 1, output[-3000:]  # printed once, by rank 0
+        return lines[0]
+
+    capsys.readouterr()
+    run_lightning_cli([*test_args, "--trainer.devices=1"])
+    one = p1_line(capsys.readouterr().out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    done = subprocess.run([sys.executable, "-m", "reid_lab.cli", *test_args, "--trainer.devices=2",
+                           "--trainer.strategy=ddp"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    two = p1_line(done.stdout + done.stderr)
+    assert "over 23 queries, 5 candidates each" in one
+    assert one == two
+
+
+def test_the_divergence_guard_reads_each_grad_cache_step_loss_not_its_chunk_surrogates(tiny_synthetic, tmp_path,
+                                                                                       cli_argv, processor):
+    """GradCache back-propagates one surrogate scalar per chunk (rep · rep.grad); the guard (on by default) must
+    see the step's loss instead: one value per step, equal to the logged train/loss. Reading the surrogates
+    stopped a sound run of synthetic_vlm_pairs.yaml at step 1 (a first surrogate of 9e-7 made the loss of 28
+    look like an explosion)."""
+    from reid_lab.modules.guards import DivergenceGuard
+
+    args = [a for a in _args(tiny_synthetic, tmp_path, processor) if not a.startswith("--trainer.logger")]
+    fit = run_lightning_cli(["fit", *args, "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+                             "--trainer.logger=false", "--trainer.callbacks=[]"])
+    guard = next(c for c in fit.trainer.callbacks if isinstance(c, DivergenceGuard))
+    assert fit.trainer.global_step == 3
+    assert len(guard._recent) == 3  # 3 steps x 3 chunks of 3 (batch 8): surrogates would have filled the window of 5
+    assert guard._recent[-1] == pytest.approx(float(fit.trainer.callback_metrics["train/loss"]), rel=1e-6)
+    assert all(v > 1.0 for v in guard._recent)  # InfoNCE over 8 candidates starts near ln 8 = 2.08
