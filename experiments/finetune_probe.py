@@ -9,7 +9,7 @@ Used to diagnose why an ImageNet backbone fine-tunes slowly (README, "Results of
     python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --lr 1e-4 --frozen-bn --steps 40
 
 Batches of 8 identities x 4 images at 96 x 48 (padding 6), CE (label smoothing 0.1) + triplet (margin 0.3),
-Adam with weight decay 5e-4 at a constant learning rate, seed 0.
+Adam (or SGD with momentum 0.9, ``--optimizer sgd``) with weight decay 5e-4 at a constant learning rate, seed 0.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--frozen-bn", action="store_true", help="backbone BatchNorm in eval mode (ImageNet stats)")
+    parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: momentum 0.9")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     dm = ReIDDataModule(dataset="synthetic", root=args.root, image_size=[96, 48], padding=6, batch_size=32,
@@ -56,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     dm.setup("test")
     module = ReIDModule(backbone=args.backbone, pretrained="imagenet", last_stride=1, num_classes=dm.num_classes,
                         losses=[{"name": "ce", "epsilon": 0.1}, {"name": "triplet", "margin": 0.3}])
-    optimizer = torch.optim.Adam(module.parameters(), lr=args.lr, weight_decay=5e-4)
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(module.parameters(), lr=args.lr, weight_decay=5e-4)
+    else:
+        optimizer = torch.optim.SGD(module.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
 
     def train_mode() -> None:
         module.train()
