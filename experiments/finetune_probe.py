@@ -7,6 +7,8 @@ Used to diagnose why an ImageNet backbone fine-tunes slowly (README, "Results of
     python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --lr 1e-3 --steps 80
     python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --lr 0 --steps 40          # BN statistics only
     python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --lr 1e-4 --frozen-bn --steps 40
+    python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --steps 80 --no-last-activation
+    python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --steps 80 --optimizer sgd --lr 0.03 --precise-bn 40
 
 Batches of 8 identities x 4 images at 96 x 48 (padding 6), CE (label smoothing 0.1) + triplet (margin 0.3),
 Adam (or SGD with momentum 0.9, ``--optimizer sgd``) with weight decay 5e-4 at a constant learning rate, seed 0.
@@ -15,6 +17,7 @@ Adam (or SGD with momentum 0.9, ``--optimizer sgd``) with weight decay 5e-4 at a
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -40,6 +43,23 @@ def evaluate(module: ReIDModule, datamodule: ReIDDataModule) -> tuple[float, flo
     return round(100 * float(result.cmc[0]), 1), round(100 * float(result.mAP), 1)
 
 
+def precise_bn(module: ReIDModule, datamodule: ReIDDataModule, batches: int) -> ReIDModule:
+    """A copy of ``module`` whose BatchNorm running statistics are the plain average over ``batches`` training
+    batches at the current weights (fast-reid's PreciseBN), instead of the exponential average of the run."""
+    clone = copy.deepcopy(module)
+    norms = [m for m in clone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    clone.train()
+    with torch.no_grad():
+        for i, batch in enumerate(datamodule.train_dataloader()):
+            if i == batches:
+                break
+            clone.model(batch["image"])
+    return clone
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backbone")
@@ -49,13 +69,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--frozen-bn", action="store_true", help="backbone BatchNorm in eval mode (ImageNet stats)")
     parser.add_argument("--optimizer", choices=("adam", "sgd"), default="adam", help="sgd: momentum 0.9")
+    parser.add_argument("--precise-bn", type=int, default=0, metavar="N",
+                        help="also evaluate with BatchNorm statistics re-estimated over N training batches")
+    parser.add_argument("--no-last-activation", action="store_true",
+                        help="pool the backbone's map before its last activation (last_activation=False)")
+    parser.add_argument("--last-stride", type=int, choices=(1, 2), default=1)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     dm = ReIDDataModule(dataset="synthetic", root=args.root, image_size=[96, 48], padding=6, batch_size=32,
                         num_workers=0)
     dm.setup("fit")
     dm.setup("test")
-    module = ReIDModule(backbone=args.backbone, pretrained="imagenet", last_stride=1, num_classes=dm.num_classes,
+    module = ReIDModule(backbone=args.backbone, pretrained="imagenet", last_stride=args.last_stride,
+                        num_classes=dm.num_classes, last_activation=not args.no_last_activation,
                         losses=[{"name": "ce", "epsilon": 0.1}, {"name": "triplet", "margin": 0.3}])
     if args.optimizer == "adam":
         optimizer = torch.optim.Adam(module.parameters(), lr=args.lr, weight_decay=5e-4)
@@ -87,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"step {step}: {parts} ({time.time() - start:.0f} s)", flush=True)
         if step % args.eval_every == 0 or step == args.steps:
             print(f"{args.backbone} step {step}: R1 / mAP {evaluate(module, dm)}", flush=True)
+            if args.precise_bn:
+                print(f"  with precise BatchNorm ({args.precise_bn} batches): R1 / mAP "
+                      f"{evaluate(precise_bn(module, dm, args.precise_bn), dm)}", flush=True)
             train_mode()
     return 0
 

@@ -36,6 +36,8 @@ class ReIDModel(Encoder):
             Like ``weights`` it only matters before a checkpoint's state dict is loaded, so a checkpoint never
             needs the package to rebuild; :attr:`pretrained_source` says what the weights started from.
         timm_kwargs: extra ``timm.create_model`` arguments for ``"timm:<name>"`` backbones.
+        last_activation: False: pooled features before the backbone's last activation (``mobilenet_v2``, timm's
+            EfficientNet / MobileNet family; :func:`reid_lab.models.build_backbone`).
         input_norm: ``{"mean": [r, g, b], "std": [r, g, b]}`` the backbone's weights expect. Images arrive
             normalised with the ImageNet mean / std (:mod:`reid_lab.data.transforms`) and are re-normalised
             to this before the backbone. ``None``: as they arrive, or, with ``pretrained``, what the weights'
@@ -66,10 +68,12 @@ class ReIDModel(Encoder):
         timm_kwargs: Mapping[str, Any] | None = None,
         pretrained: str | None = None,
         input_norm: Mapping[str, Sequence[float]] | None = None,
+        last_activation: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(
-            backbone, last_stride=last_stride, weights=weights, pretrained=pretrained, timm_kwargs=timm_kwargs
+            backbone, last_stride=last_stride, weights=weights, pretrained=pretrained, timm_kwargs=timm_kwargs,
+            last_activation=last_activation,
         )
         self.pretrained_source: str | None = self.backbone.pretrained_source
         if input_norm is None and pretrained is not None:
@@ -79,7 +83,7 @@ class ReIDModel(Encoder):
             backbone=backbone, num_classes=num_classes, last_stride=last_stride, pooling=pooling,
             embedding_dim=embedding_dim, neck_feat=neck_feat, weights=None if weights is None else str(weights),
             timm_kwargs=None if timm_kwargs is None else dict(timm_kwargs),
-            pretrained=pretrained, input_norm=input_norm,
+            pretrained=pretrained, input_norm=input_norm, last_activation=bool(last_activation),
         )
         self.renormalize = input_norm is not None and (
             tuple(input_norm["mean"]) != IMAGENET_MEAN or tuple(input_norm["std"]) != IMAGENET_STD

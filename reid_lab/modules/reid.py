@@ -31,6 +31,8 @@ class ReIDModule(EmbeddingModule):
         backbone: backbone name (``resnet18|34|50``, ``resnet50_ibn_a``, ``timm:<name>``).
         num_classes: training identities (linked from the data module by the CLI).
         last_stride: stride of the last backbone stage (1 doubles the final feature map, BoT).
+        last_activation: False: pool the backbone's map before its last activation (``mobilenet_v2``, timm's
+            EfficientNet / MobileNet family), so no channel starts dead (README, "Results of the demo").
         pooling: ``avg``, ``max``, ``gem`` or ``avgmax``.
         embedding_dim: optional linear reduction of the pooled feature before the BNNeck.
         neck_feat: test embedding taken ``before`` or ``after`` the BNNeck BatchNorm.
@@ -69,6 +71,7 @@ class ReIDModule(EmbeddingModule):
         weights: str | None = None,
         timm_kwargs: dict[str, Any] | None = None,
         pretrained: str | None = None,
+        last_activation: bool = True,
         losses: list[dict[str, Any]] | None = None,
         optimizer: str = "adam",
         lr: float = 3.5e-4,
@@ -101,6 +104,7 @@ class ReIDModule(EmbeddingModule):
             weights=weights,
             timm_kwargs=timm_kwargs,
             pretrained=pretrained,
+            last_activation=last_activation,
         )
         super().__init__(encoder, distance=distance, flip_test=flip_test, max_rank=max_rank,
                          space_label=space_label, upgrade=upgrade)

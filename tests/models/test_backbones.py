@@ -194,3 +194,34 @@ def test_random_init_starts_every_residual_block_as_identity(name):
     x = torch.randn(1, block.conv1.in_channels, 8, 4).abs()
     with torch.no_grad():
         torch.testing.assert_close(block(x), torch.relu(x))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "timm:efficientnet_lite0", "timm:tf_efficientnet_lite0"])
+def test_without_the_last_activation_the_map_is_the_pre_relu6_one(name: str) -> None:
+    # Same weights (the state dicts have the same keys), eval mode: the ReLU6 of the full backbone applied to
+    # the map without it must give the full backbone's map back, and the map must hold negative values (the
+    # activation is really gone, not moved).
+    full = build_backbone(name, last_stride=1).eval()
+    pre = build_backbone(name, last_stride=1, last_activation=False).eval()
+    for bn in [m for m in full.modules() if isinstance(m, nn.BatchNorm2d)]:
+        bn.running_mean.normal_(0, 0.5)  # non-trivial statistics, so the last BatchNorm shifts both signs
+    pre.load_state_dict(full.state_dict(), strict=True)
+    images = torch.randn(*IMAGES)
+    with torch.no_grad():
+        pre_map, full_map = pre(images), full(images)
+    assert pre_map.shape == full_map.shape
+    assert (pre_map < 0).float().mean() > 0.1
+    torch.testing.assert_close(F.relu6(pre_map), full_map)
+
+
+@pytest.mark.parametrize(
+    ("name", "timm_kwargs", "match"),
+    [
+        ("resnet18", None, "not supported for 'resnet18': a ResNet's last ReLU"),
+        ("timm:resnet18", None, "not supported for timm model 'resnet18'.*bn2.act"),
+        ("timm:vit_tiny_patch16_224", {"img_size": (64, 32)}, "not supported for timm model 'vit_tiny"),
+    ],
+)
+def test_last_activation_off_is_refused_where_there_is_no_final_activation_to_drop(name, timm_kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        build_backbone(name, last_activation=False, timm_kwargs=timm_kwargs)

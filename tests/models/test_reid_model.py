@@ -107,3 +107,24 @@ def test_mobile_backbones_at_reid_sizes(backbone: str, size: tuple[int, int], la
     model.eval()
     with torch.no_grad():
         assert model.encode({"image": x})["image"].shape == (2, 1280)
+
+
+def test_last_activation_off_survives_a_rebuild_from_the_spec() -> None:
+    # Checkpoints rebuild encoders from their spec: if `last_activation` were not recorded, the rebuilt model
+    # would clip the embedding's pre-activation features with ReLU6 and give different embeddings.
+    from reid_lab.embedding.encoder import build_encoder
+
+    model = ReIDModel("mobilenet_v2", num_classes=3, last_activation=False).eval()
+    for bn in [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]:
+        bn.running_mean.normal_(0, 0.5)
+    spec = model.spec()
+    assert spec["init_args"]["last_activation"] is False
+    rebuilt = build_encoder(spec).eval()
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    x = images()
+    with torch.no_grad():
+        expected = model(x)["features"]
+        torch.testing.assert_close(rebuilt(x)["features"], expected)
+        clipped = ReIDModel("mobilenet_v2", num_classes=3).eval()
+        clipped.load_state_dict(model.state_dict(), strict=True)
+        assert not torch.allclose(clipped(x)["features"], expected)
