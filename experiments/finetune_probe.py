@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,6 +43,17 @@ def evaluate(module: ReIDModule, datamodule: ReIDDataModule) -> tuple[float, flo
     f, p, c, q = torch.cat(feats), torch.cat(pids), torch.cat(camids), torch.cat(is_query).bool()
     result = evaluate_rank(1 - f[q] @ f[~q].T, p[q], p[~q], c[q], c[~q])
     return round(100 * float(result.cmc[0]), 1), round(100 * float(result.mAP), 1)
+
+
+def zero_fraction(module: ReIDModule, images: torch.Tensor) -> float:
+    """Fraction of exact zeros in the backbone's output map (eval mode): the share of ReLU6 outputs that pass
+    no gradient."""
+    module.eval()
+    x = images
+    if module.model.renormalize:
+        x = x * module.model._renorm_scale + module.model._renorm_shift
+    with torch.no_grad():
+        return float((module.model.backbone(x) == 0).float().mean())
 
 
 def precise_bn(module: ReIDModule, datamodule: ReIDDataModule, batches: int) -> ReIDModule:
@@ -95,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 if isinstance(m, nn.BatchNorm2d):
                     m.eval()
 
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()  # the training batches stay as they were
+    first = next(iter(dm.train_dataloader()))["image"]
+    torch.set_rng_state(rng[0]), random.setstate(rng[1]), np.random.set_state(rng[2])
+    print(f"{args.backbone}: {zero_fraction(module, first):.0%} of the backbone map's values are 0", flush=True)
     print(f"{args.backbone} step 0: R1 / mAP {evaluate(module, dm)}", flush=True)
     train_mode()
     batches, start = iter(dm.train_dataloader()), time.time()
