@@ -403,6 +403,9 @@ def build_backbone(
             times faster (README, "Results of the demo"). No weight changes, so pretrained files load as they
             are. ResNets (whose last ReLU sits inside the residual block) raise ``ValueError``.
 
+    Returns:
+        A :class:`Backbone`.
+
     Example:
         >>> bb = build_backbone("resnet18", last_stride=1)
         >>> bb(torch.zeros(2, 3, 64, 32)).shape
