@@ -8,11 +8,22 @@ Examples::
 
 ``build`` indexes the gallery rows of a feature file (``--split all`` for every row); ``search`` searches
 with its query rows (``--split all`` for every row), refusing a gallery of another embedding space unless a
-verified compatibility claim allows it or ``--allow-unverified`` is given. With ``--exact FILE`` (the feature
-file the index was built from) ``search`` also runs exact brute-force search (chunked torch matrix multiply)
-and reports the index's neighbour overlap with it (``overlap@1`` / ``overlap@k``: the share of the exact top-k
-neighbours that the index returns, what ANN benchmarks call recall; not the retrieval R@k) and the queries/s of
-both. Bad input ends with a one-line error and exit code 2.
+verified compatibility claim allows it or ``--allow-unverified`` is given.
+
+``search`` reports R1, R@k, P@k and mAP@k under the protocol of the data, named in the table's header: when
+the feature files carry camids (ReID protocol) the hits with the query's pid and camera are junk, dropped
+before ranking as ``reid_lab.metrics.evaluate_rank`` does; without camids (cross-modal protocol) nothing is
+dropped. With ``--k`` = the gallery size R1 and mAP@k are ``evaluate_rank``'s R1 and mAP; with a smaller ``--k``
+mAP@k is the truncated AP of the top-k list (``reid_lab.metrics.topk``). Queries without a positive in the
+gallery are skipped; when none has one (a gallery of one identity under the ReID protocol) the metrics are
+undefined and ``search`` says so and exits 2.
+
+With ``--exact FILE`` (the feature file the index was built from, checked against the items, ids, space and,
+for flat / hnsw indexes, vectors that the index recorded) ``search`` also runs exact brute-force search (chunked
+torch matrix multiply) and reports the index's neighbour overlap with it (``overlap@1`` / ``overlap@k``: the
+share of the exact top-k neighbours that the index returns, what ANN benchmarks call recall; not the retrieval
+R@k) and the queries/s of both. Bad input (also a feature file with NaN or infinite rows) ends with a one-line
+error and exit code 2, before anything is written.
 """
 
 from __future__ import annotations
@@ -27,7 +38,12 @@ import torch
 from reid_lab.embedding.features import FeatureSet
 from reid_lab.embedding.space import IncompatibleSpacesError
 from reid_lab.retrieval.index import DEVICES, KINDS, GalleryIndex, l2_normalize, torch_search
-from reid_lab.retrieval.search import neighbour_overlap_at_k, search_features
+from reid_lab.retrieval.search import (
+    PROTOCOL_DESCRIPTIONS,
+    SearchResult,
+    neighbour_overlap_at_k,
+    search_features,
+)
 
 PROG = "reid-lab index"
 
@@ -102,6 +118,10 @@ def _load_features(path: Path, split: str) -> FeatureSet:
         raise UsageError(f"{path} is not a reid_lab feature file ({type(err).__name__}: {err})") from err
     if features.features.ndim != 2:
         raise UsageError(f"{path}: features must be a (N, D) matrix, got shape {tuple(features.features.shape)}")
+    bad = torch.nonzero(~torch.isfinite(features.features).all(dim=1)).flatten()
+    if len(bad):
+        raise UsageError(f"{path} holds NaN or infinite features in {len(bad)} of {len(features.features)} rows "
+                         f"(first: row {int(bad[0])}, {features.items[int(bad[0])]!r}); every row must be finite")
     if split == "all":
         return features
     query, gallery = features.split()
@@ -143,29 +163,47 @@ def _search(args: argparse.Namespace) -> int:
         raise UsageError(f"--k {args.k} must be between 1 and the gallery size {index.ntotal} of {args.index}")
     if args.nprobe is not None or args.ef_search is not None:
         index.set_search_params(nprobe=args.nprobe, ef_search=args.ef_search)
+    gallery = _exact_source(args, index) if args.exact is not None else None
     start = time.perf_counter()
     try:
         result = search_features(index, queries, args.k, allow_unverified=args.allow_unverified)
     except IncompatibleSpacesError as err:
         raise UsageError(f"queries {args.queries} vs index {args.index}: {err} "
                          "(on the command line: --allow-unverified)") from err
+    except ValueError as err:
+        raise UsageError(f"queries {args.queries} vs index {args.index}: {err}") from err
     seconds = time.perf_counter() - start
     metrics = result.metrics()
-    if args.exact is not None:
-        metrics = {**_exact_comparison(args, index, queries, result.ids, seconds), **metrics}
+    if metrics.get("num_valid_queries", 1.0) == 0:
+        raise UsageError(_no_valid_query(args, index, result))
+    if gallery is not None:
+        metrics = {**_exact_comparison(args, queries, gallery, result.ids, seconds), **metrics}
     result.save(args.out)
-    _print_summary(args, index, len(queries.paths), seconds, metrics)
+    _print_summary(args, index, result, seconds, metrics)
     return 0
 
 
-def _exact_comparison(args: argparse.Namespace, index: GalleryIndex, queries: FeatureSet, ids: torch.Tensor,
+def _no_valid_query(args: argparse.Namespace, index: GalleryIndex, result: SearchResult) -> str:
+    identities = len(torch.unique(index.pids[index.pids >= 0]))
+    positive = "an item of its pid from another camera" if result.protocol == "reid" else "an item of its pid"
+    return (f"no valid query: none of the {len(result.ids)} queries of {args.queries} has a positive in the "
+            f"gallery of {args.index} ({positive}; the gallery holds {identities} "
+            f"identit{'y' if identities == 1 else 'ies'}), so R1 and mAP are undefined; nothing written")
+
+
+def _exact_source(args: argparse.Namespace, index: GalleryIndex) -> FeatureSet:
+    """The ``--exact`` rows, refused unless they are the rows the index was built from."""
+    gallery = _load_features(args.exact, args.exact_split)
+    mismatch = index.source_mismatch(gallery)
+    if mismatch is not None:
+        raise UsageError(f"--exact {args.exact} ({args.exact_split} rows) is not the file the index {args.index} "
+                         f"was built from: {mismatch}; pass the file and --exact-split it was built from")
+    return gallery
+
+
+def _exact_comparison(args: argparse.Namespace, queries: FeatureSet, gallery: FeatureSet, ids: torch.Tensor,
                       seconds: float) -> dict[str, float]:
     """Exact top-k of the queries over the ``--exact`` rows; the index's neighbour overlap with it and the speeds."""
-    gallery = _load_features(args.exact, args.exact_split)
-    if tuple(gallery.features.shape) != (index.ntotal, index.dim):
-        raise UsageError(f"--exact {args.exact} ({args.exact_split} rows) holds {tuple(gallery.features.shape)} "
-                         f"features but the index {args.index} holds ({index.ntotal}, {index.dim}); pass the "
-                         "file and --exact-split it was built from")
     q, g = l2_normalize(queries.features), l2_normalize(gallery.features)
     start = time.perf_counter()
     _, exact = torch_search(q, g, args.k)
@@ -179,17 +217,32 @@ def _exact_comparison(args: argparse.Namespace, index: GalleryIndex, queries: Fe
     }
 
 
+def _cutoff_note(k: int, num_gallery: int, result: SearchResult) -> str:
+    """What R1 and mAP@k mean at this ``k``; names the queries whose whole top-k list was junk."""
+    if k >= num_gallery:
+        return f"k = gallery size: R1 and mAP@{k} are evaluate_rank's R1 and mAP."
+    note = (f"k < gallery size {num_gallery}: metrics of the top-{k} list after junk removal; mAP@{k} is the "
+            f"truncated AP@{k} (Google Landmarks v2), not evaluate_rank's mAP (that needs --k {num_gallery}).")
+    if result.num_positives is not None:
+        all_junk = int((result.junk().all(dim=1) & (result.num_positives > 0)).sum())
+        if all_junk:
+            note += f" {all_junk} queries had only junk in their top {k} and count as R1 misses; raise --k."
+    return note
+
+
 def _params(index: GalleryIndex) -> str:
     shown = {k: v for k, v in index.params.items() if k not in ("train_size", "device")}
     return "(" + ", ".join(f"{k}={v}" for k, v in shown.items()) + ")" if shown else ""
 
 
-def _print_summary(args: argparse.Namespace, index: GalleryIndex, num_query: int, seconds: float,
+def _print_summary(args: argparse.Namespace, index: GalleryIndex, result: SearchResult, seconds: float,
                    metrics: dict[str, float]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{num_query} queries x {index.ntotal} gallery, {index.kind} index")
+    num_query = len(result.ids)
+    protocol = "ReID protocol" if result.protocol == "reid" else "cross-modal protocol"
+    table = Table(title=f"{num_query} queries x {index.ntotal} gallery, {index.kind} index, {protocol}")
     for column in ("queries/s", *metrics):
         table.add_column(column, justify="right")
     row = [f"{num_query / max(seconds, 1e-9):,.0f}"]
@@ -205,6 +258,9 @@ def _print_summary(args: argparse.Namespace, index: GalleryIndex, num_query: int
     table.add_row(*row)
     console = Console(width=200)
     console.print(table)
+    console.print(f"{PROTOCOL_DESCRIPTIONS[result.protocol]}.", soft_wrap=True)
+    if "R1" in metrics:
+        console.print(_cutoff_note(args.k, index.ntotal, result), soft_wrap=True)
     if any(key.startswith("overlap@") for key in metrics):
         console.print("overlap@k: neighbour overlap with exact search (share of the exact top-k the index returns), "
                       "not the retrieval R@k")

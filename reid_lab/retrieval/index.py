@@ -2,7 +2,9 @@
 
 A :class:`GalleryIndex` keeps a faiss index whose inner product is the cosine similarity (every vector is
 L2-normalised on the way in) together with what a search result needs to be read: the gallery pids,
-camids, image paths and the embedding-space record (``reid_lab.embedding.space``). Kinds:
+camids (and whether they are known: they decide the evaluation protocol of a search), image paths and the
+embedding-space record (``reid_lab.embedding.space``). :meth:`GalleryIndex.source_mismatch` tells whether a
+feature file is the one the index was built from. Kinds:
 
 - ``"flat"``: ``IndexFlatIP``, exact.
 - ``"ivf"``: ``IndexIVFFlat`` with ``nlist`` k-means cells trained on a sample; ``nprobe`` cells are
@@ -153,10 +155,13 @@ class GalleryIndex:
         pids: ``(ntotal,)`` int64 gallery pids (``-1`` when unknown).
         camids: ``(ntotal,)`` int64 gallery camids (``-1`` when unknown).
         paths: ``ntotal`` image paths (``""`` when unknown).
+        has_camids: whether every item's camid is known (the features carried camids); ``None`` infers it
+            from ``camids`` (all ``>= 0``), for index folders written before it was recorded.
     """
 
     def __init__(self, index: faiss.Index, kind: str, params: dict[str, Any], space: dict[str, Any] | None = None,
-                 pids: Tensor | None = None, camids: Tensor | None = None, paths: list[str] | None = None) -> None:
+                 pids: Tensor | None = None, camids: Tensor | None = None, paths: list[str] | None = None,
+                 has_camids: bool | None = None) -> None:
         if kind not in KINDS:
             raise ValueError(f"index kind must be one of {KINDS}, got {kind!r}")
         self.index = index
@@ -166,6 +171,7 @@ class GalleryIndex:
         self.pids = torch.empty(0, dtype=torch.long) if pids is None else pids.long().cpu()
         self.camids = torch.empty(0, dtype=torch.long) if camids is None else camids.long().cpu()
         self.paths = [] if paths is None else list(paths)
+        self.has_camids = bool((self.camids >= 0).all()) if has_camids is None else bool(has_camids)
         if not len(self.pids) == len(self.camids) == len(self.paths) == self.index.ntotal:
             raise ValueError(f"index holds {self.index.ntotal} vectors but {len(self.pids)} pids, "
                              f"{len(self.camids)} camids and {len(self.paths)} paths")
@@ -237,6 +243,9 @@ class GalleryIndex:
             raise ValueError(f"cannot add vectors of dim {x.shape[1]} to an index of dim {self.dim}")
         if fs is not None:
             pids, camids, paths = fs.pids, fs.camids, fs.paths
+        # Items without camids make the whole gallery's cameras unknown: a search then cannot drop
+        # same-camera junk (ReID protocol) and falls back to the cross-modal protocol.
+        has_camids = camids is not None
         pids = torch.full((n,), -1, dtype=torch.long) if pids is None else torch.as_tensor(pids).long()
         camids = torch.full((n,), -1, dtype=torch.long) if camids is None else torch.as_tensor(camids).long()
         paths = [""] * n if paths is None else list(paths)
@@ -247,6 +256,7 @@ class GalleryIndex:
         self.pids = torch.cat([self.pids, pids.cpu()])
         self.camids = torch.cat([self.camids, camids.cpu()])
         self.paths.extend(paths)
+        self.has_camids = self.has_camids and has_camids
 
     # ------------------------------------------------------------------ searching
     @property
@@ -313,6 +323,50 @@ class GalleryIndex:
         scores[ids < 0] = float("-inf")
         return scores, ids
 
+    def source_mismatch(self, features: FeatureSet, *, sample: int = 1024) -> str | None:
+        """How ``features`` differs from what this index was built from, or ``None`` when nothing tells them apart.
+
+        Compared: the embedding-space id, the shape, row by row the items (paths), pids and camids the index
+        recorded, and, for kinds that store the vectors themselves (``flat``, ``hnsw`` on CPU), up to ``sample``
+        evenly spread rows of the normalised vectors. Row ``i`` of an exact search over ``features`` must be
+        gallery item ``i`` of the index for the two searches to be comparable.
+
+        Args:
+            features: the candidate source, ``(ntotal, dim)`` rows in index order.
+            sample: rows whose vectors are compared (the index's copy is reconstructed row by row).
+
+        Returns:
+            A sentence naming the first difference, or ``None``.
+        """
+        space_id = features.space.get("space_id")
+        if space_id != self.space.get("space_id"):
+            return f"its embedding space is {space_id!r}, the index's is {self.space.get('space_id')!r}"
+        if tuple(features.features.shape) != (self.ntotal, self.dim):
+            return (f"it holds {tuple(features.features.shape)} features, the index ({self.ntotal}, {self.dim})")
+        paths = features.items
+        if len(paths) == self.ntotal and any(self.paths) and paths != self.paths:
+            row = next(i for i, (a, b) in enumerate(zip(paths, self.paths)) if a != b)
+            return f"its row {row} is {paths[row]!r}, the index's row {row} is {self.paths[row]!r}"
+        if not torch.equal(features.pids.long().cpu(), self.pids):
+            row = int(torch.nonzero(features.pids.long().cpu() != self.pids)[0])
+            return f"its row {row} has pid {int(features.pids[row])}, the index's row {row} pid {int(self.pids[row])}"
+        if (features.camids is not None) != self.has_camids:
+            return ("it carries camids, the index's gallery has none" if features.camids is not None
+                    else "it carries no camids, the index's gallery has them")
+        if features.camids is not None and not torch.equal(features.camids.long().cpu(), self.camids):
+            row = int(torch.nonzero(features.camids.long().cpu() != self.camids)[0])
+            return (f"its row {row} has camid {int(features.camids[row])}, the index's row {row} camid "
+                    f"{int(self.camids[row])}")
+        if self.kind in ("flat", "hnsw") and self.params.get("device") != "gpu":
+            rows = torch.linspace(0, self.ntotal - 1, min(sample, self.ntotal)).round().long().unique()
+            stored = torch.from_numpy(np.stack([self.index.reconstruct(int(i)) for i in rows.tolist()]))
+            given = l2_normalize(features.features[rows].cpu())
+            far = (stored - given).abs().amax(dim=1) > 1e-4  # float32 normalisation, not another vector
+            if bool(far.any()):
+                row = int(rows[far][0])
+                return f"its row {row} holds another vector than the index's row {row}"
+        return None
+
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> Path:
         """Write ``index.faiss`` and ``meta.pt`` into ``directory``, atomically.
@@ -346,6 +400,7 @@ class GalleryIndex:
                 "space": dict(self.space),
                 "pids": self.pids.clone(),
                 "camids": self.camids.clone(),
+                "has_camids": self.has_camids,
                 "paths": list(self.paths),
             }
             torch.save(meta, tmp / META_FILE)
@@ -396,7 +451,8 @@ class GalleryIndex:
         if gpu:
             index = _to_gpu(index)
         params["device"] = "gpu" if gpu else "cpu"
-        out = cls(index, meta["kind"], params, meta["space"], meta["pids"], meta["camids"], meta["paths"])
+        out = cls(index, meta["kind"], params, meta["space"], meta["pids"], meta["camids"], meta["paths"],
+                  meta.get("has_camids"))
         out._apply_search_params()
         return out
 
