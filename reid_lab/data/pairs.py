@@ -10,7 +10,8 @@ One JSON object per line::
 Each side is an *item*: an ``instruction`` (may be empty) and a ``text``, an ``image`` (a path relative to the
 pairs file's ``image_root``, default its folder) or both, as MMEB mixes them (e.g. an image with a question).
 ``negatives`` (optional) are hard negatives of the target's kind; ``pid`` (optional) names the identity the pair
-is about. :func:`load_pairs` checks every record and names the file, line and key of anything malformed.
+is about. :func:`load_pairs` checks every record and names the file, line and key of anything malformed; an
+image path may not leave ``image_root`` (a pairs file is data: it never reaches outside its root).
 
 :func:`synthetic_pairs` turns the built-in synthetic ReID set into such pairs: caption → person (text-to-person
 search), person → person (ReID: another camera's image of the same identity) and person → caption, each with its
@@ -19,11 +20,15 @@ own instruction, hard negatives drawn from other identities.
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from reid_lab.data.paths import confined_path
 
 PAIR_KINDS = ("caption2person", "person2person", "person2caption")
 INSTRUCTIONS = {
@@ -63,62 +68,118 @@ class PairFormatError(ValueError):
     """A pairs file that does not follow the format (the message names file, line and key)."""
 
 
+ITEM_KEYS = ("instruction", "text", "image")
+PAIR_KEYS = ("query", "target", "negatives", "pid")
+
+
 def _item(value, where: str, image_root: Path, check_files: bool) -> Item:
+    expected = "an object with an optional 'instruction' string and a 'text' string, an 'image' path or both"
     if not isinstance(value, dict):
-        raise PairFormatError(f"{where}: expected an object with 'instruction' and 'text' and / or 'image', "
-                              f"got {type(value).__name__}")
-    unknown = sorted(set(value) - {"instruction", "text", "image"})
+        raise PairFormatError(f"{where}: expected {expected}, got {_json_type(value)}")
+    unknown = sorted(set(value) - set(ITEM_KEYS))
     if unknown:
-        raise PairFormatError(f"{where}: unknown key(s) {unknown}; an item has instruction, text, image")
+        raise PairFormatError(f"{where}: unknown key(s) {unknown}; an item has {', '.join(ITEM_KEYS)}")
+    # A key that is present must hold a string: null is not "absent", it is a malformed file.
+    for key in ITEM_KEYS:
+        if key in value and not isinstance(value[key], str):
+            raise PairFormatError(f"{where}.{key}: expected a string, got {_json_type(value[key])}")
     text, image, instruction = value.get("text"), value.get("image"), value.get("instruction", "")
     if text is None and image is None:
-        raise PairFormatError(f"{where}: an item needs 'text', 'image' or both")
-    for key, v in (("text", text), ("image", image), ("instruction", instruction)):
-        if v is not None and not isinstance(v, str):
-            raise PairFormatError(f"{where}.{key}: expected a string, got {type(v).__name__}")
+        raise PairFormatError(f"{where}: an item needs 'text', 'image' or both; expected {expected}")
     if text is not None and not text.strip():
         raise PairFormatError(f"{where}.text: empty text")
     if image is not None:
-        path = image_root / image
-        if check_files and not path.is_file():
+        if not image.strip():
+            raise PairFormatError(f"{where}.image: empty path")
+        path = confined_path(image_root, image, f"{where}.image", PairFormatError)
+        if check_files and not os.path.isfile(path):
             raise PairFormatError(f"{where}.image: {path} does not exist")
-        image = str(path)
+        image = path
     return Item(instruction=instruction, text=text, image=image)
+
+
+def _json_type(value) -> str:
+    """The JSON name of ``value``'s type, for messages (``true`` is a boolean, not an integer)."""
+    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array", dict: "object"}
+    if value is None:
+        return "null"
+    return f"{names.get(type(value), type(value).__name__)} {json.dumps(value)[:40]}"
+
+
+def _unique_keys(where: str):
+    """A ``json`` ``object_pairs_hook`` refusing duplicate keys (``json`` keeps the last one silently)."""
+
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        keys = [key for key, _ in pairs]
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise PairFormatError(f"{where}: duplicate key(s) {repeated} in one object; each key once")
+        return dict(pairs)
+
+    return hook
+
+
+def _parse_line(data: bytes, where: str) -> dict:
+    """Decode one line of a pairs file to its JSON object, every failure named by ``where`` (file:line)."""
+    try:
+        line = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PairFormatError(
+            f"{where}: not UTF-8 text (byte {data[err.start]:#04x} at column {err.start + 1}); "
+            "expected a UTF-8 encoded JSON object per line"
+        ) from None
+    try:
+        raw = json.loads(line, object_pairs_hook=_unique_keys(where))
+    except json.JSONDecodeError as err:
+        raise PairFormatError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit conversion limit
+        if isinstance(err, PairFormatError):
+            raise
+        raise PairFormatError(f"{where}: not valid JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise PairFormatError(f"{where}: expected a JSON object per line, got {_json_type(raw)}")
+    return raw
 
 
 def load_pairs(path: str | Path, image_root: str | Path | None = None, check_files: bool = True) -> list[PairRecord]:
     """Read a pairs file (JSON lines; see the module docstring).
 
+    Every image path must stay inside ``image_root`` (default: the pairs file's folder): an absolute path or a
+    ``..`` that climbs out is refused, so a pairs file can never make a loader read a file outside its root.
+
     Raises:
         FileNotFoundError: the file does not exist.
-        PairFormatError: a malformed line (file, line number and key named), or no pair at all.
+        PairFormatError: a malformed line, named as ``file:line`` plus the key: not UTF-8, not JSON, a
+            duplicate key, a value of the wrong JSON type (``pid`` an integer, not a boolean; ``negatives`` an
+            array; item fields strings), an image outside the root or missing; or no pair at all.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pairs file {path} does not exist")
     root = Path(image_root) if image_root is not None else path.parent
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+    # Split bytes on "\n" only: JSON strings may hold U+2028 and friends, which str.splitlines() breaks on.
+    lines = path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n")
+    for number, data in enumerate(lines, start=1):
+        if not data.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise PairFormatError(f"{where}: not valid JSON ({err.msg})") from err
-        if not isinstance(raw, dict):
-            raise PairFormatError(f"{where}: expected a JSON object per line")
-        unknown = sorted(set(raw) - {"query", "target", "negatives", "pid"})
+        raw = _parse_line(data, where)
+        unknown = sorted(set(raw) - set(PAIR_KEYS))
         missing = [k for k in ("query", "target") if k not in raw]
         if unknown or missing:
             raise PairFormatError(f"{where}: " + (f"unknown key(s) {unknown}" if unknown else f"missing {missing}")
                                   + "; a pair has query, target, optional negatives and pid")
-        negatives = raw.get("negatives") or []
+        negatives = raw.get("negatives", [])
         if not isinstance(negatives, list):
-            raise PairFormatError(f"{where}: negatives must be a list of items")
+            raise PairFormatError(
+                f"{where}: negatives must be an array of items, got {_json_type(negatives)}"
+            )
         pid = raw.get("pid", -1)
-        if not isinstance(pid, int):
-            raise PairFormatError(f"{where}: pid must be an integer, got {pid!r}")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid < -1:
+            raise PairFormatError(
+                f"{where}: pid must be an integer >= 0 (or -1: unknown identity), got {_json_type(pid)}"
+            )
         target = _item(raw["target"], f"{where}: target", root, check_files)
         negs = tuple(_item(n, f"{where}: negatives[{i}]", root, check_files) for i, n in enumerate(negatives))
         for i, n in enumerate(negs):

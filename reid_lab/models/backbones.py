@@ -17,6 +17,8 @@ or ``pretrained="imagenet"`` for the backbones whose weights ship in an installe
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -307,6 +309,33 @@ def _best_prefix(source_keys: list[str], target_keys: set[str]) -> str | None:
     return votes.most_common(1)[0][0] if votes else None
 
 
+def _load_weights_only(path: Path) -> Any:
+    """``torch.load`` a weights file as plain data: tensors and containers, never pickled code.
+
+    A weights file is data: ``weights_only=False`` would run whatever callable its pickle names
+    (``os.system`` included), so a file that needs it is refused with the one-line conversion for a trusted file.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "weights only load failed" not in text.lower():  # not a torch.save file at all (truncated, foreign)
+            first = text.splitlines()[0] if text else type(err).__name__
+            raise ValueError(f"weights file {str(path)!r} is not a readable torch.save file: {first}") from err
+        # Name the refused global only: torch's own advice (allow-listing it) is not ours to repeat.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f"it names {found.group(1)}" if found else "refused by weights_only=True"
+        raise ValueError(
+            f"weights file {str(path)!r} is not plain tensors: loading it would unpickle arbitrary objects "
+            f"({what}), and reid_lab never runs "
+            "code from a data file. If you trust the file, convert it once to a plain state dict: "
+            f"python -c \"import torch; torch.save(torch.load({str(path)!r}, weights_only=False)['state_dict'], "
+            "'plain.pt')\" (index the entry that holds the tensors, or none if the file is one) and pass plain.pt"
+        ) from err
+    except (RuntimeError, OSError, EOFError) as err:  # truncated zip, not a torch file
+        raise ValueError(f"weights file {str(path)!r} is not a readable torch.save file: {err}") from err
+
+
 def load_weights(module: nn.Module, path: str | Path) -> tuple[list[str], list[str]]:
     """Load a local weights file into ``module`` non-strictly.
 
@@ -323,16 +352,13 @@ def load_weights(module: nn.Module, path: str | Path) -> tuple[list[str], list[s
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: no key of the file matches a parameter of ``module``.
+        ValueError: the file is not plain tensors (it would need ``weights_only=False``, i.e. running pickled
+            code: refused), or no key of the file matches a parameter of ``module``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a checkpoint with pickled extras: the user's own file
-        log.warning("weights file %s is not loadable with weights_only=True; loading it fully", path)
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = _load_weights_only(path)
     source = _extract_state_dict(obj, path)
     target = module.state_dict()
     prefix = _best_prefix(list(source), set(target))

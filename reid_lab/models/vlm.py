@@ -117,6 +117,7 @@ class VLMEncoder(Encoder):
             raise ValueError("give exactly one of model_path (a local model folder) or model_cfg (a config)")
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        folder = _model_folder(model_path) if model_path is not None else None  # before the processor found in it
         processor_path = processor_path or model_path
         if processor_path is None:
             raise ValueError("processor_path is needed with model_cfg (make one with `reid-lab vlm-processor`)")
@@ -127,11 +128,11 @@ class VLMEncoder(Encoder):
         self.processor = load_processor(processor_path)
         tokenizer = self.processor.tokenizer
         self.pad_id = int(tokenizer.convert_tokens_to_ids(PAD_TOKEN))
-        if model_path is not None:
-            folder = Path(model_path).expanduser()
-            if not (folder / "config.json").is_file():
-                raise ValueError(f"model_path {folder} holds no config.json (a transformers model folder)")
-            model = AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True)
+        if folder is not None:
+            try:
+                model = AutoModelForImageTextToText.from_pretrained(str(folder), local_files_only=True)
+            except Exception as err:  # noqa: BLE001 - transformers raises many types; none names the folder
+                raise ValueError(f"cannot load the VLM in model_path {folder}: {type(err).__name__}: {err}") from err
         else:
             cfg = _with_processor_ids(typed_options(model_cfg), tokenizer)  # dotted overrides arrive as strings
             if "model_type" not in cfg:
@@ -233,6 +234,32 @@ class VLMEncoder(Encoder):
             raise ValueError("this encoder has no LoRA adapter to save")
         self.model.save_pretrained(str(folder))
         return Path(folder)
+
+
+def _model_folder(model_path: str) -> Path:
+    """``model_path`` as a folder that holds ``config.json`` and readable ``*.safetensors`` weights.
+
+    Checked before anything is loaded, so the error names the model folder or the weights file that is wrong
+    (a missing model folder is otherwise reported as a missing processor folder, the processor's default
+    location; a truncated ``model.safetensors`` as a bare ``SafetensorError`` without a file name).
+    """
+    folder = Path(model_path).expanduser()
+    if not folder.is_dir():
+        raise ValueError(f"VLM model_path {folder} does not exist; expected a local transformers model folder "
+                         "(config.json + *.safetensors)")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model_path {folder} holds no config.json (a transformers model folder)")
+    from safetensors import SafetensorError, safe_open
+
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            # The header (names, dtypes, offsets) is checked against the file's size: truncation shows here.
+            with safe_open(str(weights), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"VLM weights file {weights} is not a readable safetensors file ({err}); "
+                             "it may be truncated: copy it again from its source") from err
+    return folder
 
 
 def _processor_digest(path: str | Path) -> str:

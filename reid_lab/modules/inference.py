@@ -25,6 +25,7 @@ from torch import Tensor
 
 from reid_lab.data.transforms import build_test_transform
 from reid_lab.embedding.checkpoint import read_checkpoint
+from reid_lab.embedding.embedder import string_modality
 from reid_lab.upgrade.old_model import load_embedder as load_checkpoint_embedder
 
 ImageInput = str | Path | Image.Image | Tensor
@@ -110,18 +111,21 @@ class CheckpointEmbedder:
             rows.append(self.embedder({"text": ids})["text"].cpu())
         return self._finish(rows)
 
-    def __call__(self, inputs: Sequence[ImageInput] | Tensor) -> Tensor:
-        """Images, or captions for a text-embedding model: strings that name existing files are images."""
+    def __call__(self, inputs: Sequence[ImageInput] | Tensor, modality: str | None = None) -> Tensor:
+        """Images, or captions for a text-embedding model.
+
+        Strings are images when every one names an existing file, captions when none does and none reads as an
+        image path (``a/typo.jpg`` that does not exist is an error, never a caption); ``modality="image"`` or
+        ``"text"`` says it explicitly (:func:`~reid_lab.embedding.embedder.string_modality`).
+        """
         if isinstance(inputs, (str, Path, Image.Image)):
             inputs = [inputs]
         items = list(inputs) if not isinstance(inputs, Tensor) else inputs
         if isinstance(items, list) and items and all(isinstance(i, str) for i in items):
-            files = [Path(i).is_file() for i in items]
-            if not any(files) and "text" in self.modalities:
+            if string_modality(items, self.modalities, modality) == "text":
                 return self.embed_texts(items)
-            if not all(files):
-                missing = next(i for i, f in zip(items, files) if not f)
-                raise FileNotFoundError(f"image {missing} does not exist (pass captions to embed_texts)")
+        elif modality == "text":
+            raise ValueError("modality='text' needs a list of caption strings")
         return self.embed_images(items)
 
 

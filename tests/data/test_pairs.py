@@ -46,6 +46,17 @@ def test_synthetic_pairs_follow_identities_and_cameras(tiny_synthetic, tmp_path)
     ('{"query": {"text": "a"}, "target": {"text": "b"}, "negatives": [{"image": "x.jpg"}]}', "negatives\\[0\\]"),
     ('{"query": {"text": "a"}, "target": {"text": "b"}, "pid": "7"}', "pid must be an integer"),
     ("not json", "not valid JSON"),
+    # typed checks (issue 23 item 9): JSON's booleans, empty strings, objects and nulls are not what was asked
+    ('{"query": {"text": "a"}, "target": {"text": "b"}, "pid": true}', "pid must be an integer.*boolean true"),
+    ('{"query": {"text": "a"}, "target": {"text": "b"}, "negatives": ""}', "negatives must be an array.*string"),
+    ('{"query": {"text": "a"}, "target": {"text": "b"}, "negatives": {}}', "negatives must be an array.*object"),
+    ('{"query": {"text": "a"}, "target": {"text": "b"}, "negatives": 0}', "negatives must be an array.*integer 0"),
+    ('{"query": {"text": "a", "instruction": null}, "target": {"text": "b"}}', "query.instruction: expected a string, got null"),
+    ('{"query": {"text": "a"}, "target": {"text": "b", "image": null}}', "target.image: expected a string, got null"),
+    ('{"query": {"text": "a"}, "target": {"text": "b"}, "pid": 3, "pid": 4}', "duplicate key\\(s\\) \\['pid'\\]"),
+    ('{"query": {"text": "a", "text": "b"}, "target": {"text": "b"}}', "duplicate key\\(s\\) \\['text'\\]"),
+    ('{"query": {"text": "a"}, "target": {"text": "b"}, "pid": ' + "1" * 5001 + "}", "not valid JSON.*4300 digits"),
+    ('[1, 2]', "expected a JSON object per line, got array"),
 ])
 def test_bad_records_name_file_line_and_key(tmp_path, line, message):
     (tmp_path / "x.jpg").write_bytes(b"")
@@ -53,6 +64,24 @@ def test_bad_records_name_file_line_and_key(tmp_path, line, message):
     path.write_text('{"query": {"text": "ok"}, "target": {"text": "fine"}}\n' + line + "\n")
     with pytest.raises(PairFormatError, match=f"pairs.jsonl:2: .*{message}"):
         load_pairs(path)
+
+
+def test_a_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    good = b'{"query": {"text": "ok"}, "target": {"text": "fine"}}\n'
+    path.write_bytes(good + good + '{"query": {"text": "caf\u00e9"}, "target": {"text": "b"}}\n'.encode("latin-1"))
+    with pytest.raises(PairFormatError, match=r"pairs\.jsonl:3: not UTF-8 text \(byte 0xe9 at column 24\)"):
+        load_pairs(path)
+
+
+def test_lines_split_on_newlines_only(tmp_path):
+    """A caption may hold U+2028 (valid inside a JSON string); a BOM may open the file. Both load."""
+    path = tmp_path / "pairs.jsonl"
+    lines = [{"query": {"text": "line\u2028separator"}, "target": {"text": "b"}}, {"query": {"text": "c"},
+             "target": {"text": "d"}, "pid": 0}]
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(x, ensure_ascii=False) + "\r\n" for x in lines).encode())
+    records = load_pairs(path)
+    assert [r.query.text for r in records] == ["line\u2028separator", "c"] and records[1].pid == 0
 
 
 def test_pair_batches_hold_queries_targets_and_k_negatives(tiny_synthetic, tmp_path):

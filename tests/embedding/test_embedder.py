@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from reid_lab.data.records import ImageRecord
-from reid_lab.embedding.embedder import Embedder
+from reid_lab.embedding.embedder import Embedder, string_modality
 from reid_lab.embedding.extract import embed_batches, extract
 from reid_lab.models.reid_model import ReIDModel
 
@@ -57,3 +57,22 @@ def test_extract_reads_records_with_the_transform(tmp_path, encoder):
     out = extract(Embedder(encoder), records, F.to_tensor, batch_size=2)
     stacked = torch.stack([F.to_tensor(Image.open(r.path).convert("RGB")) for r in records])
     torch.testing.assert_close(out["embedding"], encoder(stacked)["embedding"].detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_strings_that_read_as_missing_image_paths_are_not_embedded_as_captions(tmp_path):
+    image = tmp_path / "a.jpg"
+    image.write_bytes(b"")
+    dual = ("image", "text")
+    with pytest.raises(FileNotFoundError, match=r"image a/typo\.jpg does not exist \(2 of 2 .*modality='text'"):
+        string_modality(["a/typo.jpg", "b/typo.JPG"], dual)
+    with pytest.raises(FileNotFoundError, match="b/typo.jpg"):  # one real file does not vouch for the others
+        string_modality([str(image), "b/typo.jpg"], dual)
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        string_modality(["missing.jpg"], ("image",))
+    assert string_modality([str(image)], dual) == "image"
+    assert string_modality(["a man in a red coat", "a woman with a bag"], dual) == "text"
+    assert string_modality(["a/typo.jpg"], dual, modality="text") == "text"  # explicit: the user's call
+    with pytest.raises(FileNotFoundError, match="a man"):
+        string_modality(["a man in a red coat"], dual, modality="image")
+    with pytest.raises(ValueError, match=r"embeds \['image'\], not 'text'"):
+        string_modality(["a man"], ("image",), modality="text")

@@ -195,3 +195,16 @@ def test_pair_items_embed_like_the_single_modality_paths(encoder):
     torch.testing.assert_close(mixed[0], text[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[1], image[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mixed[2], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_or_truncated_model_is_named_by_its_folder_or_file(processor_dir, tmp_path):
+    # Without processor_path the processor is looked up in model_path: the error must name the model folder.
+    with pytest.raises(ValueError, match=f"VLM model_path {tmp_path / 'nope'} does not exist"):
+        VLMEncoder(model_path=str(tmp_path / "nope"))
+    torch.manual_seed(0)
+    folder = tmp_path / "model"
+    VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir)).base.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=f"VLM weights file {weights} is not a readable safetensors file"):
+        VLMEncoder(model_path=str(folder), processor_path=str(processor_dir))

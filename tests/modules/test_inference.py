@@ -62,5 +62,8 @@ def test_captions_of_a_dual_encoder_use_its_own_tokenizer(tmp_path):
         expected = torch.nn.functional.normalize(module.encoder.encode_text(ids), dim=1)
     torch.testing.assert_close(embed(captions), expected, atol=1e-5, rtol=1e-4)
     assert embed(captions).shape == (2, 64) and embed.modalities == ("image", "text")
+    with pytest.raises(FileNotFoundError, match=r"image a/typo\.jpg does not exist .*modality='text'"):
+        embed(["a/typo.jpg", "b/typo.jpg"])  # typos in image paths are not captions
+    torch.testing.assert_close(embed(["a/typo.jpg"], modality="text"), embed.embed_texts(["a/typo.jpg"]))
     with pytest.raises(ValueError, match="records no data image_size"):
         reid_lab.load_embedder(save_module_checkpoint(module, tmp_path / "bare.ckpt"))

@@ -22,6 +22,7 @@ from pathlib import Path
 from PIL import Image
 
 from reid_lab.data.datasets.layout import scan_files, warn_skipped
+from reid_lab.data.paths import confined_path
 from reid_lab.data.records import DatasetFormatError, ImageRecord, ReIDSplits, relabel
 
 FOLDER_LAYOUT = "root/<identity>/<image files>"
@@ -73,19 +74,21 @@ def scan_identities(root: Path, ignore: Iterable[Path] = ()) -> dict[str, list[s
     return identities
 
 
-def read_cameras_csv(csv_path: Path, image_paths: Iterable[str]) -> dict[str, str]:
+def read_cameras_csv(csv_path: Path, image_paths: Iterable[str], root: str | Path = "") -> dict[str, str]:
     """Read a ``path,camid`` CSV (paths relative to the dataset root) and check it covers every image.
 
     Args:
         csv_path: the CSV file, with a header line ``path,camid``.
         image_paths: the images found on disk, as ``<identity>/<file name>``.
+        root: the dataset folder the CSV's paths are relative to (default: the working directory); a path
+            that is absolute or climbs out of it with ``..`` is refused.
 
     Returns:
         Camera label of each image path.
 
     Raises:
-        DatasetFormatError: a missing header, an empty field, a duplicate, an entry that is not an image of
-            the dataset, or an image without an entry.
+        DatasetFormatError: a missing header, an empty field, a path outside ``root``, a duplicate, an entry
+            that is not an image of the dataset, or an image without an entry.
     """
     cameras: dict[str, str] = {}
     expected = "a header line 'path,camid' then lines like 'alice/0001.jpg,1' (path relative to the root)"
@@ -102,9 +105,12 @@ def read_cameras_csv(csv_path: Path, image_paths: Iterable[str]) -> dict[str, st
                 raise DatasetFormatError(
                     f"folder: {csv_path}, line {reader.line_num}: empty path or camid in {row}; expected {expected}"
                 )
+            where = f"folder: {csv_path}, line {reader.line_num}"
+            # Refused here, not later as "not an image of the dataset": a CSV is data and stays in the root.
+            confined_path(root, path.replace("\\", "/"), where)
             path = posixpath.normpath(path.replace("\\", "/"))
             if path in cameras:
-                raise DatasetFormatError(f"folder: {csv_path}, line {reader.line_num}: duplicate entry {path!r}")
+                raise DatasetFormatError(f"{where}: duplicate entry {path!r}")
             cameras[path] = camera
     image_paths = set(image_paths)
     unknown = sorted(set(cameras) - image_paths)
@@ -251,7 +257,7 @@ def load_folder(
 
     cameras_known = csv_path is not None or camera_regex is not None
     if csv_path is not None:
-        labels = read_cameras_csv(csv_path, image_paths)
+        labels = read_cameras_csv(csv_path, image_paths, root)
     elif camera_regex is not None:
         labels = cameras_from_regex(camera_regex, image_paths)
     if cameras_known:

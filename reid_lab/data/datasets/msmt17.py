@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from reid_lab.data.datasets.layout import resolve_root
+from reid_lab.data.paths import confined_path
 from reid_lab.data.records import DatasetFormatError, ImageRecord, ReIDSplits, relabel
 
 # version -> (train image folder, test image folder)
@@ -64,7 +65,7 @@ def read_msmt17_list(list_path: Path, image_dir: Path) -> list[ImageRecord]:
 
     Raises:
         DatasetFormatError: a malformed line (names the list file and line number), a camera outside
-            01-15, or a listed image missing on disk.
+            01-15, a path that is absolute or climbs out of ``image_dir``, or a listed image missing on disk.
     """
     records = []
     folder_contents: dict[str, set[str]] = {}
@@ -89,9 +90,9 @@ def read_msmt17_list(list_path: Path, image_dir: Path) -> list[ImageRecord]:
                 raise DatasetFormatError(
                     f"{where}: camera {camera} out of range 1..{MSMT17_NUM_CAMERAS} in {line!r}"
                 )
-            path = os.path.join(image_dir, relative_path)
-            sub_folder, _, name = relative_path.rpartition("/")
-            folder = os.path.join(image_dir, sub_folder)
+            # A list file is data: its paths may not leave the image folder (../../etc/passwd, /etc/hostname).
+            path = confined_path(image_dir, relative_path, where)
+            folder, name = os.path.split(path)
             if folder not in folder_contents:
                 try:
                     with os.scandir(folder) as entries:

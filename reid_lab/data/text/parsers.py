@@ -20,6 +20,10 @@ entries for its person images, with ``file_path`` relative to the dataset root (
 Cameras: ICFG-PEDES and RSTPReid images come from MSMT17 and the synthetic set uses Market names, so the camera
 is read from the file name when every name matches the dataset's pattern; otherwise (and for CUHK-PEDES, whose
 images come from five source datasets) ``camid`` is ``None``.
+
+Annotation files are data: every image path must stay inside the image folder (:mod:`reid_lab.data.paths`), an
+image may sit in one split under one id only (a test image listed under ``train`` would leak into training),
+and a repeated entry is dropped with a warning that counts the repeats.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from reid_lab.data.datasets.layout import resolve_root
+from reid_lab.data.paths import confined_path
 from reid_lab.data.records import DatasetFormatError
 from reid_lab.data.text.records import CaptionedImage, TextReIDSplits, relabel_captioned
 
@@ -111,7 +116,10 @@ def load_caption_dataset(fmt: CaptionFormat, root: str | Path, check_files: bool
 
     Raises:
         DatasetFormatError: folder not found, invalid JSON, a malformed entry (the message names the file, the
-            entry's position and image, and the key), an unknown split, an empty caption, missing images.
+            entry's position and image, and the key), an unknown split, an empty caption, an image path that
+            is absolute or climbs out of the image folder, one image in two splits or under two ids (both
+            entries named), missing images. Repeats of an entry (same image, split and id) are dropped with
+            one warning that counts them; new captions they carry are merged into the first entry.
     """
     dataset_dir = resolve_root(root, fmt.name, fmt.folders, fmt.required, hint=fmt.hint)
     annotation_path = dataset_dir / fmt.annotations
@@ -129,11 +137,34 @@ def load_caption_dataset(fmt: CaptionFormat, root: str | Path, check_files: bool
         )
     by_split: dict[str, list[CaptionedImage]] = {split: [] for split in fmt.splits}
     missing: list[str] = []
+    seen: dict[str, tuple[int, str, int]] = {}  # image path -> (entry index, split, position in its split)
+    exact, merged = 0, 0
     for index, entry in enumerate(entries):
         record, split = _parse_entry(fmt, annotation_path, image_dir, index, entry)
+        if record.path in seen:
+            first, first_split, position = seen[record.path]
+            kept = by_split[first_split][position]
+            _check_same_image(
+                fmt, annotation_path, entries, (first, first_split, kept), (index, split, record)
+            )
+            if set(record.captions) <= set(kept.captions):
+                exact += 1
+            else:
+                new = tuple(c for c in record.captions if c not in kept.captions)
+                by_split[split][position] = kept._replace(captions=kept.captions + new)
+                merged += 1
+            continue
         if check_files and not os.path.isfile(record.path):
             missing.append(f"entry {index}: {record.path}")
+        seen[record.path] = (index, split, len(by_split[split]))
         by_split[split].append(record)
+    if exact or merged:
+        # Kept twice, an image would count twice in the gallery and skew every rank metric.
+        logger.warning(
+            "%s: %s: removed %d duplicate entr%s of an image already listed (same split and id)%s",
+            fmt.name, annotation_path, exact + merged, "y" if exact + merged == 1 else "ies",
+            f"; {merged} of them added new captions, merged into the first entry" if merged else "",
+        )
     if missing:
         listing = "\n".join(f"  - {line}" for line in missing[:10])
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
@@ -188,8 +219,39 @@ def _parse_entry(
     for k, caption in enumerate(captions):
         if not isinstance(caption, str) or not caption.strip():
             raise DatasetFormatError(f"{where}: caption {k} is empty or not a string ({caption!r})")
-    path = os.path.abspath(os.path.join(image_dir, rel_path))
+    path = confined_path(image_dir, rel_path, where)
     return CaptionedImage(path, pid, None, tuple(captions)), split
+
+
+def _check_same_image(
+    fmt: CaptionFormat,
+    annotation_path: Path,
+    entries: list,
+    first: tuple[int, str, CaptionedImage],
+    second: tuple[int, str, CaptionedImage],
+) -> None:
+    """Two entries name one image file: an error when they disagree on its split or identity.
+
+    The same image in train and test lets the model train on a test image (the metrics then overstate it);
+    one image under two ids makes one of the labels wrong. Neither has a safe automatic fix.
+    """
+
+    def describe(index: int, split: str, record: CaptionedImage) -> str:
+        key = fmt.path_key
+        return f"entry {index} ({key}={entries[index][key]!r}, split {split!r}, id {record.pid})"
+
+    (i, split_i, record_i), (j, split_j, record_j) = first, second
+    both = (f"{fmt.name}: {annotation_path}: {describe(i, split_i, record_i)} and "
+            f"{describe(j, split_j, record_j)}")
+    if split_i != split_j:
+        raise DatasetFormatError(
+            f"{both} list the same image {record_i.path} in two splits; a test image must not be trained on: "
+            "keep each image in exactly one split"
+        )
+    if record_i.pid != record_j.pid:
+        raise DatasetFormatError(
+            f"{both} give the same image {record_i.path} two identities; expected one id per image"
+        )
 
 
 def _with_cameras(fmt: CaptionFormat, by_split: dict[str, list[CaptionedImage]]) -> dict[str, list[CaptionedImage]]:
