@@ -46,6 +46,7 @@ from reid_lab.studies.stage_keys import code_version, file_digest
 REPO = Path(__file__).resolve().parents[1]
 DEMO_EPOCHS = 4  # experiments/synthetic_upgrade.yaml trains every model for 4 epochs
 METRICS = ("R1", "mAP", "mINP")
+VAL_PREFIXES = ("val/i2i/", "val/")  # the key of ReID validation, then its legacy form (older metrics.csv files)
 
 RECIPES: dict[str, dict[str, Any]] = {
     "mobilenetv2_imagenet": {
@@ -89,16 +90,18 @@ def read_val_metrics(path: str | Path) -> dict[int, dict[str, float]]:
     """``{epoch: {"R1": ..., "mAP": ..., "mINP": ...}}`` from a CSVLogger ``metrics.csv``.
 
     The CSVLogger writes one row per logging call with every column seen so far, empty where the call did not
-    log that key; the rows holding ``val/mAP`` are the validation ends. ``epoch`` is Lightning's 0-based
+    log that key; the rows holding ``val/i2i/mAP`` (image -> image ReID validation; ``val/mAP`` in files
+    written before keys named their protocol) are the validation ends. ``epoch`` is Lightning's 0-based
     ``current_epoch``, so the row of epoch ``e`` is the model after ``e + 1`` training epochs. A metric missing
     from the file is left out of the row.
     """
     rows: dict[int, dict[str, float]] = {}
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            if not row.get("val/mAP"):
+            prefix = next((p for p in VAL_PREFIXES if row.get(f"{p}mAP")), None)
+            if prefix is None:
                 continue
-            values = {m: float(row[f"val/{m}"]) for m in METRICS if row.get(f"val/{m}")}
+            values = {m: float(row[f"{prefix}{m}"]) for m in METRICS if row.get(f"{prefix}{m}")}
             rows.setdefault(int(float(row["epoch"])), {}).update(values)
     return rows
 

@@ -22,8 +22,9 @@ def learning_curves():
     sys.modules.pop(spec.name, None)
 
 
-def test_reader_keeps_validation_rows_of_a_hand_written_csv(learning_curves, tmp_path):
-    # As the CSVLogger writes it: train rows with empty val cells in between, Lightning's 0-based epochs.
+def test_reader_keeps_validation_rows_of_a_hand_written_legacy_csv(learning_curves, tmp_path):
+    # As the CSVLogger wrote it before keys named their protocol: train rows with empty val cells in between,
+    # Lightning's 0-based epochs.
     path = tmp_path / "metrics.csv"
     path.write_text(
         "epoch,step,train/loss,val/R1,val/R10,val/R5,val/mAP,val/mINP\n"
@@ -41,9 +42,9 @@ def test_reader_keeps_validation_rows_of_a_hand_written_csv(learning_curves, tmp
 def test_reader_reads_what_lightnings_csv_logger_writes(learning_curves, tmp_path):
     logger = CSVLogger(tmp_path, name="", version="fit")
     logger.log_metrics({"train/loss": 7.0, "epoch": 0}, step=9)
-    logger.log_metrics({"val/R1": 30.0, "val/mAP": 12.5, "val/mINP": 3.0, "epoch": 0}, step=77)
+    logger.log_metrics({"val/i2i/R1": 30.0, "val/i2i/mAP": 12.5, "val/i2i/mINP": 3.0, "epoch": 0}, step=77)
     logger.log_metrics({"train/loss": 5.0, "epoch": 1}, step=87)
-    logger.log_metrics({"val/R1": 50.0, "val/mAP": 33.0, "val/mINP": 9.0, "epoch": 1}, step=155)
+    logger.log_metrics({"val/i2i/R1": 50.0, "val/i2i/mAP": 33.0, "val/i2i/mINP": 9.0, "epoch": 1}, step=155)
     logger.save()
     assert learning_curves.read_val_metrics(Path(logger.log_dir) / "metrics.csv") == {
         0: {"R1": 30.0, "mAP": 12.5, "mINP": 3.0},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -20,12 +21,25 @@ from reid_lab.data.sampler import PKBatchSampler
 from reid_lab.data.shard import sequential_batches
 from reid_lab.data.subset import select_subset
 from reid_lab.data.transforms import build_test_transform, build_train_transform
-from reid_lab.data.validation import carve_validation_ids, validation_query_gallery
+from reid_lab.data.validation import carve_validation_ids, check_query_gallery, validation_query_gallery
 from reid_lab.data.views import TrainingSetView
 
 PredictSplit = Literal["test", "query", "gallery", "train"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ValidationSource:
+    """What a data module's validation loader ranks, as a run states it at its start.
+
+    Attributes:
+        is_test: True when it is the test split (so a checkpoint chosen on it is chosen on test data).
+        description: e.g. ``"the test query / gallery of market1501"``.
+    """
+
+    is_test: bool
+    description: str
 
 
 class ReIDDataModule(L.LightningDataModule):
@@ -43,7 +57,8 @@ class ReIDDataModule(L.LightningDataModule):
             written by a study; see :mod:`reid_lab.data.validation`): they leave training and ``val/*`` ranks
             their query / gallery instead of the test split's. Overlap with ``train_subset`` is an error.
         val_fraction: without ``val_subset``, hold out this share of the training identities (drawn with
-            ``seed``) for validation; 0 (default) validates on the test query / gallery, as toolboxes do.
+            ``seed``) for validation; 0 (default) validates on the test query / gallery, as toolboxes do (the
+            checkpoint callback then keeps the last epoch, see :mod:`reid_lab.modules.checkpointing`).
         image_size: ``(height, width)`` of the network input.
         batch_size: training batch size per device (P x K).
         num_instances: K, images per identity in a training batch (0 = plain random batches).
@@ -190,11 +205,29 @@ class ReIDDataModule(L.LightningDataModule):
         (:func:`~reid_lab.data.validation.validation_query_gallery`), else the test split's."""
         if not self.val_records:
             return self.eval_records()
-        query, gallery = validation_query_gallery(self._readable(self.val_records))
-        if not query:
-            raise ValueError(f"the {len(self.val_records)} held-out validation images give no query (every "
-                             "identity is seen by one camera only): hold out more identities")
+        cameras_known = bool(self.splits.meta.get("cameras_known", True))
+        query, gallery = validation_query_gallery(self._readable(self.val_records), cameras_known)
+        check_query_gallery(query, gallery, f"{self.splits.name} validation ({len(self.val_records)} held-out "
+                            "training images)", cameras_known)
         return query + gallery, [True] * len(query) + [False] * len(gallery)
+
+    def check_evaluation_splits(self) -> None:
+        """Build the validation and test query / gallery and refuse one that cannot be ranked (no gallery, a
+        query without a positive), naming the split: a study runs this before anything trains."""
+        self.val_eval_records()
+        query, gallery = self._readable(self.splits.query), self._readable(self.splits.gallery)
+        check_query_gallery(query, gallery, f"{self.splits.name} test",
+                            bool(self.splits.meta.get("cameras_known", True)))
+
+    def validation_source(self) -> ValidationSource:
+        """What ``val/*`` ranks: the held-out training identities, or the test query / gallery."""
+        held = self.val_records
+        if not held:
+            return ValidationSource(True, f"the test query / gallery of {self.splits.name}")
+        how = (f"val_subset {self.val_subset}" if self.val_subset is not None
+               else f"val_fraction {self.val_fraction:g}, seed {self.seed}")
+        return ValidationSource(False, f"{len({r.pid for r in held})} held-out training identities of "
+                                       f"{self.splits.name} ({how}), query / gallery by camera")
 
     # ------------------------------------------------------------------------------------- pre-flight
     def setup(self, stage: str | None = None) -> None:

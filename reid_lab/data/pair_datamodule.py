@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from reid_lab.data.datamodule import ValidationSource
 from reid_lab.data.pairs import Item, PairRecord, load_pairs
 from reid_lab.data.shard import sequential_batches, world
 from reid_lab.data.transforms import build_test_transform, build_train_transform
@@ -109,6 +110,13 @@ class PairDataModule(L.LightningDataModule):
                 raise ValueError(f"{path}: every pair needs the same number of negatives, found {sorted(counts)}")
             self._records[split] = records
         return self._records[split]
+
+    def validation_source(self) -> ValidationSource:
+        """What validation scores: the val pairs file, or the test pairs when none is given."""
+        hp = self.hparams
+        if hp.val_pairs and hp.val_pairs != hp.test_pairs:
+            return ValidationSource(False, f"the pairs of {hp.val_pairs}")
+        return ValidationSource(True, f"the test pairs ({hp.test_pairs})")
 
     @property
     def num_classes(self) -> int:

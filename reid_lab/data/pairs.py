@@ -15,7 +15,9 @@ image path may not leave ``image_root`` (a pairs file is data: it never reaches 
 
 :func:`synthetic_pairs` turns the built-in synthetic ReID set into such pairs: caption → person (text-to-person
 search), person → person (ReID: another camera's image of the same identity) and person → caption, each with its
-own instruction, hard negatives drawn from other identities.
+own instruction, hard negatives drawn at random from other identities. ``reid-lab pairs --negative-sampling
+mined --features ...`` mines them from a model's embeddings instead (:mod:`reid_lab.data.mining`: the
+most similar targets of other identities, skipping those above ``margin`` × the positive's similarity).
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from __future__ import annotations
 import codecs
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -253,27 +257,69 @@ def write_pairs(pairs: list[dict], path: str | Path) -> Path:
     return atomic_write_text(path, "".join(json.dumps(p) + "\n" for p in pairs))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``reid-lab pairs``: write instruction pairs of a ``reid-lab synth`` set (JSON lines, paths relative to it)."""
+def main(argv: list[str] | None = None, load_features: Callable[[str], Any] | None = None) -> int:
+    """``reid-lab pairs``: write instruction pairs of a ``reid-lab synth`` set (JSON lines, paths relative to it).
+
+    ``load_features`` reads a feature file (``reid_lab.embedding.features.FeatureSet.load``, passed in by the
+    ``reid-lab`` command: feature files live in a layer above this one); needed for ``--negative-sampling mined``.
+    """
     import argparse
 
-    parser = argparse.ArgumentParser(prog="reid-lab pairs", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="reid-lab pairs", description=main.__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="the synthetic set (holds reid_raw.json)")
     parser.add_argument("--split", default="train", choices=["train", "test"])
     parser.add_argument("--kinds", nargs="+", default=list(PAIR_KINDS), choices=list(PAIR_KINDS))
     parser.add_argument("--negatives", type=int, default=1, help="hard negatives per pair")
+    parser.add_argument("--negative-sampling", default="random", choices=["random", "mined"],
+                        help="random: targets of other identities drawn at random (default); mined: the targets "
+                             "most similar to the query under --features, of other identities, after the "
+                             "--margin / --skip false-negative guard")
+    parser.add_argument("--features", nargs="+", default=None,
+                        help="feature files (reid-lab predict) holding every query and target item of the pairs "
+                             "(image paths, caption texts), all of one model; e.g. an image and a text file")
+    parser.add_argument("--margin", type=float, default=0.95,
+                        help="mined: drop candidates more similar than margin x the positive's similarity "
+                             "(NV-Retriever TopK-PercPos; default 0.95); a negative value turns it off")
+    parser.add_argument("--skip", type=int, default=0, help="mined: also drop the best-ranked N candidates left")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-pairs", type=int, default=None, help="keep a seeded random sample of this many pairs")
     parser.add_argument("--out", default=None, help="default: <root>/pairs_<split>.jsonl")
     args = parser.parse_args(argv)
+    if args.negative_sampling == "mined" and not args.features:
+        parser.error("--negative-sampling mined needs --features (feature files of the pairs' items)")
+    if args.negative_sampling == "random" and (args.features or args.skip):
+        parser.error("--features / --skip apply to --negative-sampling mined")
     pairs = synthetic_pairs(args.root, tuple(args.kinds), args.negatives, args.split, args.seed)
     if args.max_pairs is not None and args.max_pairs < len(pairs):
         keep = np.sort(np.random.default_rng(args.seed).choice(len(pairs), size=args.max_pairs, replace=False))
         pairs = [pairs[i] for i in keep]
+    how = "random negatives"
+    if args.negative_sampling == "mined":
+        pairs = _mined(pairs, args, load_features)
+        how = f"mined negatives (margin {args.margin if args.margin >= 0 else 'off'}, skip {args.skip})"
     out = write_pairs(pairs, args.out or Path(args.root) / f"pairs_{args.split}.jsonl")
     counts = {k: 0 for k in args.kinds}
     for p in pairs:
         q, t = ("text" in p["query"]), ("text" in p["target"])
         counts["caption2person" if q else ("person2caption" if t else "person2person")] += 1
-    print(f"wrote {out}: {len(pairs)} pairs ({', '.join(f'{k} {v}' for k, v in counts.items())})")
+    print(f"wrote {out}: {len(pairs)} pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}), {how}")
     return 0
+
+
+def _mined(pairs: list[dict], args, load_features: Callable[[str], Any] | None) -> list[dict]:
+    """``pairs`` with negatives mined from the feature files of ``args.features``."""
+    from reid_lab.data.mining import feature_lookup, item_key, mine_pair_negatives
+
+    if load_features is None:
+        raise ValueError("mined negatives need a feature-file reader: run them through the reid-lab command")
+    lookup = feature_lookup(load_features(f) for f in args.features)
+
+    def embedding_of(item: dict):
+        key = item_key(item, args.root)
+        if key not in lookup:
+            raise ValueError(f"no embedding of {item.get('image') or item.get('text')!r} in the feature files "
+                             f"{args.features}: they must hold every query and target of the pairs")
+        return lookup[key]
+
+    return mine_pair_negatives(pairs, embedding_of, args.negatives, skip=args.skip,
+                               margin=args.margin if args.margin >= 0 else None)

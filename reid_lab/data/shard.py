@@ -3,7 +3,7 @@
 Under DDP every rank runs the evaluation loop. If each rank read the whole split, the retrieval metric (which
 concatenates its query / gallery states across ranks) would rank every item twice: with duplicated gallery
 items AP changes (a positive and its copy share one rank step, a negative and its copy push every positive
-further down), so ``val/mAP`` and ``test/mAP`` would silently differ from a one-device run. Lightning's
+further down), so ``val/i2i/mAP`` and ``test/i2i/mAP`` would silently differ from a one-device run. Lightning's
 ``DistributedSampler`` is off here (``use_distributed_sampler: false``, the PK sampler shards training itself),
 and it would pad the split with repeated items anyway.
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from reid_lab.data.datamodule import ValidationSource
 from reid_lab.data.sampler import PKBatchSampler
 from reid_lab.data.shard import ShardedBatchSampler
 from reid_lab.data.subset import select_subset
@@ -207,6 +208,18 @@ class TextImageDataModule(L.LightningDataModule):
                 raise ValueError(f"{self.splits.name} has no val split; set val_split: test (or auto)")
             return self.val_split
         return "test"
+
+    def validation_source(self) -> ValidationSource:
+        """What validation ranks: held-out training identities, the dataset's val split, or its test split."""
+        name = self.splits.name
+        if self.val_subset is not None:
+            ids = len({r.pid for r in self.val_records})
+            return ValidationSource(False, f"{ids} held-out training identities of {name} (val_subset "
+                                           f"{self.val_subset}), their captions against their images")
+        split = self.split_for("fit")
+        images = self.splits.split(split)
+        return ValidationSource(split == "test", f"the {split} split of {name} (captions of its {len(images)} "
+                                                 "images against them)")
 
     def eval_records(self, stage: str | None = "test") -> tuple[list[EvalRecord], list[bool]]:
         """Caption queries then gallery images of ``stage``'s split, and the matching ``is_query`` flags.

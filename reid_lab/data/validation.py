@@ -43,14 +43,20 @@ def carve_validation_ids(pids: Sequence[int], fraction: float = DEFAULT_VAL_FRAC
     return {int(i) for i in ids[chosen]}
 
 
-def validation_query_gallery(records: Sequence[R]) -> tuple[list[R], list[R]]:
+def validation_query_gallery(records: Sequence[R], cameras_known: bool = True) -> tuple[list[R], list[R]]:
     """Split held-out records (with ``path``, ``pid`` and ``camid`` or None) into query and gallery (module
-    docstring); both lists keep the records' own order."""
+    docstring); both lists keep the records' own order.
+
+    ``cameras_known=False`` (a ``folder`` dataset without camera labels gives every image its own camid, so
+    the camids say nothing): the records are split as camera-less ones, the first image of each identity (by
+    path) its query and the rest its gallery.
+    """
     by_key: dict[tuple[int, int | None], list] = defaultdict(list)
     cameras: dict[int, set] = defaultdict(set)
     for r in records:
-        by_key[(r.pid, r.camid)].append(r)
-        cameras[r.pid].add(r.camid)
+        camid = r.camid if cameras_known else None
+        by_key[(r.pid, camid)].append(r)
+        cameras[r.pid].add(camid)
     queries = set()
     for (pid, camid), group in by_key.items():
         has_cameras = camid is not None
@@ -60,3 +66,28 @@ def validation_query_gallery(records: Sequence[R]) -> tuple[list[R], list[R]]:
             continue
         queries.add(id(min(group, key=lambda r: r.path)))
     return [r for r in records if id(r) in queries], [r for r in records if id(r) not in queries]
+
+
+def check_query_gallery(query: Sequence[R], gallery: Sequence[R], split: str, cameras_known: bool = True) -> None:
+    """Refuse a split that cannot be ranked: no query, no gallery, or a query without a positive.
+
+    A positive is a gallery item of the query's identity that the protocol keeps: from another camera when
+    cameras are known (same identity and camera is removed, as in Market-1501), any one otherwise.
+
+    Raises:
+        ValueError: naming ``split``, the counts and the first query without a positive.
+    """
+    if not query or not gallery:
+        raise ValueError(f"the {split} split has {len(query)} query and {len(gallery)} gallery items; it needs "
+                         "both (hold out more identities, or give the data camera labels)")
+    kept: dict[int, set] = defaultdict(set)
+    for g in gallery:
+        kept[g.pid].add(g.camid if cameras_known else None)
+    lonely = [q for q in query
+              if not (kept.get(q.pid, set()) - ({q.camid} if cameras_known and q.camid is not None else set()))]
+    if lonely:
+        first = lonely[0]
+        raise ValueError(f"the {split} split has {len(lonely)} of {len(query)} queries without a positive in its "
+                         f"gallery (e.g. {getattr(first, 'path', first)!r}, identity {first.pid}); every query "
+                         "needs a gallery image of its identity"
+                         + (" from another camera" if cameras_known else ""))

@@ -6,6 +6,10 @@
 * :class:`ReIDMetric` is the ReID protocol (``RetrievalMetric`` with ``protocol="reid"``).
 
 Both evaluate through :func:`~reid_lab.metrics.distance.evaluate_features`, the one evaluation path.
+
+Each protocol has a short tag that metric keys and printed lines carry (:data:`PROTOCOL_TAGS`): ``i2i`` for
+image -> image ReID, ``t2i`` for caption -> image retrieval, so ``val/i2i/mAP`` and ``test/t2i/R1`` cannot be
+mistaken for one another.
 """
 
 from __future__ import annotations
@@ -20,10 +24,17 @@ from torchmetrics.utilities import dim_zero_cat
 from reid_lab.metrics.distance import DistanceMetric, evaluate_features
 from reid_lab.metrics.rank import RankResult
 
-__all__ = ["PROTOCOLS", "ReIDMetric", "RetrievalMetric"]
+__all__ = ["PROTOCOLS", "PROTOCOL_DESCRIPTIONS", "PROTOCOL_TAGS", "ReIDMetric", "RetrievalMetric"]
 
 Protocol = Literal["reid", "cross_modal"]
 PROTOCOLS: tuple[str, ...] = ("reid", "cross_modal")
+# The tag a protocol's metric keys carry (``val/i2i/mAP``): what the queries and the gallery are. In reid_lab the
+# cross-modal protocol ranks caption queries against an image gallery (text-to-person retrieval).
+PROTOCOL_TAGS: dict[str, str] = {"reid": "i2i", "cross_modal": "t2i"}
+PROTOCOL_DESCRIPTIONS: dict[str, str] = {
+    "reid": "image queries vs image gallery, same-identity same-camera gallery items removed",
+    "cross_modal": "caption queries vs image gallery, nothing removed",
+}
 
 
 def _signature(*names: str) -> inspect.Signature:
@@ -63,8 +74,10 @@ class RetrievalMetric(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Attributes:
+        tag: the protocol's tag in metric keys (:data:`PROTOCOL_TAGS`: ``i2i`` or ``t2i``).
         last_result: the :class:`~reid_lab.metrics.rank.RankResult` of the last ``compute`` (per-query AP/INP,
             first-match ranks, full CMC), or ``None`` before the first one.
+        last_sizes: ``(num_query, num_gallery)`` of the last ``compute``, or ``None`` before the first one.
 
     Example:
         >>> m = RetrievalMetric(protocol="cross_modal")
@@ -102,11 +115,13 @@ class RetrievalMetric(Metric):
         if isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1:
             raise ValueError(f"max_rank must be an integer >= 1, got {max_rank!r}")
         self.protocol = protocol
+        self.tag = PROTOCOL_TAGS[protocol]
         self.metric = metric
         self.max_rank = max_rank
         self.normalize = normalize
         self.chunk_size = chunk_size
         self.last_result: RankResult | None = None
+        self.last_sizes: tuple[int, int] | None = None
         self.add_state("features", default=[], dist_reduce_fx="cat")
         self.add_state("pids", default=[], dist_reduce_fx="cat")
         if protocol == "reid":
@@ -164,6 +179,22 @@ class RetrievalMetric(Metric):
             raise ValueError(f"{name} must have shape ({batch},) to match features, got {tuple(ids.shape)}")
         return ids.to(torch.int64)
 
+    def describe(self) -> str:
+        """What the last ``compute`` ranked, for a printed result line: protocol, queries with a match, gallery.
+
+        >>> m = RetrievalMetric(protocol="cross_modal")
+        >>> m.update(torch.eye(2), torch.tensor([1, 3]), True)
+        >>> m.update(torch.eye(2), torch.tensor([1, 2]), False)
+        >>> _ = m.compute()
+        >>> m.describe()
+        'caption queries vs image gallery, nothing removed; 1 of 2 queries have a match, 2 gallery items'
+        """
+        if self.last_result is None or self.last_sizes is None:
+            return PROTOCOL_DESCRIPTIONS[self.protocol]
+        num_query, num_gallery = self.last_sizes
+        return (f"{PROTOCOL_DESCRIPTIONS[self.protocol]}; {self.last_result.num_valid} of {num_query} queries "
+                f"have a match, {num_gallery} gallery items")
+
     def compute(self) -> dict[str, torch.Tensor]:
         """``{"R1", "R5", "R10", "mAP", "mINP"}`` in percent (R@k = CMC@k), as float tensors on the metric's device.
 
@@ -202,6 +233,7 @@ class RetrievalMetric(Metric):
             normalize=self.normalize,
         )
         self.last_result = result
+        self.last_sizes = (num_query, is_query.numel() - num_query)
         return {
             key: torch.tensor(value, dtype=torch.float32, device=self.device)
             for key, value in result.summary().items()

@@ -6,8 +6,12 @@ spec, so any checkpoint can be the old model of a later upgrade), test-time embe
 :class:`~reid_lab.embedding.embedder.Embedder`, validation / test metrics and ``predict`` rows.
 
 A subclass builds its encoder, passes it to ``super().__init__`` and implements :meth:`training_output`
-(its own losses); it may override :meth:`build_metric` (the evaluation protocol) and ``monitor`` (the
-validation key that selects the best checkpoint).
+(its own losses); it may override :meth:`build_metric` (the evaluation protocol) and ``monitor_metric`` (which
+of the protocol's numbers selects the best checkpoint).
+
+Metric keys name their protocol: ``val/i2i/mAP`` (image -> image ReID), ``test/t2i/R1`` (caption -> image),
+``val/cross/i2i/mAP`` (the upgrade cross-test); the printed lines carry the same prefix and count epochs from 1,
+as the training lines and checkpoint names do (:mod:`reid_lab.modules.checkpointing`).
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from reid_lab.embedding.checkpoint import sub_state_dict
 from reid_lab.embedding.embedder import Embedder
 from reid_lab.embedding.encoder import MODALITIES, Encoder
 from reid_lab.embedding.space import make_space, weights_digest
-from reid_lab.metrics.reid_metric import RetrievalMetric
-from reid_lab.upgrade.host import CompatibilityHost
+from reid_lab.metrics.reid_metric import PROTOCOL_TAGS, RetrievalMetric
+from reid_lab.modules.checkpointing import EmbeddingCheckpoint, validation_source
+from reid_lab.upgrade.host import CompatibilityHost, training_schedule
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +86,8 @@ def check_upgrade(upgrade: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     if not isinstance(upgrade, dict):
         raise ValueError(f"model.init_args.upgrade must be a mapping, got {upgrade!r}")
-    allowed = set(inspect.signature(CompatibilityHost.__init__).parameters) - {"self", "new_dim", "new_modalities"}
+    allowed = set(inspect.signature(CompatibilityHost.__init__).parameters) - {
+        "self", "new_dim", "new_modalities", "new_num_classes"}
     unknown = sorted(set(upgrade) - allowed)
     if unknown:
         raise ValueError(f"model.init_args.upgrade has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
@@ -136,10 +142,11 @@ class EmbeddingModule(L.LightningModule):
         space_label: human-readable name of the embedding space (its identity is the weights' hash).
         upgrade: train the encoder compatible with an old one (``old_checkpoint``, ``compatible_losses``,
             ``adapter``, ``pairings``; see :class:`~reid_lab.upgrade.host.CompatibilityHost`). Validation
-            then also reports the cross-test (new queries against old gallery features) as ``val/cross/*``.
+            then also reports the cross-test (new queries against old gallery features) as
+            ``val/cross/<tag>/*``.
     """
 
-    monitor: str = "val/mAP"
+    monitor_metric: str = "mAP"  # the number of the validation protocol that selects the best checkpoint
     monitor_mode: str = "max"
     protocol: str = "reid"  # "reid" (same-camera junk removed) or "cross_modal" (see RetrievalMetric)
 
@@ -173,11 +180,25 @@ class EmbeddingModule(L.LightningModule):
 
     def _build_host(self) -> None:
         self.host = CompatibilityHost(new_dim=self.encoder.embedding_dim, new_modalities=self.encoder.modalities,
-                                      **self._upgrade)
+                                      new_num_classes=self.encoder.num_classes, **self._upgrade)
         self.val_cross_metric = self.build_metric()
+
+    @property
+    def eval_tag(self) -> str:
+        """The protocol tag of this module's metric keys under the current data: ``i2i`` or ``t2i``."""
+        return PROTOCOL_TAGS[self._data_protocol()]
+
+    @property
+    def monitor(self) -> str:
+        """The validation key that selects the best checkpoint, e.g. ``val/i2i/mAP``."""
+        return f"val/{self.eval_tag}/{self.monitor_metric}"
 
     def setup(self, stage: str) -> None:
         self._follow_data_protocol()
+        trainer = self._trainer
+        if stage in ("fit", "validate") and trainer is not None and trainer.is_global_zero and not any(
+                isinstance(c, EmbeddingCheckpoint) for c in trainer.callbacks):  # it says it with its own rule
+            print(f"validation (val/{self.eval_tag}/*): {validation_source(trainer)[1]}", flush=True)
         if self._upgrade is not None and self.host is None and stage in ("fit", "validate"):
             old = self._upgrade.get("old_checkpoint")
             if not Path(str(old)).is_file():
@@ -204,15 +225,23 @@ class EmbeddingModule(L.LightningModule):
                              f"captions' token ids, but {err}. Pair the new text with the old images instead "
                              "(text->image), or train with the old text tower's tokenizer") from err
 
-    def _follow_data_protocol(self) -> None:
-        """Evaluate under the data's protocol when the encoder can embed its queries: a dual encoder tested on
-        a ReID data module (image queries with cameras) gets ReID metrics for its image tower; on caption data,
-        the cross-modal protocol. A module whose encoder cannot embed the data's queries keeps its own."""
+    def _data_protocol(self) -> str:
+        """The protocol the module evaluates under with the current data module: the data's when the encoder
+        can embed its queries (a dual encoder on a ReID data module: ReID on its image tower; on caption data,
+        cross-modal), else the module's own (none declared, instruction pairs, no text tower)."""
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         protocol = getattr(datamodule, "eval_protocol", None)
-        if protocol not in ("reid", "cross_modal") or protocol == self.protocol:
-            return  # none declared, or one the module evaluates itself (instruction pairs)
+        if protocol not in ("reid", "cross_modal"):
+            return self.protocol
         if protocol == "cross_modal" and "text" not in self.encoder.modalities:
+            return self.protocol
+        return protocol
+
+    def _follow_data_protocol(self) -> None:
+        """Evaluate under :meth:`_data_protocol` (rebuilding the metrics when it differs from the module's)."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        protocol = self._data_protocol()
+        if protocol == self.protocol:
             return
         self.protocol = protocol
         self.val_metric, self.test_metric = self.build_metric(), self.build_metric()
@@ -343,7 +372,8 @@ class EmbeddingModule(L.LightningModule):
         total, parts = out.loss, dict(out.parts)
         if self.host is not None:
             compat, compat_parts = self.host(batch, out.embeddings, out.labels, self.current_epoch,
-                                             new_classifier=self.encoder.classifier_weight, new_logits=out.logits)
+                                             new_classifier=self.encoder.classifier_weight, new_logits=out.logits,
+                                             **training_schedule(self._trainer, self.global_step))
             total = total + compat
             parts.update(compat_parts)
         return total, parts
@@ -373,20 +403,33 @@ class EmbeddingModule(L.LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.update_metric(self.test_metric, batch, self.embedder()(batch)[batch_modality(batch)])
 
-    def _log_metric(self, metric, prefix: str) -> None:
+    def evaluation_label(self) -> str:
+        """The bracket that starts a printed evaluation line. During fit: ``[epoch 4/12]``, the epoch counted
+        from 1 as the ``[train] epoch 4/12`` lines and checkpoint names count it. In validate / test (which
+        start at epoch 0 whatever they loaded): the loaded checkpoint's epoch, ``[test, checkpoint of epoch 4]``."""
+        trainer = self._trainer
+        fn = getattr(getattr(trainer, "state", None), "fn", None)
+        fn = str(getattr(fn, "value", fn or ""))
+        if fn == "fit":
+            total = trainer.max_epochs
+            return f"[epoch {self.current_epoch + 1}{f'/{total}' if total and total > 0 else ''}]"
+        loaded = getattr(self, "_checkpoint_epoch", None)  # Lightning's 0-based index of the saved epoch
+        where = f"checkpoint of epoch {loaded + 1}" if loaded is not None else "initial weights"
+        return f"[{fn or 'evaluation'}, {where}]"
+
+    def _log_metric(self, metric: RetrievalMetric, prefix: str) -> None:
         if self.trainer.sanity_checking:  # a few query-only batches: nothing to rank yet
             metric.reset()
             return
         results = metric.compute()
-        self.log_dict({f"{prefix}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=False)
-        metric.reset()
+        key = f"{prefix}/{metric.tag}"  # the protocol is part of every key: val/i2i/mAP, test/t2i/R1
+        self.log_dict({f"{key}/{k}": v for k, v in results.items()}, prog_bar=False, sync_dist=False)
         summary = "  ".join(f"{k} {float(v):.2f}" for k, v in results.items())
-        if prefix == "test":  # a test run starts at epoch 0 whatever it loaded: name the checkpoint's epoch
-            loaded = getattr(self, "_checkpoint_epoch", None)
-            where = f"checkpoint of epoch {loaded}" if loaded is not None else "initial weights"
-            self.print(f"[test, {where}] {prefix}: {summary}")
-        else:
-            self.print(f"[epoch {self.current_epoch}] {prefix}: {summary}")
+        what = metric.describe()
+        if prefix == "val/cross":
+            what = f"new queries vs the old model's gallery; {what}"
+        metric.reset()
+        self.print(f"{self.evaluation_label()} {key}: {summary}  ({what})")
 
     def on_validation_epoch_end(self) -> None:
         self._log_metric(self.val_metric, "val")

@@ -43,7 +43,7 @@ class CLIPModule(EmbeddingModule):
         distance / max_rank / space_label / upgrade: see :class:`EmbeddingModule`.
     """
 
-    monitor = "val/R1"
+    monitor_metric = "R1"  # val/t2i/R1 on caption data (val/i2i/R1 when evaluated on ReID data)
     protocol = "cross_modal"
 
     def __init__(

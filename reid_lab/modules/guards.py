@@ -117,7 +117,7 @@ def _message(trainer, problem: str) -> str:
         if key.startswith("train/") and getattr(value, "numel", lambda: 1)() == 1
     }
     lines = [
-        f"training diverged at global step {trainer.global_step} (epoch {trainer.current_epoch}, "
+        f"training diverged at global step {trainer.global_step} (epoch {trainer.current_epoch + 1}, "
         f"batch {trainer.fit_loop.epoch_loop.batch_idx}): {problem}; training stopped before this step's "
         f"backward pass and optimiser step.",
     ]

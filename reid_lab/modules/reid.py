@@ -57,7 +57,7 @@ class ReIDModule(EmbeddingModule):
         upgrade: train this model to be compatible with an old one:
             ``{"old_checkpoint": path, "compatible_losses": [{"name": "bct"}, ...], "adapter": "linear"}``
             (see :class:`~reid_lab.upgrade.host.CompatibilityHost`; ``pairings`` defaults to ``[image->image]``). Validation then also reports the
-            cross-test (new queries against old gallery features) as ``val/cross_*``.
+            cross-test (new queries against old gallery features) as ``val/cross/i2i/*``.
     """
 
     def __init__(

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from reid_lab.losses.image_text import build_image_text_loss, pair_infonce
+from reid_lab.metrics.candidates import list_hits, mmeb_summary
 from reid_lab.models.vlm import VLMEncoder
 from reid_lab.modules.base import EmbeddingModule, TrainingOutput, check_tokenizer
 from reid_lab.modules.clip import _build
@@ -51,6 +52,7 @@ class VLMEmbeddingModule(EmbeddingModule):
     """
 
     protocol = "cross_modal"
+    monitor_metric = "R1"  # val/t2i/R1 on caption data; instruction pairs select on val/pairs/P@1
 
     def __init__(
         self,
@@ -107,11 +109,24 @@ class VLMEmbeddingModule(EmbeddingModule):
     def space_model_name(self) -> str:
         return "vlm"
 
+    def _on_pairs(self) -> bool:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "eval_protocol", None) == "pairs"
+
+    def _on_mmeb(self) -> bool:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(datamodule, "eval_protocol", None) == "mmeb"
+
+    @property
+    def eval_tag(self) -> str:
+        """``pairs`` on instruction pairs (:class:`~reid_lab.data.PairDataModule`), else the retrieval protocol's."""
+        return "pairs" if self._on_pairs() else "mmeb" if self._on_mmeb() else super().eval_tag
+
     @property
     def monitor(self) -> str:
-        """``val/P@1`` on instruction pairs (:class:`~reid_lab.data.PairDataModule`), else ``val/R1``."""
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        return "val/P@1" if getattr(datamodule, "eval_protocol", None) == "pairs" else "val/R1"
+        """``val/pairs/P@1`` on instruction pairs (``val/mmeb/P@1`` on MMEB), else ``val/t2i/R1`` (``val/i2i/R1``
+        on ReID data)."""
+        return f"val/{self.eval_tag}/P@1" if self._on_pairs() or self._on_mmeb() else super().monitor
 
     # --------------------------------------------------------------------------------------- training
     def embed_training(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -192,17 +207,20 @@ class VLMEmbeddingModule(EmbeddingModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "query" in batch:
             return self._pair_step(batch, "val")
+        if "mmeb_items" in batch:
+            return self._mmeb_step(batch, "val")
         return super().validation_step(batch, batch_idx)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if "query" in batch:
             return self._pair_step(batch, "test")
+        if "mmeb_items" in batch:
+            return self._mmeb_step(batch, "test")
         return super().test_step(batch, batch_idx)
 
     def _log_pairs(self, split: str) -> bool:
         counts = self._pair_counts.pop(split, None)
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if counts is None and getattr(datamodule, "eval_protocol", None) != "pairs":
+        if counts is None and not self._on_pairs():
             return False
         # under DDP each rank scored its own block of pairs: sum the counts (a rank may have had no batch)
         local = torch.tensor(counts or [0, 0, 0], dtype=torch.long, device=self.device)
@@ -210,22 +228,83 @@ class VLMEmbeddingModule(EmbeddingModule):
         candidates = int(self.trainer.strategy.reduce(local[2:].clone(), reduce_op="max").item())
         if not self.trainer.sanity_checking:
             p1 = 100.0 * hits / max(total, 1)
-            self.log(f"{split}/P@1", p1)
-            if split == "test":
-                loaded = getattr(self, "_checkpoint_epoch", None)
-                where = f"[test, checkpoint of epoch {loaded}]" if loaded is not None else "[test, initial weights]"
-            else:
-                where = f"[epoch {self.current_epoch}]"
-            self.print(f"{where} {split}: P@1 {p1:.2f} over {total} queries, {candidates} candidates each "
-                       f"(chance {100.0 / candidates:.2f})")
+            self.log(f"{split}/pairs/P@1", p1)
+            self.print(f"{self.evaluation_label()} {split}/pairs: P@1 {p1:.2f} over {total} queries, {candidates} "
+                       f"candidates each (chance {100.0 / max(candidates, 1):.2f})")
+        return True
+
+    # ------------------------------------------------------------------------------- MMEB evaluation
+    def _mmeb_step(self, batch: dict[str, Any], split: str) -> None:
+        """Embed a batch of MMEB's distinct items (:class:`~reid_lab.data.mmeb.MMEBDataModule`), kept by index."""
+        reps = torch.nn.functional.normalize(self.encoder.embed_items(batch["mmeb_items"]).float(), dim=1)
+        self.__dict__.setdefault("_mmeb_reps", {}).setdefault(split, []).append((batch["index"], reps))
+
+    def _mmeb_table(self, split: str, num_items: int) -> Tensor:
+        """``(num_items, D)`` embeddings of every MMEB item, gathered from all ranks (each embedded a block)."""
+        parts = self.__dict__.get("_mmeb_reps", {}).pop(split, [])
+        dim = self.encoder.embedding_dim
+        index = torch.cat([i for i, _ in parts]).to(self.device) if parts else torch.zeros(0, dtype=torch.long,
+                                                                                           device=self.device)
+        reps = torch.cat([r for _, r in parts]) if parts else torch.zeros(0, dim, device=self.device)
+        if self.trainer.world_size > 1:  # pad every rank's block to the longest, gather, drop the padding
+            longest = int(self.trainer.strategy.reduce(torch.tensor(len(index), device=self.device),
+                                                       reduce_op="max").item())
+            pad = longest - len(index)
+            index = torch.cat([index, index.new_full((pad,), -1)])
+            reps = torch.cat([reps, reps.new_zeros(pad, reps.shape[1])])
+            index, reps = self.all_gather(index).flatten(), self.all_gather(reps).reshape(-1, reps.shape[-1])
+            keep = index >= 0
+            index, reps = index[keep], reps[keep]
+        table = reps.new_zeros(num_items, reps.shape[1] if len(reps) else dim)
+        seen = torch.zeros(num_items, dtype=torch.bool, device=reps.device)
+        table[index], seen[index] = reps, True
+        if not bool(seen.all()):
+            raise RuntimeError(f"MMEB {split}: {int((~seen).sum())} of {num_items} items were not embedded (every "
+                               f"item must be: do not limit the {split} batches)")
+        return table
+
+    def _log_mmeb(self, split: str) -> bool:
+        """Log ``{split}/mmeb/<subset>/P@1``, ``{split}/mmeb/<meta_task>/P@1`` and ``{split}/mmeb/P@1``."""
+        if not self._on_mmeb():
+            return False
+        datamodule = self.trainer.datamodule
+        subsets = datamodule.subsets()
+        table = self._mmeb_table(split, sum(len(s.items) for s, _ in subsets))
+        if self.trainer.sanity_checking:
+            return True
+        per_subset, per_subset_mmeb, tasks = {}, {}, {}
+        for subset, offset in subsets:
+            # queries against every item of the subset, then each row's candidates: (Q, N) not (Q, K, D)
+            similarity = table[subset.queries.to(table.device) + offset] @ table[offset:offset + len(subset.items)].T
+            candidates = subset.candidates.to(table.device)
+            scores = torch.gather(similarity, 1, candidates.clamp(min=0))
+            valid = candidates >= 0
+            strict, first = list_hits(scores, valid, "strict"), list_hits(scores, valid, "first")
+            per_subset[subset.name] = 100.0 * float(strict.float().mean())
+            per_subset_mmeb[subset.name] = 100.0 * float(first.float().mean())
+            tasks[subset.name] = subset.meta_task
+            k = valid.sum(dim=1).float().mean()
+            self.log(f"{split}/mmeb/{subset.name}/P@1", per_subset[subset.name])
+            self.print(f"{self.evaluation_label()} {split}/mmeb/{subset.name} ({subset.meta_task}): P@1 "
+                       f"{per_subset[subset.name]:.2f} over {len(strict)} queries, {float(k):.0f} candidates each "
+                       f"(chance {100.0 / float(k):.2f}); ties: {int((first & ~strict).sum())} queries tie the "
+                       f"positive with the best negative, a miss here, a hit under MMEB's argmax "
+                       f"(P@1 {per_subset_mmeb[subset.name]:.2f})")
+        summary, summary_mmeb = mmeb_summary(per_subset, tasks), mmeb_summary(per_subset_mmeb, tasks)
+        for task in sorted(set(tasks.values())):
+            self.log(f"{split}/mmeb/{task}/P@1", summary[task])
+        self.log(f"{split}/mmeb/P@1", summary["overall"])
+        parts = "  ".join(f"{task} {summary[task]:.2f}" for task in sorted(set(tasks.values())))
+        self.print(f"{self.evaluation_label()} {split}/mmeb: P@1 {summary['overall']:.2f} (plain mean over "
+                   f"{len(per_subset)} subsets; MMEB's tie rule: {summary_mmeb['overall']:.2f})  {parts}")
         return True
 
     def on_validation_epoch_end(self) -> None:
-        if not self._log_pairs("val"):
+        if not self._log_pairs("val") and not self._log_mmeb("val"):
             super().on_validation_epoch_end()
 
     def on_test_epoch_end(self) -> None:
-        if not self._log_pairs("test"):
+        if not self._log_pairs("test") and not self._log_mmeb("test"):
             super().on_test_epoch_end()
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:

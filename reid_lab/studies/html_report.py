@@ -4,8 +4,9 @@
 
 The page gathers what a study wrote (``reid-lab upgrade`` calls this at its end too):
 
-* the protocol (how checkpoints were chosen and what was measured) and the study table (self-test, cross-test,
-  BCT's criterion, update gain, backfill AUC and mean negative-flip rate per ordering);
+* the protocol (how checkpoints were chosen and what was measured) and the study table of the study's one
+  results record (:mod:`reid_lab.studies.results`: self-test, cross-test, claim under the stated rule, update
+  gain, backfill AUC and mean negative-flip rate per ordering), cell for cell as ``report.md`` prints it;
 * the compatibility matrix as a heatmap and as numbers; the backfill and flip curves;
 * negatively flipped queries as images: for each method, the queries the old system answered right at rank 1
   and the new model's queries searching the old gallery (the hot-refresh start) answer wrong, ranked side by
@@ -29,6 +30,7 @@ from reid_lab.embedding.features import FeatureSet
 from reid_lab.studies.pictures import PAGE_STYLE, escape, file_uri, legend_html
 from reid_lab.studies.ranked_lists import as_feature_sets, compare_systems
 from reid_lab.studies.ranked_render import list_html, new_thumbs
+from reid_lab.studies.results import StudyResults, table_cells, table_header
 
 CURVE_FILES = ("compatibility_matrix.png", "backfill_mAP.png", "backfill_R1.png", "backfill_mINP.png", "flips.png")
 
@@ -41,21 +43,19 @@ def _number(value: Any, digits: int = 2) -> str:
     return "–" if value is None else escape(value)
 
 
-def study_table(rows: list[dict[str, Any]]) -> str:
-    """The study table: one row per method, AUC / NFR columns per ordering."""
-    orderings = list(dict.fromkeys(o for r in rows for o in (r.get("auc") or {})))  # the study's order
-    head = ["method", "self-test", "cross-test", "old self-test", "criterion", "update gain"]
-    head += [f"AUC ({o})" for o in orderings] + [f"mean NFR % ({o})" for o in orderings]
-    out = ["<table><tr>" + "".join(f'<th class="{"name" if i == 0 else ""}">{escape(h)}</th>'
+def study_table(results: StudyResults) -> str:
+    """The study table: the cells of ``report.md`` and the wandb table (:func:`table_cells`), as HTML."""
+    head = table_header(results)
+    out = [f"<p>{escape(results.rule.describe(results.metric))}.</p>",
+           "<table><tr>" + "".join(f'<th class="{"name" if i == 0 else ""}">{escape(h)}</th>'
                                    for i, h in enumerate(head)) + "</tr>"]
-    for r in rows:
-        cells = [r.get("self_test"), r.get("cross_test"), r.get("old_self_test"), r.get("criterion"),
-                 r.get("update_gain")]
-        cells += [(r.get("auc") or {}).get(o) for o in orderings] + [(r.get("mean_nfr") or {}).get(o)
-                                                                        for o in orderings]
-        out.append(f'<tr><td class="name">{escape(r.get("method"))}</td>'
-                   + "".join(f"<td>{_number(c, 3 if i == 4 else 2)}</td>" for i, c in enumerate(cells)) + "</tr>")
+    for cells in table_cells(results):
+        out.append(f'<tr><td class="name">{escape(cells[0])}</td>'
+                   + "".join(f"<td>{escape(c)}</td>" for c in cells[1:]) + "</tr>")
     out.append("</table>")
+    notes = [f"<li><b>{escape(m.method)}</b>: {escape(m.note)}</li>" for m in results.methods if m.note]
+    if notes:
+        out.append("<ul>" + "".join(notes) + "</ul>")
     return "\n".join(out)
 
 
@@ -121,20 +121,25 @@ def write_html_report(study: str | Path, flips_per_method: int = 5, top_k: int =
     if not report_path.is_file():
         raise FileNotFoundError(f"{report_path} does not exist: run the study first (reid-lab upgrade --config ...)")
     report = json.loads(report_path.read_text())
-    title = report.get("title") or f"Upgrade study: {study.name}"
+    results = StudyResults.from_dict(report)
+    title = results.title or f"Upgrade study: {study.name}"
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>",
              f"<style>{PAGE_STYLE}</style></head><body><h1>{escape(title)}</h1>"]
-    protocol = report.get("protocol") or {}
-    if protocol:
-        parts.append("<h2>Protocol</h2><ul>" + "".join(f"<li><b>{escape(k)}</b>: {escape(v)}</li>"
-                                                     for k, v in protocol.items()) + "</ul>")
+    items = [f"<li><b>{escape(k)}</b>: {escape(v)}</li>" for k, v in results.protocol.items()]
+    if results.split_sizes:
+        items.append("<li><b>split sizes</b>: " + escape(", ".join(f"{k} {v}" for k, v in
+                                                                  results.split_sizes.items())) + "</li>")
+    if items:
+        parts.append("<h2>Protocol</h2><ul>" + "".join(items) + "</ul>")
     rows = report.get("study") or []
-    if rows:
-        parts.append(f"<h2>Study ({escape(report.get('metric', 'mAP'))}, percent)</h2>")
-        parts.append("<p>cross-test: the new model's queries against the old model's gallery; criterion: cross-test "
-                     "above the old self-test (Shen et al., CVPR'20); AUC: mean over the backfill-ratio grid; "
-                     "NFR: negative flips in percent of queries, mean over the grid.</p>")
-        parts.append(study_table(rows))
+    if results.methods:
+        parts.append(f"<h2>Study ({escape(results.metric)}, percent)</h2>")
+        parts.append("<p>cross-test: the new model's queries against the old model's gallery; claim: the rule "
+                     "below (BCT's criterion, Shen et al. CVPR'20, by a margin and clear of chance); update gain: "
+                     "(cross − old) / (independent − old) with its two differences, n/a under a 1-point "
+                     "denominator; AUC: mean over the backfill-ratio grid; NFR: negative flips in percent of "
+                     "queries, mean over the grid.</p>")
+        parts.append(study_table(results))
     matrix = report.get("compatibility_matrix")
     if matrix:
         parts.append("<h2>Compatibility matrix</h2>" + matrix_table(matrix, "mAP") + matrix_table(matrix, "R1"))

@@ -1,25 +1,27 @@
 """Upgrade study report: JSON, Markdown tables and PNG plots (optionally logged to Weights & Biases).
 
-One call, :func:`write_report`, turns the results of an upgrade study into
+One call, :func:`write_report`, renders one :class:`~reid_lab.studies.results.StudyResults` record into
 
-* ``report.json`` — every number (compatibility matrix cells, backfilling curves, study rows);
-* ``report.md`` — the compatibility matrix for mAP and R1 and the study table
-  ``method | self-test | cross-test (new→old) | criterion pass | update gain | AUC mAP per ordering | mean NFR``;
-  the update gain is printed with its inputs, ``gain (M(new, old) − M(old, old) / M(new*, new*) − M(old, old))``,
-  and withheld (``n/a``) when the denominator is under one point;
+* ``report.json`` — the record itself (compatibility matrix cells, backfilling curves, the study rows with
+  their claim decisions and update gains, protocol, split sizes, claim rule); ``report.html``, the notebooks
+  and ``reid-lab visualize`` read it back with :meth:`StudyResults.from_dict`;
+* ``report.md`` — the protocol, the compatibility matrix for mAP and R1 and the study table
+  ``method | self-test | cross-test | old self-test | claim | update gain | AUC per ordering | mean NFR``
+  under a line stating the claim rule (margin and chance level);
 * ``compatibility_matrix.png`` (heatmap), ``backfill_<metric>.png`` (one line per method/ordering,
-  old self-test as a horizontal reference) and ``flips.png`` (NFR vs β).
+  old self-test as a horizontal reference) and ``flips.png`` (NFR vs β);
+* with a wandb logger: the same table cells, the matrix, the plots, and the run summary
+  (``study/<method>/<quantity>``).
 
 Every file is written atomically (temporary file in the same folder, then ``os.replace``).
 The study quantities follow BCT (Shen et al., CVPR 2020: criterion, update gain) and FastFill
-(Jaeckle et al., ICLR 2023: area under the backfilling curve).
+(Jaeckle et al., ICLR 2023: area under the backfilling curve); see :mod:`reid_lab.studies.results`.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,39 +31,22 @@ import numpy as np
 
 from reid_lab.atomic import atomic_write_bytes
 from reid_lab.metrics.backfill import BackfillCurve
-from reid_lab.metrics.compatibility import CompatibilityMatrix, compatibility_criterion, update_gain
+from reid_lab.metrics.compatibility import CompatibilityMatrix
+from reid_lab.studies.results import (
+    ClaimRule,
+    StudyResults,
+    build_results,
+    json_ready,
+    table_cells,
+    table_header,
+)
 
-__all__ = ["study_rows", "write_report"]
+__all__ = ["report_markdown", "study_markdown", "study_rows", "write_report"]
 
 _CURVE_METRICS = ("mAP", "R1", "mINP")
 
 
-# ------------------------------------------------------------------------------------------------ file output
-
-
-def _json_ready(value: Any) -> Any:
-    """Plain JSON types; NaN/inf become ``None`` so the file is strict JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_ready(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
 # ------------------------------------------------------------------------------------------------ study table
-
-
-def _curve_auc(curve: BackfillCurve, metric: str) -> float:
-    """FastFill's AUC: the mean of the metric over an equally spaced β grid from 0 to 1 (the only definition)."""
-    return curve.auc(metric)
 
 
 def study_rows(
@@ -69,115 +54,20 @@ def study_rows(
     summary_rows: Sequence[Mapping[str, Any]] | None,
     curves: Mapping[str, Mapping[str, BackfillCurve]] | None,
     metric: str = "mAP",
+    rule: ClaimRule | None = None,
 ) -> list[dict[str, Any]]:
-    """Resolve the rows of the study table.
-
-    Each input row needs ``"method"``. It may name versions of ``matrix`` — ``"new"``, ``"old"``
-    and optionally ``"independent"`` — from which the missing numbers are computed:
-    ``self_test = M(new, new)``, ``cross_test = M(new, old)``, ``old_self_test = M(old, old)``,
-    ``criterion = M(new, old) > M(old, old)`` and ``update_gain`` (BCT, CVPR 2020). Numbers given
-    explicitly in the row win. For a method with curves, ``auc[ordering]`` is the FastFill AUC of
-    ``metric`` and ``mean_nfr[ordering]`` the mean top-1 NFR over the β grid (percent). Without
-    ``summary_rows`` one row per method of ``curves`` is made.
-
-    Returns:
-        A list of dicts with keys ``method, self_test, cross_test, old_self_test, criterion,
-        update_gain, auc, mean_nfr`` (plus any extra keys of the input row).
-    """
-    if summary_rows is None:
-        summary_rows = [{"method": method} for method in (curves or {})]
-    rows = []
-    for index, given in enumerate(summary_rows):
-        if "method" not in given:
-            raise ValueError(f"summary_rows[{index}] needs a 'method' key, got keys {sorted(given)}")
-        row: dict[str, Any] = {
-            "self_test": None,
-            "cross_test": None,
-            "old_self_test": None,
-            "criterion": None,
-            "update_gain": None,
-        }
-        new, old, independent = given.get("new"), given.get("old"), given.get("independent")
-        if matrix is not None and new is not None and old is not None:
-            row["self_test"] = matrix.cell(new, new, metric) if matrix.has(new, new) else None
-            row["cross_test"] = matrix.cell(new, old, metric) if matrix.has(new, old) else None
-            row["old_self_test"] = matrix.cell(old, old, metric) if matrix.has(old, old) else None
-            if matrix.has(new, old) and matrix.has(old, old):
-                row["criterion"] = compatibility_criterion(matrix, new, old, metric)
-            if (
-                independent is not None
-                and matrix.has(independent, independent)
-                and row["criterion"] is not None
-            ):
-                row["update_gain"] = update_gain(matrix, new, old, independent, metric)
-                old_self = matrix.cell(old, old, metric)
-                row["update_gain_inputs"] = {  # reported with the ratio: a tiny denominator explodes it
-                    "cross_minus_old": matrix.cell(new, old, metric) - old_self,
-                    "independent_minus_old": matrix.cell(independent, independent, metric) - old_self,
-                }
-        row.update(given)
-        method_curves = (curves or {}).get(given["method"], {})
-        row["auc"] = {name: _curve_auc(curve, metric) for name, curve in method_curves.items()}
-        row["mean_nfr"] = {
-            name: float(np.mean(curve.values["NFR"]))
-            for name, curve in method_curves.items()
-            if "NFR" in curve.values
-        }
-        rows.append(row)
-    return rows
+    """The study table's rows as plain dicts (the ``study`` list of ``report.json``), from
+    :func:`reid_lab.studies.results.build_results`: ``method, self_test, cross_test, old_self_test, claim,
+    update_gain, auc, mean_nfr, new, old, independent, note, extra``."""
+    return [m.to_dict() for m in build_results(matrix, summary_rows, curves, metric=metric, rule=rule).methods]
 
 
-def _fmt(value: Any, digits: int = 2) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, (bool, np.bool_)):
-        return "✓" if value else "✗"
-    if isinstance(value, (float, int, np.floating, np.integer)):
-        return "—" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
-    return str(value)
-
-
-MIN_GAIN_DENOMINATOR = 1.0  # metric points: below this the independent model hardly improves on the old one
-
-
-def _gain(row: Mapping[str, Any]) -> str:
-    """``gain (Δcross / Δindependent)``; the ratio is withheld when Δindependent is under
-    :data:`MIN_GAIN_DENOMINATOR` points (it would be an extreme number that says nothing)."""
-    inputs = row.get("update_gain_inputs")
-    if not inputs:
-        return _fmt(row.get("update_gain"), digits=3)
-    num, den = inputs["cross_minus_old"], inputs["independent_minus_old"]
-    if abs(den) < MIN_GAIN_DENOMINATOR:
-        return f"n/a ({num:+.2f} / {den:+.2f})"
-    return f"{_fmt(row.get('update_gain'), digits=3)} ({num:+.2f} / {den:+.2f})"
-
-
-def _orderings(rows: Sequence[Mapping[str, Any]], key: str) -> list[str]:
-    seen: list[str] = []
-    for row in rows:
-        for name in row.get(key, {}):
-            if name not in seen:
-                seen.append(name)
-    return seen
-
-
-def _study_markdown(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
-    auc_orderings, nfr_orderings = _orderings(rows, "auc"), _orderings(rows, "mean_nfr")
-    header = ["method", "self-test", "cross-test (new→old)", "criterion pass", "update gain"]
-    header += [f"AUC {metric} ({name or 'order'})" for name in auc_orderings]
-    header += [f"mean NFR ({name or 'order'})" for name in nfr_orderings]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [
-            str(row["method"]),
-            _fmt(row.get("self_test")),
-            _fmt(row.get("cross_test")),
-            _fmt(row.get("criterion")),
-            _gain(row),
-        ]
-        cells += [_fmt(row["auc"].get(name)) for name in auc_orderings]
-        cells += [_fmt(row["mean_nfr"].get(name)) for name in nfr_orderings]
-        lines.append("| " + " | ".join(cells) + " |")
+def study_markdown(results: StudyResults) -> str:
+    """The study table in Markdown, preceded by the claim rule it applies."""
+    header = table_header(results)
+    lines = [results.rule.describe(results.metric) + ".", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in table_cells(results)]
     return "\n".join(lines)
 
 
@@ -301,13 +191,7 @@ def _flips_png(curves: Mapping[str, Mapping[str, BackfillCurve]]) -> bytes:
 # ------------------------------------------------------------------------------------------------ wandb
 
 
-def _log_to_wandb(
-    logger: Any,
-    files: Mapping[str, Path],
-    matrix: CompatibilityMatrix | None,
-    rows: Sequence[Mapping[str, Any]],
-    prefix: str,
-) -> None:
+def _log_to_wandb(logger: Any, files: Mapping[str, Path], results: StudyResults, prefix: str) -> None:
     run = getattr(logger, "experiment", logger)  # Lightning WandbLogger -> its wandb Run
     if not callable(getattr(run, "log", None)):
         raise TypeError(
@@ -316,25 +200,20 @@ def _log_to_wandb(
     import wandb
 
     payload: dict[str, Any] = {}
+    matrix = results.matrix
     if matrix is not None:
         columns = ["query", "gallery", "R1", "R5", "R10", "mAP", "mINP"]
-        data = [[q, g] + [_json_ready(v.get(k)) for k in columns[2:]] for (q, g), v in matrix.cells.items()]
+        data = [[q, g] + [json_ready(v.get(k)) for k in columns[2:]] for (q, g), v in matrix.cells.items()]
         payload[f"{prefix}/tables/compatibility_matrix"] = wandb.Table(columns=columns, data=data)
-    if rows:
-        scalars = ["method", "self_test", "cross_test", "old_self_test", "criterion", "update_gain"]
-        auc_orderings, nfr_orderings = _orderings(rows, "auc"), _orderings(rows, "mean_nfr")
-        columns = scalars + [f"auc_{o}" for o in auc_orderings] + [f"mean_nfr_{o}" for o in nfr_orderings]
-        data = [
-            [_json_ready(row.get(c)) for c in scalars]
-            + [_json_ready(row["auc"].get(o)) for o in auc_orderings]
-            + [_json_ready(row["mean_nfr"].get(o)) for o in nfr_orderings]
-            for row in rows
-        ]
-        payload[f"{prefix}/tables/study"] = wandb.Table(columns=columns, data=data)
+    if results.methods:  # the same cells as report.md and report.html
+        payload[f"{prefix}/tables/study"] = wandb.Table(columns=table_header(results), data=table_cells(results))
     for key, path in files.items():
         if path.suffix == ".png":
             payload[f"{prefix}/plots/{key}"] = wandb.Image(str(path))
     run.log(payload)
+    summary = getattr(run, "summary", None)
+    if summary is not None and callable(getattr(summary, "update", None)):
+        summary.update(json_ready(results.summary_scalars()))
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -351,22 +230,30 @@ def write_report(
     metric: str = "mAP",
     log_prefix: str = "upgrade",
     protocol: Mapping[str, str] | None = None,
+    rule: ClaimRule | None = None,
+    split_sizes: Mapping[str, int] | None = None,
+    results: StudyResults | None = None,
 ) -> dict[str, Path]:
     """Write the report of an upgrade study (JSON, Markdown, PNG plots), atomically.
+
+    Every number comes from one :class:`~reid_lab.studies.results.StudyResults`: ``results`` when given,
+    else the record :func:`~reid_lab.studies.results.build_results` makes of the other arguments.
 
     Args:
         out_dir: output folder, created if missing.
         matrix: compatibility matrix of the study versions.
         curves: ``{method: {ordering: BackfillCurve}}`` backfilling curves.
-        summary_rows: study rows, see :func:`study_rows` (e.g.
+        summary_rows: study rows, see :func:`~reid_lab.studies.results.build_results` (e.g.
             ``{"method": "bct", "new": "bct", "old": "old", "independent": "indep"}``).
         title: report title (Markdown heading and JSON field).
-        logger: optional wandb ``Run`` or Lightning ``WandbLogger``; tables and images are logged
-            to it. Skipped only when ``None``; a logger without ``log`` raises ``TypeError``.
+        logger: optional wandb ``Run`` or Lightning ``WandbLogger``; tables, images and the run summary
+            (``study/<method>/<quantity>``) are logged to it. A logger without ``log`` raises ``TypeError``.
         metric: metric of the study table and of the AUC column.
         log_prefix: key prefix for the wandb log.
-        protocol: how the study chose and measured (e.g. ``{"evaluation": ..., "validation": ...,
-            "selection": ...}``), recorded in the JSON and as a Markdown section.
+        protocol: how the study chose and measured, recorded in the JSON and as a Markdown section.
+        rule: the claim rule (margin, chance level); default: the margin alone.
+        split_sizes: sizes of the evaluated splits (``query``, ``gallery``, ...), recorded with the protocol.
+        results: the record itself (the other number arguments are then ignored).
 
     Returns:
         ``{"json", "markdown", "compatibility_matrix", "backfill_<metric>", "flips"}`` → paths of
@@ -374,7 +261,10 @@ def write_report(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows = study_rows(matrix, summary_rows, curves, metric) if (summary_rows is not None or curves) else []
+    if results is None:
+        results = build_results(matrix, summary_rows, curves, title=title, metric=metric, rule=rule,
+                                protocol=protocol, split_sizes=split_sizes)
+    matrix, curves = results.matrix, results.curves
     files: dict[str, Path] = {}
 
     # plots first, so a plotting error leaves no half-finished report.json/.md pair
@@ -392,35 +282,36 @@ def write_report(
         if any("NFR" in c.values for c in all_curves):
             files["flips"] = atomic_write_bytes(out / "flips.png", _flips_png(curves))
 
-    report = {
-        "title": title,
-        "metric": metric,
-        "compatibility_matrix": matrix.to_dict() if matrix is not None else None,
-        "curves": {m: {o: c.to_dict() for o, c in by.items()} for m, by in (curves or {}).items()},
-        "study": rows,
-        "protocol": dict(protocol or {}),
-    }
-    text = json.dumps(_json_ready(report), indent=2, allow_nan=False)
+    text = json.dumps(results.to_dict(), indent=2, allow_nan=False)
     files["json"] = atomic_write_bytes(out / "report.json", text.encode("utf-8"))
+    files["markdown"] = atomic_write_bytes(out / "report.md", report_markdown(results, files).encode("utf-8"))
+    if logger is not None:
+        _log_to_wandb(logger, files, results, log_prefix)
+    return files
 
-    sections = [f"# {title}"]
-    if protocol:
-        sections.append("## Protocol\n\n" + "\n".join(f"- **{k}**: {v}" for k, v in protocol.items()))
-    if matrix is not None:
+
+def report_markdown(results: StudyResults, files: Mapping[str, Path] | None = None) -> str:
+    """``report.md``: protocol, split sizes, compatibility matrix, study table (with the claim rule), plots."""
+    sections = [f"# {results.title}"]
+    if results.protocol or results.split_sizes:
+        items = [f"- **{k}**: {v}" for k, v in results.protocol.items()]
+        if results.split_sizes:
+            items.append("- **split sizes**: " + ", ".join(f"{k} {v}" for k, v in results.split_sizes.items()))
+        sections.append("## Protocol\n\n" + "\n".join(items))
+    if results.matrix is not None:
         sections.append("## Compatibility matrix\n\nRows: query model, columns: gallery model (percent).")
-        sections.append(matrix.to_markdown("mAP"))
-        sections.append(matrix.to_markdown("R1"))
-    if rows:
-        sections.append(f"## Upgrade study ({metric}, percent)")
-        sections.append(_study_markdown(rows, metric))
-        if curves:
-            sections.append(f"AUC: the mean of {metric} over the equally spaced backfill-ratio grid from 0 to 1 "
-                            "(FastFill's estimate of the expected metric over the backfilling process).")
-    plots = [path for key, path in files.items() if path.suffix == ".png"]
+        sections.append(results.matrix.to_markdown("mAP"))
+        sections.append(results.matrix.to_markdown("R1"))
+    if results.methods:
+        sections.append(f"## Upgrade study ({results.metric}, percent)")
+        sections.append(study_markdown(results))
+        notes = [f"- {m.method}: {m.note}" for m in results.methods if m.note]
+        if notes:
+            sections.append("\n".join(notes))
+        if results.curves:
+            sections.append(f"AUC: the mean of {results.metric} over the equally spaced backfill-ratio grid from 0 "
+                            "to 1 (FastFill's estimate of the expected metric over the backfilling process).")
+    plots = [path for path in (files or {}).values() if path.suffix == ".png"]
     if plots:
         sections.append("## Plots\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in plots))
-    files["markdown"] = atomic_write_bytes(out / "report.md", ("\n\n".join(sections) + "\n").encode("utf-8"))
-
-    if logger is not None:
-        _log_to_wandb(logger, files, matrix, rows, log_prefix)
-    return files
+    return "\n\n".join(sections) + "\n"

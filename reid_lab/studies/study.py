@@ -25,7 +25,7 @@ training set, a seeded share of its identities is held out (``split/val.json``, 
 :mod:`reid_lab.data.validation`); every stage trains without them and validates on their query / gallery.
 ``selection: best`` keeps each stage's best validation checkpoint: the module's own key (``val/mAP`` or
 ``val/R1``) for the old model and methods without compatible losses, the validation *cross-test*
-(``val/cross/mAP``: new queries against the old model's gallery) for compatible methods; ``last`` keeps the
+(``val/cross/i2i/mAP``, ``val/cross/t2i/mAP`` for caption queries: new queries against the old model's gallery) for compatible methods; ``last`` keeps the
 last epoch. The rule is written into the report. The test split is read only by the evaluation stages.
 
 A study is not tied to one encoder: a stage may train any module on any data module (a ReID CNN on
@@ -53,6 +53,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -84,10 +85,12 @@ from reid_lab.metrics.backfill import (
 )
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_matrix
 from reid_lab.metrics.distance import evaluate_features
+from reid_lab.run_lock import FolderInUse, hold_folder_lock
 from reid_lab.studies.claims import DEFAULT_CLAIM_MARGIN, EVALUATION_SPLIT, chance_level
 from reid_lab.studies.evaluation_split import embed_evaluation_split, training_images
 from reid_lab.studies.html_report import write_html_report
 from reid_lab.studies.report import write_report
+from reid_lab.studies.results import ClaimRule, StudyResults, build_results, console_lines
 from reid_lab.studies.stage_keys import file_digest, stage_key
 from reid_lab.studies.wandb_report import log_study_extras
 from reid_lab.upgrade.adapters import FCTTransformation, train_transformation
@@ -100,6 +103,8 @@ log = logging.getLogger(__name__)
 # "uncertainty" is RACT's entropy order; "uncertainty_margin" / "uncertainty_least_confidence" use the other
 # estimators of reid_lab.metrics.backfill.old_model_uncertainty on the same old-classifier posteriors.
 ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", "oracle", "sigma")
+# Study and method names: folder and file names inside study.out (no "/", "..", dots, quotes or markup).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation", "logger", "validation",
               "selection", "artifacts"}
 VALIDATION_KEYS = {"fraction", "seed"}
@@ -155,7 +160,9 @@ class StudyConfig:
         methods = study["methods"]
         if not isinstance(methods, dict) or not methods:
             raise ValueError(f"{source}: study.methods must map method names to settings, got {methods!r}")
+        _check_name(study["name"], f"{source}: study.name")
         for name, spec in methods.items():
+            _check_name(name, f"{source}: study.methods")
             spec = spec or {}
             methods[name] = spec
             if name == "old":
@@ -229,12 +236,18 @@ class Study:
 
     # ------------------------------------------------------------------------------------------ driver
     def run(self) -> dict[str, Any]:
+        """Validate, then run every stage while holding the study folder (one ``reid-lab upgrade`` writes a
+        study at a time: a second one is refused with the holder's pid; a lock left by a killed run is free)."""
         self.validate()
-        self.out.mkdir(parents=True, exist_ok=True)
+        with hold_folder_lock(self.out, what="study"):
+            return self._run_stages()
+
+    def _run_stages(self) -> dict[str, Any]:
         fractions = self.config.scenario.fractions
         if fractions is not None and len(fractions) > 2:
             return self.run_chain()
         split_files = self.split()
+        self.check_splits({"old": split_files["old"], "new": split_files["new"]})
         checkpoints = {"old": self.train("old", self.config.old, split_files["old"], self.config.scenario.old_model)}
         for method in self.config.trained_methods:
             checkpoints[method] = self.train(
@@ -302,6 +315,37 @@ class Study:
         init["train_subset"] = train_subset
         return DATA_MODULES[class_name](**init)
 
+    def stage_datamodule(self, stage: str, train_subset: str) -> ReIDDataModule | TextImageDataModule:
+        """The data module a training stage (``old`` / ``new``) builds, with its training and validation sets."""
+        spec = self.config.old if stage == "old" else self.config.new
+        cfg = self.compose(list(spec.get("configs") or []), dict(spec.get("overrides") or {}))
+        data = cfg.get("data") or {}
+        class_name = str(data.get("class_path", "reid_lab.data.ReIDDataModule")).split(".")[-1]
+        if class_name not in DATA_MODULES:
+            raise ValueError(f"{self.config.source}: study.{stage}: upgrade studies need data.class_path one of "
+                             f"{sorted(DATA_MODULES)}, got {data.get('class_path')!r}")
+        where = f"{self.config.source}: study.{stage}: data.init_args"
+        init = {k: _instantiate(v, f"{where}.{k}") for k, v in (data.get("init_args") or {}).items()}
+        init["train_subset"] = train_subset
+        if self.val_file is not None:
+            init["val_subset"] = str(self.val_file)
+        return DATA_MODULES[class_name](**init)
+
+    def check_splits(self, train_subsets: dict[str, str]) -> None:
+        """Pre-flight, before anything trains: build every stage's validation query / gallery and the
+        evaluation's test query / gallery, and refuse (naming the split) one with no gallery or a query without
+        a positive; a study would otherwise stop at its first validation, after a stage had trained."""
+        modules = [(f"study.{stage}", self.stage_datamodule(stage, subset)) for stage, subset in train_subsets.items()]
+        modules.append(("study evaluation data", self.datamodule()))
+        for where, dm in modules:
+            check = getattr(dm, "check_evaluation_splits", None)
+            if check is None:
+                continue  # caption data: every caption of an image queries a gallery that holds that image
+            try:
+                check()
+            except ValueError as err:
+                raise ValueError(f"{self.config.source}: {where}: {err}") from err
+
     @property
     def query_modality(self) -> str:
         """``image`` (ReID evaluation) or ``text`` (caption queries against the image gallery)."""
@@ -347,20 +391,43 @@ class Study:
         return [r for r in images if r.pid not in held]
 
     def protocol(self) -> dict[str, str]:
-        """How this study chose its checkpoints and where it measured (recorded in the report)."""
+        """How this study chose its checkpoints and where it measured (recorded in the report), in the words of
+        its evaluation protocol: image queries (ReID) or caption queries against an image gallery."""
+        text = self.query_modality == "text"
+        if text:
+            evaluation = ("test split: every caption of the test images queries the test image gallery (text-to-"
+                          "image, identities disjoint from every training set); a gallery image is a match when it "
+                          "shows the caption's identity; no camera filter")
+        else:
+            evaluation = ("test query / gallery (image-to-image ReID, identities disjoint from every training "
+                          "set); gallery images of the query's identity and camera and junk (pid -1) removed")
         if self.config.validation is None:
-            validation = "none: validation ran on the test split, so checkpoint choices read test data"
+            validation = ("none: validation ran on the test split; no checkpoint is selected on it (every stage "
+                          "keeps its last epoch)")
         else:
             v = self.config.validation
+            inside = ("every caption of a held-out image queries the held-out images" if text else
+                      "query / gallery inside them by camera (the first image of an identity per camera is a "
+                      "query; without cameras, the first image of an identity)")
             validation = (f"held-out training identities ({v['fraction']:.0%}, seed {v['seed']}, {self.val_file}); "
-                          "query / gallery by camera inside them; no training set contains them")
-        if self.config.selection == "last":
+                          f"{inside}; no training set contains them")
+        key = "val/t2i/R1" if text else "val/i2i/mAP"
+        if self.config.selection == "last" or self.config.validation is None:
             selection = "the last epoch of every stage"
         else:
-            selection = ("best validation checkpoint: the module's own key (val/mAP or val/R1) for the old model "
-                         "and methods without compatible losses; the validation cross-test val/cross/mAP (new "
-                         "queries against the old gallery) for compatible methods")
-        return {"evaluation": EVALUATION_SPLIT, "validation": validation, "selection": selection}
+            selection = (f"best validation checkpoint: the module's own key ({key}) for the old model and methods "
+                         f"without compatible losses; the validation cross-test val/cross/{'t2i' if text else 'i2i'}/mAP "
+                         "(new queries against the old gallery) for compatible methods")
+        return {"evaluation": evaluation, "validation": validation, "selection": selection}
+
+    def inside(self, *parts: str) -> Path:
+        """``study.out / parts``, refused unless it resolves inside ``study.out`` (every file a study writes)."""
+        path = self.out.joinpath(*parts)
+        root = self.out.resolve()
+        if not path.resolve().is_relative_to(root):
+            raise ValueError(f"{self.config.source}: {'/'.join(parts)!r} would write {path.resolve()}, outside "
+                             f"study.out {root}")
+        return path
 
     # ---------------------------------------------------------------------------------------- training
     def compose(self, stage_configs: list[str], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -377,7 +444,7 @@ class Study:
     def train(self, version: str, stage: dict[str, Any], train_subset: str, model_overrides: dict[str, Any],
               method_spec: dict[str, Any] | None = None, old_checkpoint: str | None = None) -> str:
         """Stage 2: fit one version with the real LightningCLI; returns its best checkpoint."""
-        stage_dir = self.out / "train" / version
+        stage_dir = self.inside("train", version)
         done = stage_dir / "done.json"
         method_spec = method_spec or {}
         overrides = dict(stage.get("overrides") or {})
@@ -418,7 +485,10 @@ class Study:
         }
         checkpointing: dict[str, Any] = {"dirpath": str(stage_dir / "checkpoints")}
         if method_spec.get("compatible_losses") and self.config.selection == "best":
-            checkpointing["monitor"] = "val/cross/mAP"  # a compatible method is chosen on its cross-test
+            # a compatible method is chosen on its cross-test, under the evaluation's protocol
+            # (the stage's own validation protocol: caption data validates text-to-image, ReID data image-to-image)
+            text_data = str((cfg.get("data") or {}).get("class_path", "")).endswith("TextImageDataModule")
+            checkpointing["monitor"] = f"val/cross/{'t2i' if text_data else 'i2i'}/mAP"
         trainer["callbacks"] = [
             {"class_path": "reid_lab.modules.checkpointing.EmbeddingCheckpoint", "init_args": checkpointing},
             {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
@@ -481,7 +551,7 @@ class Study:
         return self._embed_split(version, checkpoint, into_old_space=True)
 
     def _embed_split(self, version: str, checkpoint: str, into_old_space: bool) -> FeatureSet:
-        path = self.out / "features" / f"{version}{'.in_old_space' if into_old_space else ''}.pt"
+        path = self.inside("features", f"{version}{'.in_old_space' if into_old_space else ''}.pt")
         if path.is_file() and self._fresh(path, self.keys.get(version)):
             return FeatureSet.load(path)
         dm = self.datamodule()
@@ -514,7 +584,7 @@ class Study:
 
         Returns the transformed gallery ``(ng, d_new)`` and, with ``uncertainty``, FastFill's log σ².
         """
-        path = self.out / "features" / f"{name}.transformed_gallery.pt"
+        path = self.inside("features", f"{name}.transformed_gallery.pt")
         t = spec["transformation"]
         key = stage_key(stage="transformation", spec=t, old=self.keys.get("old"), base=self.keys.get(t["of"]))
         if path.is_file() and self._fresh(path, key):
@@ -577,6 +647,8 @@ class Study:
         projected: dict[str, FeatureSet] = {}
         for method in trained:
             if method != "old" and versions[method].dim != versions["old"].dim:
+                if not (self.config.methods.get(method) or {}).get("compatible_losses"):
+                    continue  # trained without the old model: no adapter, no cross-test (n/a in the matrix)
                 projected[method] = self.embed_into_old_space(method, checkpoints[method])
                 result = evaluate_features(projected[method].split()[0].features, old_g.features, q_pids, g_pids,
                                            q_camids, g_camids, metric=distance)
@@ -597,6 +669,10 @@ class Study:
             elif method in projected:  # curves in the old space: adapted new queries and refreshed items
                 q_new, g_new = (fs.features for fs in projected[method].split())
                 stored, log_var = None, None
+            elif versions[method].dim != versions["old"].dim:
+                # no adapter into the old space: its queries cannot search a partly refreshed gallery
+                rows.append(self._summary_row(matrix, method, spec, independent, adapted=set(projected)))
+                continue
             else:
                 q_new, g_new = versions[method].query, versions[method].gallery
                 stored, log_var = None, None
@@ -625,21 +701,23 @@ class Study:
                 q_new, old_g.features, g_new, q_pids, g_pids, q_camids, g_camids, orders, ratios=ratios,
                 old_system=(old_q.features, old_g.features), transformed_old_gallery=stored, metric=distance,
             )
-            rows.append(self._summary_row(matrix, method, spec, independent))
+            rows.append(self._summary_row(matrix, method, spec, independent, adapted=set(projected)))
         self.timings["evaluate/backfill"] = time.perf_counter() - start
 
-        claims = self.record_claims(matrix, checkpoints, features)
+        results = build_results(matrix, rows, curves, title=f"Upgrade study: {self.config.name}",
+                                rule=self.claim_rule(old_q, old_g), protocol=self.protocol(),
+                                split_sizes=self.split_sizes(old_q, old_g))
+        claims = self.record_claims(results, checkpoints, features)
         run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
         try:
-            files = write_report(self.out, matrix=matrix, curves=curves, summary_rows=rows,
-                                 title=f"Upgrade study: {self.config.name}", logger=run, protocol=self.protocol())
+            files = write_report(self.out, results=results, logger=run)
             if run is not None:
-                log_study_extras(run, self.out, json.loads((self.out / "report.json").read_text())["study"],
-                                 artifacts=self.config.artifacts, name=self.config.name)
+                log_study_extras(run, self.out, results.to_dict()["study"], artifacts=self.config.artifacts,
+                                 name=self.config.name)
         finally:
             if run is not None:
                 run.finish()
-        summary = {"matrix": matrix, "curves": curves, "claims": claims, "files": files,
+        summary = {"matrix": matrix, "curves": curves, "claims": claims, "files": files, "results": results,
                    "timings": self.timings}
         atomic_write_text(self.out / "timings.json", json.dumps(self.timings, indent=2))
         files["html"] = write_html_report(self.out)
@@ -650,56 +728,66 @@ class Study:
         return summary
 
     @staticmethod
-    def _summary_row(matrix, method: str, spec: dict[str, Any], independent: str | None) -> dict[str, Any]:
+    def _summary_row(matrix, method: str, spec: dict[str, Any], independent: str | None,
+                     adapted: set[str]) -> dict[str, Any]:
+        """The study-table row of ``method``: which matrix cells are its self-test and cross-test."""
+        ind = independent if independent is not None and matrix.has(independent, independent) else None
         if "transformation" not in spec:
-            row = {"method": method, "new": method, "old": "old"}
-            if independent is not None and matrix.has(independent, independent):
-                row["independent"] = independent
+            row: dict[str, Any] = {"method": method, "new": method, "old": "old", "independent": ind}
+            if not matrix.has(method, "old"):
+                row["note"] = matrix.not_comparable.get((method, "old"), "no cross-test")
+                if not spec.get("compatible_losses"):
+                    row["note"] = ("trained without the old model and of another dimension: no adapter into the "
+                                   "old space, so no cross-test and no backfill curve")
+            elif method in adapted:
+                row["note"] = ("cross-test through its learned adapter into the old space (dimension change); "
+                               "a claim holds for the adapter's outputs, its own space records none")
             return row
         # FCT / FastFill: φ_new is the base model; the cross-test searches h(φ_old) gallery features.
         base = spec["transformation"]["of"]
-        cross, old_self = matrix.cell(method, method), matrix.cell("old", "old")
-        new_self = matrix.cell(base, base)
-        row = {"method": method, "self_test": new_self, "cross_test": cross, "old_self_test": old_self,
-               "criterion": cross > old_self}
-        if independent is not None and matrix.has(independent, independent):
-            denominator = matrix.cell(independent, independent) - old_self
-            row["update_gain"] = (cross - old_self) / denominator if denominator else float("nan")
-        return row
+        return {"method": method, "new": base, "old": "old", "independent": ind, "self_cell": (base, base),
+                "cross_cell": (method, method), "old_self_cell": ("old", "old"),
+                "note": f"cross-test: {base}'s queries against the transformed old gallery h(φ_old)"}
 
-    def record_claims(self, matrix, checkpoints: dict[str, str], features: dict[str, FeatureSet],
-                      pairs: list[tuple[str, str]] | None = None) -> dict[str, bool]:
+    def claim_rule(self, old_q: FeatureSet, old_g: FeatureSet) -> ClaimRule:
+        """The study's claim rule: ``evaluation.claim_margin`` and the chance level of its queries and gallery."""
+        margin = float(self.config.evaluation.get("claim_margin", DEFAULT_CLAIM_MARGIN))
+        chance, chance_std = chance_level(old_q.pids, old_g.pids, old_q.camids, old_g.camids)
+        return ClaimRule(margin=margin, chance=chance, chance_std=chance_std)
+
+    def split_sizes(self, old_q: FeatureSet, old_g: FeatureSet) -> dict[str, int]:
+        """Sizes of what the study evaluated on (test queries and gallery, their identities)."""
+        return {"test queries": len(old_q.pids), "test gallery": len(old_g.pids),
+                "query identities": len(set(torch.as_tensor(old_q.pids).tolist())),
+                "gallery identities": len(set(torch.as_tensor(old_g.pids).tolist()))}
+
+    def record_claims(self, results: StudyResults, checkpoints: dict[str, str],
+                      features: dict[str, FeatureSet]) -> dict[str, bool]:
         """Write a verified compatibility claim into each passing version's checkpoint and feature file.
 
-        ``pairs`` lists (new version, old version); by default every trained method against ``old``.
+        The decisions are the record's (:class:`~reid_lab.studies.results.ClaimDecision`); this only prints
+        them and writes those that hold on a version's own space (a dimension change's cross-test runs through
+        its adapter, so its own space gets no claim, and a transformation is not a checkpoint).
         """
-        if pairs is None:
-            pairs = [(m, "old") for m in self.config.trained_methods]
-        margin = float(self.config.evaluation.get("claim_margin", DEFAULT_CLAIM_MARGIN))
-        old_q, old_g = features["old"].split()
-        chance, chance_std = chance_level(old_q.pids, old_g.pids, old_q.camids, old_g.camids)
-        chance_margin = max(margin, 3 * chance_std)
+        for line in console_lines(results):
+            print(line)
         claims = {}
-        for new, old in pairs:
-            if not (matrix.has(new, old) and matrix.has(old, old)):
+        for m in results.methods:
+            decision, new, old = m.claim, m.new, m.old
+            if decision is None or new != m.method or new not in checkpoints or old not in features:
                 continue
-            cross, reference = matrix.cell(new, old, "mAP"), matrix.cell(old, old, "mAP")
-            if not (cross > reference + margin and cross > chance + chance_margin):
-                print(f"[claims] {new} on {old}: no claim (cross-test mAP {cross:.2f}, old self-test "
-                      f"{reference:.2f}, margin {margin:.2f}, chance {chance:.2f} ± {chance_std:.2f})")
-                claims[new] = False
+            claims[new] = False
+            if not decision.holds:
                 continue
             if features[new].space.get("dim") != features[old].space.get("dim"):
-                # its own space cannot search the old gallery; only its adapter's outputs can (not a claim yet)
-                print(f"[claims] {new}: criterion holds through its adapter into {old}'s space; no claim is "
-                      f"recorded on its own {features[new].space.get('dim')}-d space")
-                claims[new] = False
-                continue
+                continue  # the note in the record says why
             space = dict(features[new].space)
-            add_claim(space, features[old].space, metric="mAP", cross=cross, reference=reference, margin=margin,
-                      chance=chance, chance_margin=chance_margin, dataset=self.config.name, split=EVALUATION_SPLIT)
+            add_claim(space, features[old].space, metric=results.metric, cross=decision.cross,
+                      reference=decision.reference, margin=decision.margin, chance=decision.chance,
+                      chance_margin=decision.chance_margin, dataset=self.config.name,
+                      split=results.protocol.get("evaluation", EVALUATION_SPLIT))
             features[new].space = space
-            features[new].save(self.out / "features" / f"{new}.pt")
+            features[new].save(self.inside("features", f"{new}.pt"))
             ckpt = read_checkpoint(checkpoints[new])
             ckpt["embedding_space"] = space
             atomic_torch_save(ckpt, checkpoints[new])
@@ -749,26 +837,30 @@ class Study:
         matrix = compatibility_matrix(versions, old_q.pids, old_g.pids, old_q.camids, old_g.camids,
                                       metric=self.config.evaluation.get("distance", "cosine"), pairs=pairs)
         scores = {m: multi_step_scores(matrix, chain) for m, chain in chains.items()}
-        claims = self.record_claims(matrix, checkpoints, features,
-                                    pairs=[(c[t], c[t - 1]) for c in chains.values() for t in range(1, len(c))])
-        rows = [{"method": m, "new": chain[-1], "old": "old", "AC": scores[m]["AC"], "AM": scores[m]["AM"]}
-                for m, chain in chains.items()]
+        rows: list[dict[str, Any]] = []
+        for m, chain in chains.items():
+            rows.append({"method": m, "new": chain[-1], "old": "old", "AC": scores[m]["AC"], "AM": scores[m]["AM"],
+                         "note": f"chain {' → '.join(chain)}; AC / AM over its lower-triangular matrix (CoReS)"})
+            rows += [{"method": chain[t], "new": chain[t], "old": chain[t - 1]} for t in range(1, len(chain))]
+        results = build_results(matrix, rows, None, title=f"Multi-step upgrade study: {self.config.name}",
+                                rule=self.claim_rule(old_q, old_g), protocol=self.protocol(),
+                                split_sizes=self.split_sizes(old_q, old_g))
+        claims = self.record_claims(results, checkpoints, features)
         run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
         try:
-            files = write_report(self.out, matrix=matrix, summary_rows=rows, logger=run, protocol=self.protocol(),
-                                 title=f"Multi-step upgrade study: {self.config.name}")
+            files = write_report(self.out, results=results, logger=run)
         finally:
             if run is not None:
                 run.finish()
         lines = ["", "## Multi-step compatibility (CoReS)", "",
                  "| method | chain | AC | AM (mAP %) |", "|---|---|---|---|"]
-        lines += [f"| {m} | {' → '.join(chains[m])} | {scores[m]['AC']:.2f} | {scores[m]['AM']:.2f} |"
-                  for m in chains]
+        lines += [f"| {m} | {' → '.join(chains[m])} | {results.method(m).extra['AC']:.2f} | "
+                  f"{results.method(m).extra['AM']:.2f} |" for m in chains]
         report_md = self.out / "report.md"
         atomic_write_text(report_md, report_md.read_text() + "\n".join(lines) + "\n")
         print(report_md.read_text())
         return {"matrix": matrix, "chains": chains, "scores": scores, "claims": claims, "files": files,
-                "timings": self.timings}
+                "results": results, "timings": self.timings}
 
 
 def _report_run(name: str, out: Path):
@@ -789,6 +881,15 @@ def _instantiate(value: Any, where: str) -> Any:
     except (ImportError, AttributeError, ValueError) as err:
         raise ValueError(f"{where}: cannot import {value['class_path']!r}: {err}") from err
     return cls(**{k: _instantiate(v, where) for k, v in (value.get("init_args") or {}).items()})
+
+
+def _check_name(name: Any, where: str) -> None:
+    """Study and method names become folder and file names under ``study.out`` and wandb run names: they must
+    match :data:`NAME_PATTERN` (no path separators, no dots, no quotes or markup)."""
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{where}: name {name!r} is not allowed; names are 1-64 characters of letters, digits, "
+                         "'_' and '-', starting with a letter or digit (they become folder and file names "
+                         "inside study.out)")
 
 
 def _check_keys(mapping: Any, allowed: set[str], where: str) -> None:
@@ -815,7 +916,11 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"reid-lab upgrade: {err}", file=sys.stderr)
         return 2
-    study.run()
+    try:
+        study.run()
+    except FolderInUse as err:
+        print(f"reid-lab upgrade: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

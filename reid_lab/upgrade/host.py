@@ -21,6 +21,7 @@ provides. UniBCT-style refreshes happen inside :meth:`CompatibilityHost.on_train
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -30,8 +31,9 @@ from reid_lab.data.views import TrainingSetView
 from reid_lab.embedding.embedder import Embedder
 from reid_lab.embedding.extract import embed_batches
 from reid_lab.losses.compatible import CompatibleInputs, CompatibleLoss, build_compatible_loss
+from reid_lab.losses.compatible.base import EXTRAS_KEYS
 from reid_lab.upgrade.adapters import DimensionAdapter
-from reid_lab.upgrade.class_state import ClassLevelState, old_label_of_new
+from reid_lab.upgrade.class_state import TENSORS, ClassLevelState, identity_of_new, old_label_of_new
 from reid_lab.upgrade.old_model import FrozenEncoder, load_frozen_encoder
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,12 @@ class CompatibilityHost(nn.Module):
             paired with itself.
         old_train_subset: training-subset file of φ_old (default: read from its checkpoint's data
             hyper-parameters); used to map new classes to old classifier rows.
+        new_num_classes: ``C_new``, the new encoder's classifier size (0: none); the module passes it, so
+            plugins with per-class parameters (AdvBCT) can create them in
+            :meth:`~reid_lab.losses.compatible.CompatibleLoss.bind`.
+
+    Plugins are submodules: their parameters (AdvBCT's discriminator) are trained by the new model's
+    optimiser and saved in its checkpoint.
     """
 
     def __init__(
@@ -72,6 +80,7 @@ class CompatibilityHost(nn.Module):
         adapter: str = "linear",
         pairings: list[str] | None = None,
         old_train_subset: str | None = None,
+        new_num_classes: int = 0,
     ) -> None:
         super().__init__()
         self.old: FrozenEncoder = load_frozen_encoder(old_checkpoint)
@@ -82,6 +91,8 @@ class CompatibilityHost(nn.Module):
         self.adapter = DimensionAdapter(new_dim, self.old_dim, kind=adapter)
         self.adapter_kind = adapter
         self.plugins = nn.ModuleList(build_plugins(compatible_losses))
+        for plugin in self.plugins:
+            plugin.bind(old_dim=self.old_dim, new_dim=int(new_dim), num_classes=int(new_num_classes))
         if pairings is None:
             pairings = [f"{m}->{m}" for m in new_modalities if m in self.old.modalities]
         self.pairings = [parse_pairing(p) for p in pairings]
@@ -121,7 +132,9 @@ class CompatibilityHost(nn.Module):
                                          device=device)["embedding"]
         old_of_new = old_label_of_new(view.records, view.raw_records, self.old_train_subset)
         encoder = self.old.encoder
-        self.state.prepare(old_features, labels, old_of_new, encoder.classifier_weight, encoder.num_classes)
+        identity = identity_of_new(view.records, view.raw_records) if "class_identity" in self.needs else None
+        self.state.prepare(old_features, labels, old_of_new, encoder.classifier_weight, encoder.num_classes,
+                           class_identity=identity)
         if self._restored_state is not None:
             self.state.load_state_dict(self._restored_state)
             self._restored_state = None
@@ -166,6 +179,7 @@ class CompatibilityHost(nn.Module):
     # -------------------------------------------------------------------------------------- training
     def forward(self, batch: dict[str, Any], new_embeddings: dict[str, Tensor], labels: Tensor, epoch: int,
                 new_classifier: Tensor | None = None, new_logits: Tensor | None = None,
+                progress: float | None = None, max_epochs: int | None = None,
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the compatible losses over every pairing for one batch, and the logged parts.
 
@@ -176,6 +190,8 @@ class CompatibilityHost(nn.Module):
             epoch: current epoch.
             new_classifier: ``(C_new, d_new)`` φ_new's classifier weight (with gradients), if it has one.
             new_logits: ``(B, C_new)`` φ_new's image logits, if it has a classifier.
+            progress: fraction of the planned optimiser steps done (:func:`training_schedule`), or None.
+            max_epochs: the trainer's planned epochs, or None.
         """
         old_modalities = sorted({old for _, old in self.pairings})
         old_out = self.old.encode({m: batch[m] for m in old_modalities})
@@ -183,10 +199,9 @@ class CompatibilityHost(nn.Module):
         extras: dict[str, Tensor] = {}
         if new_classifier is not None:
             extras["new_classifier"] = self.adapter(new_classifier.float())
-        if state.boundaries is not None:
-            extras["boundaries"] = state.boundaries
-        if state.old_class_index is not None:
-            extras["old_class_index"] = state.old_class_index
+        for key in sorted(EXTRAS_KEYS & set(TENSORS)):  # boundaries, AdvBCT's radii, identities, ...
+            if getattr(state, key) is not None:
+                extras[key] = getattr(state, key)
         total: Tensor | None = None
         parts: dict[str, Tensor] = {}
         for new_m, old_m in self.pairings:
@@ -203,6 +218,8 @@ class CompatibilityHost(nn.Module):
                 epoch=epoch,
                 extras=extras,
                 old_class_weight=state.old_class_weight,
+                progress=progress,
+                max_epochs=max_epochs,
             )
             prefix = f"{new_m}2{old_m}/"
             for plugin in self.plugins:
@@ -217,6 +234,21 @@ class CompatibilityHost(nn.Module):
         if total is None:  # no plugin: an independent φ_new*; a zero that keeps the graph
             total = sum(e.sum() for e in new_embeddings.values()) * 0.0
         return total, parts
+
+
+def training_schedule(trainer: Any, global_step: int) -> dict[str, Any]:
+    """``{"progress": global_step / planned steps, "max_epochs": ...}`` of a Lightning trainer, for the host.
+
+    Empty without a trainer; ``progress`` is left out when the plan is open-ended (``max_epochs=-1``).
+    """
+    if trainer is None:
+        return {}
+    max_epochs = getattr(trainer, "max_epochs", None)
+    out: dict[str, Any] = {"max_epochs": max_epochs if max_epochs and max_epochs > 0 else None}
+    total = trainer.estimated_stepping_batches
+    if total and math.isfinite(total):
+        out["progress"] = min(1.0, float(global_step) / float(total))
+    return out
 
 
 def build_plugins(specs: list[dict[str, Any]] | None) -> list[CompatibleLoss]:

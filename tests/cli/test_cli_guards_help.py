@@ -75,6 +75,6 @@ def test_fit_at_lr_1e6_exits_non_zero_naming_the_step(tiny_synthetic, tmp_path, 
                                      "--trainer.max_epochs=3", "--trainer.check_val_every_n_epoch=1")])
     err = capsys.readouterr().err
     assert code == 1
-    assert "training diverged at global step 1 (epoch 0" in err and "exploded" in err
+    assert "training diverged at global step 1 (epoch 1," in err and "exploded" in err
     assert "train/ce=" in err and "none written before the divergence" in err
     assert not list(tmp_path.rglob("*.ckpt"))  # no "best" (or any) checkpoint of a diverged run

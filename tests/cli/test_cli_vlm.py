@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -44,15 +45,16 @@ def test_fit_with_grad_cache_then_test_and_predict(tiny_synthetic, tmp_path, cli
     fit = run_lightning_cli(["fit", *args])
     fit.trainer.logger.experiment.finish()
     assert not fit.model.automatic_optimization and fit.trainer.global_step == 2  # one optimiser step per batch
-    best = fit.trainer.checkpoint_callback.best_model_path
+    best = fit.trainer.checkpoint_callback.last_model_path  # validated on the test split: last.ckpt only
+    assert fit.trainer.checkpoint_callback.best_model_path == ""
     checkpoint = read_checkpoint(best)
     assert checkpoint["encoder"]["init_args"]["lora"] == {"r": 4, "dropout": 0.1}
     assert checkpoint["embedding_space"]["modalities"] == ["image", "text"]
     test = run_lightning_cli(["test", *args, "--ckpt_path", best])
     test.trainer.logger.experiment.finish()
     metrics = test.trainer.callback_metrics
-    epoch = checkpoint["epoch"]
-    assert f"[test, checkpoint of epoch {epoch}] test: R1" in capsys.readouterr().out
+    epoch = checkpoint["epoch"] + 1  # Lightning stores the 0-based index; lines count epochs from 1
+    assert f"[test, checkpoint of epoch {epoch}] test/t2i: R1" in capsys.readouterr().out
     outs = {}
     for modality in ("text", "image"):
         out = tmp_path / f"{modality}.pt"
@@ -65,8 +67,8 @@ def test_fit_with_grad_cache_then_test_and_predict(tiny_synthetic, tmp_path, cli
     q = torch.nn.functional.normalize(captions.features, dim=1)
     g = torch.nn.functional.normalize(images.features, dim=1)
     reference = evaluate_rank_reference(1 - q @ g.T, captions.pids, images.pids)
-    assert float(metrics["test/R1"]) == pytest.approx(100 * reference.cmc[0], abs=1e-3)
-    assert float(metrics["test/mAP"]) == pytest.approx(100 * reference.mAP, abs=1e-3)
+    assert float(metrics["test/t2i/R1"]) == pytest.approx(100 * reference.cmc[0], abs=1e-3)
+    assert float(metrics["test/t2i/mAP"]) == pytest.approx(100 * reference.mAP, abs=1e-3)
 
 
 def test_a_caption_tokenizer_with_another_instruction_is_refused(tiny_synthetic, tmp_path, cli_argv, processor):
@@ -76,7 +78,7 @@ def test_a_caption_tokenizer_with_another_instruction_is_refused(tiny_synthetic,
 
 
 def test_fit_and_test_on_instruction_pairs(tiny_synthetic, tmp_path, cli_argv, processor, capsys):
-    """MMEB-style pairs: GradCache training with hard negatives; test/P@1 equals a per-item recomputation."""
+    """MMEB-style pairs: GradCache training with hard negatives; test/pairs/P@1 equals a per-item recomputation."""
     from reid_lab.data.pairs import load_pairs, synthetic_pairs, write_pairs
     from reid_lab.modules.vlm import VLMEmbeddingModule
 
@@ -91,11 +93,15 @@ def test_fit_and_test_on_instruction_pairs(tiny_synthetic, tmp_path, cli_argv, p
             f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.default_root_dir={tmp_path}"]
     fit = run_lightning_cli(["fit", *args])
     fit.trainer.logger.experiment.finish()
-    best = fit.trainer.checkpoint_callback.best_model_path
-    assert "-P@1" in Path(best).name  # selected on Precision@1
+    assert fit.model.monitor == "val/pairs/P@1" and "val/pairs/P@1" in fit.trainer.callback_metrics
+    # no val_pairs: validation scored the test pairs, so no checkpoint was chosen on them
+    assert fit.trainer.checkpoint_callback.best_model_path == ""
+    best = fit.trainer.checkpoint_callback.last_model_path
+    assert "validation (val/pairs/*): the test pairs" in capsys.readouterr().out
     result = run_lightning_cli(["test", *args, "--ckpt_path", best])
     result.trainer.logger.experiment.finish()
-    assert "candidates each (chance 20.00)" in capsys.readouterr().out
+    assert re.search(r"\[test, checkpoint of epoch 1\] test/pairs: P@1 [\d.]+ over 24 queries, 5 candidates each "
+                     r"\(chance 20\.00\)", capsys.readouterr().out)
     module = VLMEmbeddingModule.load_from_checkpoint(best, map_location="cpu").eval()
     dm = result.datamodule
     hits = 0
@@ -110,7 +116,7 @@ def test_fit_and_test_on_instruction_pairs(tiny_synthetic, tmp_path, cli_argv, p
             q = one(record.query)
             scores = [float(q @ one(c)) for c in (record.target, *record.negatives)]
             hits += scores[0] > max(scores[1:])
-    assert float(result.trainer.callback_metrics["test/P@1"]) == pytest.approx(100 * hits / 24, abs=1e-3)
+    assert float(result.trainer.callback_metrics["test/pairs/P@1"]) == pytest.approx(100 * hits / 24, abs=1e-3)
 
 
 def _ddp_step(root: Path, tmp: Path, processor: Path, chunk: int | None) -> dict[str, torch.Tensor]:
@@ -160,7 +166,6 @@ def test_pair_precision_at_1_of_two_ranks_equals_one_process(tiny_synthetic, tmp
     Precision@1 and its query count equal one process's on the same checkpoint. Before the counts were reduced,
     each rank would have printed the P@1 of its own half."""
     import os
-    import re
     import subprocess
     import sys
 
@@ -181,7 +186,7 @@ def test_pair_precision_at_1_of_two_ranks_equals_one_process(tiny_synthetic, tmp
     test_args = ["test", *args, "--ckpt_path", str(ckpt), "--trainer.logger=false", "--trainer.callbacks=[]"]
 
     def p1_line(output: str) -> str:
-        lines = [line for line in output.splitlines() if re.match(r"^\[test[^\]]*\] test: P@1", line)]
+        lines = [line for line in output.splitlines() if re.match(r"^\[test[^\]]*\] test/pairs: P@1", line)]
         assert len(lines) == 1, output[-3000:]  # printed once, by rank 0
         return lines[0]
 

@@ -18,4 +18,4 @@ def test_random_weights_on_purpose(tiny_synthetic, tmp_path, cli_argv, capsys):
     cli = run_lightning_cli(["test", *_tiny_overrides(tiny_synthetic, tmp_path), "--ckpt_path", "random"])
     cli.trainer.logger.experiment.finish()
     assert "the model's initial weights are used" in capsys.readouterr().out
-    assert "test/mAP" in cli.trainer.callback_metrics
+    assert "test/i2i/mAP" in cli.trainer.callback_metrics

@@ -121,7 +121,7 @@ def test_skip_bad_images_trains_without_them_and_reports(corrupted, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="reid_lab.data"):
         trainer = _trainer(tmp_path, counter)
         trainer.fit(module, dm)  # reads every remaining train, query and gallery image
-    assert counter.batches == 2 and "val/mAP" in trainer.callback_metrics
+    assert counter.batches == 2 and "val/i2i/mAP" in trainer.callback_metrics
     warning = "\n".join(r.getMessage() for r in caplog.records)
     assert "skipping 3 unreadable image(s)" in warning and all(path in warning for path in bad)
     assert str(root / REPORT_NAME) in warning

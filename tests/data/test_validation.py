@@ -90,3 +90,44 @@ def test_caption_data_validates_on_held_out_images_captions(tiny_synthetic, tmp_
     assert dm.num_classes == plain.num_classes - 2
     assert not ({r.path for r in images} & {r.path for r in dm.train_records})
     assert dm.eval_records("test") == plain.eval_records("test")
+
+
+def _camera_less_folder(root, identities=10, images=4):
+    """A ``folder`` dataset without camera labels: ``root/<identity>/<n>.png`` (every image its own camid)."""
+    from PIL import Image
+
+    for i in range(identities):
+        for k in range(images):
+            path = root / f"person{i:02d}" / f"{k}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (16, 32), (20 * i, 10 * k, 100)).save(path)
+    return root
+
+
+def test_camera_less_folder_data_validates_with_one_query_per_identity(tmp_path):
+    """The issue's crash: 3 held-out identities gave 30 queries and 0 gallery items, because each image of a
+    camera-less folder dataset has its own camid. Now: the first image of each identity is its query."""
+    root = _camera_less_folder(tmp_path / "photos")
+    dm = ReIDDataModule(dataset="folder", root=str(root), image_size=(32, 16), check_images=False,
+                        val_fraction=0.3, dataset_options={"train_fraction": 0.7})
+    assert dm.splits.meta["cameras_known"] is False
+    records, is_query = dm.val_eval_records()
+    held = {r.pid for r in dm.val_records}
+    query = [r for r, q in zip(records, is_query) if q]
+    gallery = [r for r, q in zip(records, is_query) if not q]
+    assert len(held) == 2  # round(0.3 * 7 training identities)
+    assert sorted(r.pid for r in query) == sorted(held)  # one query per held-out identity ...
+    assert len(gallery) == 3 * len(held)  # ... and its other 3 images as its gallery
+    assert all(q.path.endswith("0.png") for q in query)  # the first by path
+    dm.check_evaluation_splits()
+
+
+def test_check_query_gallery_names_the_split_and_the_query_without_a_positive():
+    from reid_lab.data.validation import check_query_gallery
+
+    with pytest.raises(ValueError, match="the market validation split has 3 query and 0 gallery items"):
+        check_query_gallery([Rec("q", 1, 0)] * 3, [], "market validation")
+    query, gallery = [Rec("q1", 1, 0), Rec("q2", 2, 0)], [Rec("g1", 1, 1), Rec("g2", 2, 0)]
+    with pytest.raises(ValueError, match=r"1 of 2 queries without a positive .*'q2', identity 2.*another camera"):
+        check_query_gallery(query, gallery, "test")  # identity 2's only gallery image shares its camera
+    check_query_gallery(query, gallery, "test", cameras_known=False)  # without cameras it is a positive

@@ -99,9 +99,12 @@ def test_json_round_trips(report):
     assert again.values == curves["bct"]["random"].values
     assert [q.tolist() for q in again.negative_flip_queries] == [[], [2], [1, 4]]
     (row,) = data["study"]
-    assert row["criterion"] is True
-    assert row["update_gain"] == pytest.approx((45 - 40) / (60 - 40))
-    assert row["update_gain_inputs"] == {"cross_minus_old": 5.0, "independent_minus_old": 20.0}
+    assert row["claim"]["holds"] is True and row["claim"]["margin"] == 1.0 and row["claim"]["chance"] is None
+    assert row["update_gain"] == {"value": pytest.approx((45 - 40) / (60 - 40)), "cross_minus_old": 5.0,
+                                  "independent_minus_old": 20.0}
+    from reid_lab.studies.results import StudyResults
+
+    assert StudyResults.from_dict(data).to_dict() == data  # the record round-trips exactly
     assert row["auc"] == pytest.approx({"random": 50.0, "uncertainty": 51.0})
     assert row["mean_nfr"] == pytest.approx({"random": 2.0, "uncertainty": 5 / 3})
 
@@ -112,9 +115,10 @@ def test_markdown_has_tables_and_values(report):
     assert text.startswith("# Market half-ID upgrade")
     assert "| mAP (%) query ↓ / gallery → | old | bct | indep | wide |" in text
     assert "| R1 (%) query ↓ / gallery → |" in text
-    header = "| method | self-test | cross-test (new→old) | criterion pass | update gain | AUC mAP (random) |"
+    header = "| method | self-test | cross-test (new→old) | old self-test | claim | update gain | AUC mAP (random) |"
     assert header in text
-    assert "| bct | 55.00 | 45.00 | ✓ | 0.250 (+5.00 / +20.00) | 50.00 | 51.00 | 2.00 | 1.67 |" in text
+    assert "| bct | 55.00 | 45.00 | 40.00 | yes | 0.250 (+5.00 / +20.00) | 50.00 | 51.00 | 2.00 | 1.67 |" in text
+    assert "claim: cross-test mAP > old self-test + 1.00 (chance level not measured)" in text
     assert "n/a" in text  # wide vs old
     assert "![flips](flips.png)" in text
 
@@ -125,7 +129,7 @@ def test_study_rows_explicit_values_win_and_criterion_fails():
         [{"method": "indep", "new": "indep", "old": "old"}, {"method": "given", "cross_test": 1.0}],
         None,
     )
-    assert rows[0]["criterion"] is False and rows[0]["update_gain"] is None
+    assert rows[0]["claim"]["holds"] is False and rows[0]["update_gain"] is None
     assert rows[1]["cross_test"] == 1.0 and rows[1]["auc"] == {}
     with pytest.raises(ValueError, match="'method'"):
         study_rows(_matrix(), [{"new": "bct"}], None)
@@ -179,11 +183,15 @@ def test_curve_styles_never_repeat_in_a_4x4_study():
 
 def test_an_update_gain_over_a_tiny_denominator_is_withheld_with_its_inputs():
     from reid_lab.metrics.compatibility import CompatibilityMatrix
-    from reid_lab.studies.report import _study_markdown, study_rows
+    from reid_lab.studies.report import study_markdown
+    from reid_lab.studies.results import build_results
 
     cells = {("old", "old"): _cells(40.0), ("bct", "old"): _cells(44.0), ("bct", "bct"): _cells(41.0),
              ("indep", "indep"): _cells(40.2)}
     matrix = CompatibilityMatrix(("old", "bct", "indep"), cells, set())
-    rows = study_rows(matrix, [{"method": "bct", "new": "bct", "old": "old", "independent": "indep"}], None)
-    assert rows[0]["update_gain"] == pytest.approx(4.0 / 0.2)  # 20: an extreme ratio of two small differences
-    assert "| n/a (+4.00 / +0.20) |" in _study_markdown(rows, "mAP")
+    results = build_results(matrix, [{"method": "bct", "new": "bct", "old": "old", "independent": "indep"}], None)
+    gain = results.method("bct").update_gain
+    # 4.0 / 0.2 = 20 would be an extreme ratio of two small differences: withheld in the record itself
+    assert gain.value is None and (gain.cross_minus_old, gain.independent_minus_old) == pytest.approx((4.0, 0.2))
+    assert "| n/a (+4.00 / +0.20) |" in study_markdown(results)
+    assert results.summary_scalars()["study/bct/update_gain"] is None

@@ -181,7 +181,8 @@ def test_a_dimension_change_study_reports_the_cross_test_through_the_adapter(tin
     out = tmp_path / "dim"
     study = _study(tiny_synthetic, out)["study"]
     study["scenario"]["new_model"] = {"backbone": "resnet18", "embedding_dim": 64}
-    study["methods"] = {"bct": {"compatible_losses": [{"name": "bct"}], "adapter": "linear"}}
+    # independent: trained without the old model, so no adapter into the old space (it crashed the evaluation)
+    study["methods"] = {"independent": {}, "bct": {"compatible_losses": [{"name": "bct"}], "adapter": "linear"}}
     study["evaluation"] = {"orderings": ["random"], "ratios": [0, 0.5, 1.0]}
     config = tmp_path / "dim.yaml"
     config.write_text(yaml.safe_dump({"study": study}))
@@ -198,6 +199,11 @@ def test_a_dimension_change_study_reports_the_cross_test_through_the_adapter(tin
     assert FeatureSet.load(out / "features" / "bct.pt").features.shape[1] == 64
     assert cells[("bct", "old")] == pytest.approx(100 * cross.mAP, abs=1e-4)
     assert "bct" in report["curves"]
+    rows = {r["method"]: r for r in report["study"]}
+    assert ("independent", "old") not in cells and rows["independent"]["cross_test"] is None
+    assert rows["independent"]["claim"] is None and "no adapter" in rows["independent"]["note"]
+    assert rows["bct"]["claim"]["cross"] == pytest.approx(cells[("bct", "old")])
+    assert not (out / "features" / "independent.in_old_space.pt").exists()
 
 
 def _poison_test_labels(root: Path) -> None:
@@ -246,13 +252,13 @@ def test_checkpoints_are_selected_without_reading_the_test_split(tiny_synthetic,
         assert "optimizer_states" in torch.load(last, weights_only=True)
         if best != last:
             assert "optimizer_states" not in torch.load(best, weights_only=True)
-    assert "val/cross/mAP" in clean["bct"]["val"]  # a compatible method is chosen on its validation cross-test
+    assert "val/cross/i2i/mAP" in clean["bct"]["val"]  # a compatible method is chosen on its validation cross-test
     assert Path(clean["bct"]["checkpoint"]).name.startswith("epoch") and "mAP" in Path(clean["bct"]["checkpoint"]).name
     cells = {(c["query"], c["gallery"]): c["mAP"] for c in clean["report"]["compatibility_matrix"]["cells"]}
     moved = {(c["query"], c["gallery"]): c["mAP"] for c in poisoned["report"]["compatibility_matrix"]["cells"]}
     assert cells[("old", "old")] != pytest.approx(moved[("old", "old")], abs=1e-6)
     protocol = clean["report"]["protocol"]
-    assert "held-out training identities" in protocol["validation"] and "val/cross/mAP" in protocol["selection"]
+    assert "held-out training identities" in protocol["validation"] and "val/cross/i2i/mAP" in protocol["selection"]
     val = json.loads((tmp_path / "clean" / "split" / "val.json").read_text())
     trained = {p for side in ("old", "new") for p in json.loads(
         (tmp_path / "clean" / "split" / f"{side}.json").read_text())["paths"]}

@@ -9,6 +9,7 @@ import pytest
 
 from reid_lab.studies.wandb_report import FLIP_COLUMNS, log_study_extras
 from tests.studies.test_html_report import _study
+from tests.wandb_records import is_complete
 
 
 def test_flipped_queries_table_configs_and_artifacts_land_in_the_offline_run(tmp_path):
@@ -24,6 +25,7 @@ def test_flipped_queries_table_configs_and_artifacts_land_in_the_offline_run(tmp
         counts = log_study_extras(run, study, rows, artifacts=True, name="tiny")
     finally:
         run.finish()
+    wandb.teardown()  # wait for wandb's service to finish writing the run's files before reading them
     assert counts == {"flipped_rows": 1, "artifacts": 3}  # features old + bct, the old stage's selected model
 
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
@@ -36,7 +38,9 @@ def test_flipped_queries_table_configs_and_artifacts_land_in_the_offline_run(tmp
     assert row[0] == "bct" and row[1] == 1 and row[4] == 100.0 and row[5] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2, abs=0.01)
     assert row[3] == "Image" and row[6] == "Image"  # pictures (kept in the run's table artifact)
 
-    log = next(run_dir.glob("run-*.wandb")).read_bytes()
+    log_file = next(run_dir.glob("run-*.wandb"))
+    assert is_complete(log_file)  # the whole log, up to its exit record (not a 7-byte header)
+    log = log_file.read_bytes()
     for expected in (b"tiny-features-old", b"tiny-features-bct", b"tiny-model-old", b"epoch001-mAP40.00.ckpt",
                      b"mobilenet_v2"):  # artifacts, their files, and the stage config in the run config
         assert expected in log, expected

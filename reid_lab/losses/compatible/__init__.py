@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from reid_lab.losses.compatible.advbct import AdvBCTLoss
 from reid_lab.losses.compatible.base import CompatibleInputs, CompatibleLoss, CompatibleLossOutput
 from reid_lab.losses.compatible.bct import BCTInfluenceLoss, BCTPrototypeLoss
 from reid_lab.losses.compatible.contrastive import ContrastiveN2O
@@ -16,6 +17,7 @@ from reid_lab.losses.compatible.distillation import FocalDistillationLoss, LwFLo
 from reid_lab.losses.compatible.lce import LCELoss
 from reid_lab.losses.compatible.ract import BCTRACTLoss, RACTLoss, TripletRACTLoss
 from reid_lab.losses.compatible.regression import CosineRegression, L2Regression
+from reid_lab.losses.compatible.simplex import SimplexLoss
 from reid_lab.losses.compatible.unibct import UniBCTLoss
 
 COMPATIBLE_LOSSES: dict[str, type[CompatibleLoss]] = {
@@ -31,6 +33,8 @@ COMPATIBLE_LOSSES: dict[str, type[CompatibleLoss]] = {
     "unibct": UniBCTLoss,
     "pct": FocalDistillationLoss,
     "lwf": LwFLoss,
+    "advbct": AdvBCTLoss,
+    "simplex": SimplexLoss,
 }
 
 

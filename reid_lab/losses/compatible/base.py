@@ -16,7 +16,9 @@ import torch
 from torch import Tensor, nn
 
 #: Keys of :attr:`CompatibleInputs.extras` that a plugin may list in ``needs`` / ``uses``.
-EXTRAS_KEYS: frozenset[str] = frozenset({"new_classifier", "boundaries", "old_class_index"})
+EXTRAS_KEYS: frozenset[str] = frozenset(
+    {"new_classifier", "boundaries", "old_class_index", "old_means", "old_radii", "old_seen", "class_identity"}
+)
 
 
 @dataclass
@@ -47,7 +49,11 @@ class CompatibleInputs:
         old_class_weight: ``(C_old, d_old)`` the old model's trained classifier matrix in the old label space
             (logits ``= features @ old_class_weight.T``, no bias). Frozen, no gradients. Unlike
             ``old_classifier`` it is not re-indexed by new labels and has no synthesised rows.
-        epoch: current training epoch (plugins with warm-up schedules read it).
+        epoch: current training epoch, counted from 0 (plugins with warm-up schedules read it).
+        progress: fraction of the planned optimiser steps done, in ``[0, 1]`` (``global_step /
+            estimated_stepping_batches``), or None when the host runs without a trainer (AdvBCT's gradient
+            reversal schedule).
+        max_epochs: the trainer's planned number of epochs, or None (AdvBCT's adversarial weight decay).
         extras: named tensors for single plugins, each listed in a plugin's ``needs`` / ``uses`` when read:
 
             - ``"new_classifier"``: ``(C_new, d_old)`` the new model's classifier weight, mapped to the old
@@ -56,6 +62,16 @@ class CompatibleInputs:
               (:func:`~reid_lab.losses.compatible.prototypes.class_boundaries`). No gradients.
             - ``"old_class_index"``: ``(C_old,)`` int64; old class ``j`` is new-logit column
               ``old_class_index[j]`` (PCT, when ``C_new != C_old``).
+            - ``"old_means"``: ``(C_new, d_old)`` per class, the mean of the L2-normalised old features (not
+              normalised again; AdvBCT's centres). No gradients.
+            - ``"old_radii"``: ``(C_new,)`` per class, the largest distance of a normalised old feature to
+              ``old_means`` after 1.5·IQR outlier removal; ``-1`` for a class with fewer than two kept
+              distances (no boundary; AdvBCT,
+              :func:`~reid_lab.losses.compatible.advbct.class_radii`). No gradients.
+            - ``"old_seen"``: ``(C_new,)`` bool, whether the old model was trained on the class (AdvBCT's
+              boundary covers old classes only).
+            - ``"class_identity"``: ``(C_new,)`` int64, the identity of each new class in the dataset's whole
+              training split (its raw pid), the same in every model version (d-Simplex vertices).
     """
 
     new_features: Tensor
@@ -69,6 +85,8 @@ class CompatibleInputs:
     epoch: int = 0
     extras: dict[str, Tensor] = field(default_factory=dict)
     old_class_weight: Tensor | None = None
+    progress: float | None = None
+    max_epochs: int | None = None
 
     def has(self, key: str) -> bool:
         """True when the optional input ``key`` (a field name or an :data:`EXTRAS_KEYS` key) is present."""
@@ -143,6 +161,14 @@ class CompatibleLoss(nn.Module):
 
     def compute(self, inputs: CompatibleInputs) -> CompatibleLossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def bind(self, old_dim: int, new_dim: int, num_classes: int) -> None:
+        """Called by the host once, at construction, with the embedding dimensions and ``C_new``.
+
+        Plugins with trainable parameters whose shapes depend on them (AdvBCT's discriminator and per-class
+        scalars) create them here, so that they exist before the optimiser is built and before a checkpoint's
+        weights are loaded. ``num_classes`` is 0 when the new encoder has no classifier (unknown).
+        """
 
     def on_train_epoch_start(self, epoch: int) -> bool:
         """Called by the host at each epoch start. Return True if the plugin wants its prototypes refreshed.

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from reid_lab.losses.compatible import COMPATIBLE_LOSSES, build_compatible_loss
+from reid_lab.losses.compatible.advbct import class_radii
 from reid_lab.losses.compatible.base import EXTRAS_KEYS, CompatibleInputs
 from reid_lab.losses.compatible.classifier_synthesis import class_means, synthesize_old_classifier
 from reid_lab.losses.compatible.prototypes import class_boundaries, class_centres
@@ -20,7 +21,11 @@ from reid_lab.losses.compatible.prototypes import class_boundaries, class_centre
 B, C_NEW, C_OLD, D_OLD = 8, 4, 3, 6
 EPOCH = 5
 # plugins with a warm-up are built with one and called past it
-OPTIONS = {"unibct": {"warmup_epochs": 2, "refresh_epochs": [2, 4]}}
+OPTIONS = {
+    "unibct": {"warmup_epochs": 2, "refresh_epochs": [2, 4]},
+    # standalone AdvBCT: the host binds d_old / C_new and passes the trainer's epochs
+    "advbct": {"embedding_dim": D_OLD, "num_classes": C_NEW, "max_epochs": 30},
+}
 
 
 class HostBatch:
@@ -47,6 +52,8 @@ class HostBatch:
             "old_class_weight": w_old,
             "boundaries": class_boundaries(old, self.labels, centres),
         }
+        frozen["old_means"], frozen["old_radii"] = class_radii(old, self.labels, C_NEW)
+        frozen["old_radii"] = frozen["old_radii"] * 0.5  # tighter than the data: some samples violate
         self.frozen = {k: v.clone().requires_grad_(old_requires_grad) for k, v in frozen.items()}
 
     def inputs(self, keys: set[str]) -> CompatibleInputs:
@@ -63,6 +70,10 @@ class HostBatch:
             "new_classifier": self.head @ self.adapter.t(),
             "boundaries": self.frozen["boundaries"],
             "old_class_index": torch.tensor([0, 1, 2]),
+            "old_means": self.frozen["old_means"],
+            "old_radii": self.frozen["old_radii"],
+            "old_seen": torch.tensor([True, True, True, False]),
+            "class_identity": torch.tensor([3, 0, 2, 1]),  # identities in the whole training split
         }
         return CompatibleInputs(
             new_features=self.new_all @ self.adapter.t(),
