@@ -37,7 +37,12 @@ def _export(argv: list[str]) -> int:
 def _pairs(argv: list[str]) -> int:
     from reid_lab.data.pairs import main
 
-    return main(argv)
+    def load_features(path: str):  # feature files live a layer above data: hand their reader down
+        from reid_lab.embedding.features import FeatureSet
+
+        return FeatureSet.load(path)
+
+    return main(argv, load_features=load_features)
 
 
 def _baseline(argv: list[str]) -> int:
@@ -103,6 +108,7 @@ reid_lab commands (each has its own --help):
   report     one self-contained HTML page of an upgrade study: reid-lab report --study reports/synthetic_upgrade
   pairs      write MMEB-style instruction pairs (caption->person, person->person, person->caption) of a
              synthetic set: reid-lab pairs --root data/synthetic --split train --negatives 1
+             (hard negatives mined from a model's features: --negative-sampling mined --features f.pt --margin 0.95)
   vlm-processor  write a small offline Qwen2-VL processor (BPE on a dataset's captions) for VLM embedders:
              reid-lab vlm-processor --out data/vlm_processor --root data/synthetic
 """
@@ -110,11 +116,17 @@ reid_lab commands (each has its own --help):
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``reid-lab`` console script."""
+    import os
+
+    # Idle OpenMP threads sleep instead of spinning: on a shared box spinning threads fight other jobs for the
+    # cores (benchmarks/README.md, busy-machine runs). Read when torch loads, i.e. after this line.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return int(SUBCOMMANDS[argv[0]](argv[1:]) or 0)
-    from reid_lab.lightning_cli import run_lightning_cli
+    from reid_lab.lightning_cli import CheckpointUnreadable, RunFolderTaken, run_lightning_cli
     from reid_lab.modules.guards import TrainingDiverged
+    from reid_lab.run_lock import FolderInUse
 
     top_level_help = not argv or argv[0] in ("-h", "--help")
     try:
@@ -123,8 +135,12 @@ def main(argv: list[str] | None = None) -> int:
         if top_level_help:  # after LightningCLI's usage (or its "expected a subcommand" error)
             print(PROJECT_COMMANDS_HELP, file=sys.stdout if not exit_.code else sys.stderr)
         raise
-    except TrainingDiverged as error:  # the message says where and what to do; a traceback adds nothing
-        print(f"reid-lab: {error}", file=sys.stderr)
+    # the messages say which file or folder and what to do; a traceback adds nothing
+    except CheckpointUnreadable as error:  # a bad argument, as argparse exits for one
+        print(error, file=sys.stderr)
+        return 2
+    except (TrainingDiverged, FolderInUse, RunFolderTaken) as error:
+        print(error if str(error).startswith("reid-lab") else f"reid-lab: {error}", file=sys.stderr)
         return 1
     return 0
 

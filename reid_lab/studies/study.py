@@ -535,6 +535,8 @@ class Study:
     def _discard_stage(self, stage_dir: Path, version: str, keep_checkpoints: bool) -> None:
         """Remove what a stale stage left (its marker, its checkpoints unless resumable, its features)."""
         (stage_dir / "done.json").unlink(missing_ok=True)
+        # a folder without last.ckpt cannot be resumed: a fresh fit would find another run's files there
+        keep_checkpoints = keep_checkpoints and (stage_dir / "checkpoints" / "last.ckpt").is_file()
         if not keep_checkpoints and (stage_dir / "checkpoints").exists():
             shutil.rmtree(stage_dir / "checkpoints")
         for path in (self.out / "features").glob(f"{version}.*"):

@@ -1,7 +1,9 @@
-"""Fault-injection tier: a fit killed with SIGKILL mid-epoch resumes to exactly the uninterrupted result."""
+"""Fault-injection tier: a fit killed with SIGKILL mid-epoch resumes to exactly the uninterrupted result, in the
+same run folder (its lock, left by the killed process, is taken over)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+
+from reid_lab.run_lock import lock_holder
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
@@ -61,6 +65,8 @@ def test_killed_mid_epoch_resumes_exactly(tiny_synthetic, tmp_path):
     last = killed_dir / "checkpoints" / "last.ckpt"
     # last.ckpt follows every epoch even though validation runs only every second one
     assert torch.load(last, weights_only=True)["global_step"] == STEPS_PER_EPOCH * 2
+    # the killed run still "holds" its checkpoint folder on disk (its pid in the lock file), but not in the kernel
+    assert lock_holder(last.parent) not in (None, os.getpid())
 
     resumed = _fit(_config(tiny_synthetic, killed_dir, kill_at=None), "--ckpt_path", str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -70,3 +76,40 @@ def test_killed_mid_epoch_resumes_exactly(tiny_synthetic, tmp_path):
     for name in a:
         assert torch.equal(a[name], b[name]), f"{name} differs after resume: {(a[name] - b[name]).abs().max()}"
     assert not list((killed_dir / "checkpoints").glob("last-v*.ckpt"))  # the old last.ckpt was replaced
+    assert lock_holder(last.parent) is None  # the resumed run took the stale lock over and released it
+
+
+def test_killed_csv_run_resumes_in_its_version_folder(tiny_synthetic, tmp_path):
+    """CSVLogger: the resumed fit continues ``version_0`` (checkpoints and ``metrics.csv``), and the killed
+    run's rows after its last checkpoint are dropped, so every step is logged once."""
+    config = _config(tiny_synthetic, tmp_path, kill_at=STEPS_PER_EPOCH * 2 + 1)
+    cfg = yaml.safe_load(config.read_text())
+    runs = tmp_path / "runs"
+    cfg["trainer"]["logger"] = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                "init_args": {"save_dir": str(runs), "name": "csv",
+                                              "flush_logs_every_n_steps": 1}}
+    cfg["trainer"]["log_every_n_steps"] = 1
+    cfg["trainer"]["callbacks"][0]["init_args"] = {}  # checkpoints in the logger's run folder
+    config.write_text(yaml.safe_dump(cfg))
+    assert _fit(config).returncode == -signal.SIGKILL
+    folder = runs / "csv" / "version_0"
+    last = folder / "checkpoints" / "last.ckpt"
+    killed_rows = _rows(folder / "metrics.csv")
+    # the checkpoint holds steps 0..5 (the logged step is the 0-based batch); step 6 ran after it
+    assert max(int(r["step"]) for r in killed_rows) >= STEPS_PER_EPOCH * 2
+
+    cfg["trainer"]["callbacks"] = cfg["trainer"]["callbacks"][:1]  # no kill this time
+    config.write_text(yaml.safe_dump(cfg))
+    resumed = _fit(config, "--ckpt_path", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming logger run version_0" in resumed.stdout
+    assert sorted(p.name for p in (runs / "csv").iterdir()) == ["version_0"]
+    rows = _rows(folder / "metrics.csv")
+    train = [(r["step"], r["epoch"]) for r in rows if r.get("train/loss")]
+    assert len(train) == len(set(train)) == STEPS_PER_EPOCH * 3  # every step once, none lost, none twice
+    assert torch.load(last, weights_only=True)["global_step"] == STEPS_PER_EPOCH * 3
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
