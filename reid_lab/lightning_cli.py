@@ -401,11 +401,20 @@ class ReIDLabCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         # Our callers (``reid-lab``, the study runner) always pass the whole command line as ``args``;
         # Lightning warns whenever ``sys.argv`` is non-empty as well, i.e. on every run.
+        if any(a in ("-h", "--help") or str(a).endswith(".help") for a in args or ()):
+            # jsonargparse lists the subclasses it has seen: load every module class (slow imports: only here)
+            import reid_lab.modules.clip  # noqa: F401
+            import reid_lab.modules.vlm  # noqa: F401
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
             super().parse_arguments(parser, args)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
+        # A training set too small for one PK batch fails here, in one line naming the options, before the
+        # Trainer, its logger's run or the saved config exist (Lightning would fail at the first batch).
+        check_pk = getattr(self.datamodule, "check_pk_sampling", None)
+        if self.subcommand == "fit" and check_pk is not None:
+            check_pk(option_prefix="--data.init_args.")
         # Checkpoints are written atomically unless a config brings its own checkpoint plugin.
         plugins = config.get("plugins")
         plugins = [] if plugins is None else (list(plugins) if isinstance(plugins, list | tuple) else [plugins])

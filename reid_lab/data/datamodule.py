@@ -1,5 +1,7 @@
 """The LightningDataModule for ReID: a parsed dataset, PK-sampled training batches, and one evaluation loader
-that yields query and gallery images together with their pids, camids and an ``is_query`` flag."""
+that yields query and gallery images together with their pids, camids and an ``is_query`` flag (every batch
+holds both in proportion when the Trainer reads only a prefix of it: ``limit_val_batches`` then ranks a smaller
+query set against a smaller gallery)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,13 @@ from reid_lab.data.image_dataset import ImageDataset
 from reid_lab.data.options import typed_options
 from reid_lab.data.preflight import BadImagesError, check_images, describe_bad
 from reid_lab.data.records import ImageRecord, ReIDSplits, relabel
-from reid_lab.data.sampler import PKBatchSampler
-from reid_lab.data.shard import sequential_batches
+from reid_lab.data.sampler import (
+    PKBatchSampler,
+    check_pk_identities,
+    proportional_query_gallery_batches,
+    reads_a_prefix,
+)
+from reid_lab.data.shard import ShardedBatchSampler, sequential_batches
 from reid_lab.data.subset import select_subset
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 from reid_lab.data.validation import carve_validation_ids, check_query_gallery, validation_query_gallery
@@ -230,6 +237,17 @@ class ReIDDataModule(L.LightningDataModule):
                                        f"{self.splits.name} ({how}), query / gallery by camera")
 
     # ------------------------------------------------------------------------------------- pre-flight
+    def check_pk_sampling(self, option_prefix: str = "") -> None:
+        """Refuse PK batches this training set cannot fill (P = batch_size / num_instances identities), before
+        anything trains: ``reid-lab fit`` calls it before its Trainer, logger or run folder exist.
+
+        Raises:
+            TooFewIdentities: one line naming the identity count and ``{option_prefix}batch_size`` /
+                ``{option_prefix}num_instances``.
+        """
+        check_pk_identities(len({r.pid for r in self.all_train_records}), self.batch_size, self.num_instances,
+                            where=f"the {self.splits.name} training set ({self.root})", option_prefix=option_prefix)
+
     def setup(self, stage: str | None = None) -> None:
         if self.check_images:
             self.preflight(stage)
@@ -313,8 +331,12 @@ class ReIDDataModule(L.LightningDataModule):
         records, is_query = self.val_eval_records() if validation else self.eval_records()
         dataset = ImageDataset(records, self.test_transform, is_query=is_query)
         # under DDP each rank reads one contiguous block: no item is ranked twice (reid_lab.data.shard)
-        return DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), self.eval_batch_size),
-                          **self._loader_kwargs())
+        if not reads_a_prefix(self.trainer, validation):
+            return DataLoader(dataset, batch_sampler=sequential_batches(len(dataset), self.eval_batch_size),
+                              **self._loader_kwargs())
+        num_query = sum(is_query)  # a prefix of query-then-gallery batches would hold no gallery: mix them
+        batches = proportional_query_gallery_batches(num_query, len(records) - num_query, self.eval_batch_size)
+        return DataLoader(dataset, batch_sampler=ShardedBatchSampler(batches), **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(validation=True)

@@ -267,8 +267,10 @@ def main(argv: list[str] | None = None, load_features: Callable[[str], Any] | No
 
     parser = argparse.ArgumentParser(prog="reid-lab pairs", description=main.__doc__.split("\n")[0])
     parser.add_argument("--root", required=True, help="the synthetic set (holds reid_raw.json)")
-    parser.add_argument("--split", default="train", choices=["train", "test"])
-    parser.add_argument("--kinds", nargs="+", default=list(PAIR_KINDS), choices=list(PAIR_KINDS))
+    parser.add_argument("--split", default="train", choices=["train", "test"],
+                        help="the split whose identities the pairs are drawn from (default: train)")
+    parser.add_argument("--kinds", nargs="+", default=list(PAIR_KINDS), choices=list(PAIR_KINDS),
+                        help="pair kinds to write (default: all)")
     parser.add_argument("--negatives", type=int, default=1, help="hard negatives per pair")
     parser.add_argument("--negative-sampling", default="random", choices=["random", "mined"],
                         help="random: targets of other identities drawn at random (default); mined: the targets "
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None, load_features: Callable[[str], Any] | No
                         help="mined: drop candidates more similar than margin x the positive's similarity "
                              "(NV-Retriever TopK-PercPos; default 0.95); a negative value turns it off")
     parser.add_argument("--skip", type=int, default=0, help="mined: also drop the best-ranked N candidates left")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the pair and negative draws (default: 0)")
     parser.add_argument("--max-pairs", type=int, default=None, help="keep a seeded random sample of this many pairs")
     parser.add_argument("--out", default=None, help="default: <root>/pairs_<split>.jsonl")
     args = parser.parse_args(argv)

@@ -1,5 +1,13 @@
-"""PK identity sampling: batches of P identities x K images each (Hermans et al. 2017, "In Defense of the
-Triplet Loss"), the sampler every ReID recipe with a triplet loss relies on.
+"""Batch order: PK identity sampling for training, query / gallery in proportion for evaluation.
+
+PK sampling: batches of P identities x K images each (Hermans et al. 2017, "In Defense of the Triplet Loss"),
+the sampler every ReID recipe with a triplet loss relies on. :func:`check_pk_identities` refuses a training
+set with fewer than P identities before anything runs.
+
+Evaluation loaders yield queries, then the gallery. When the Trainer reads only a prefix of them
+(``--trainer.limit_val_batches`` / ``limit_test_batches``, :func:`reads_a_prefix`), that prefix would be
+queries alone; :func:`interleave_in_proportion` then orders query and gallery items (or whole batches) so that
+every prefix holds both in proportion to their sizes: a smaller query set ranked against a smaller gallery.
 
 The sampler is DDP-aware on its own: each rank gets a disjoint, equally long share of the epoch's batches,
 built from the same seeded shuffle on every rank, so the trainer must not wrap it in a DistributedSampler
@@ -10,10 +18,77 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+T = TypeVar("T")
+
+
+class TooFewIdentities(ValueError):
+    """The training set has fewer identities than one PK batch needs (P = batch_size / num_instances)."""
+
+
+def check_pk_identities(num_identities: int, batch_size: int, num_instances: int, where: str = "the training set",
+                        option_prefix: str = "") -> None:
+    """Refuse PK sampling that cannot fill one batch: P = ``batch_size // num_instances`` distinct identities.
+
+    Args:
+        num_identities: identities of the training set.
+        batch_size / num_instances: the data module's options (``num_instances`` 0: no PK sampling).
+        where: what the training set is, for the message (e.g. ``"synthetic (data/synthetic) training set"``).
+        option_prefix: how the options are spelled to the user (``"--data.init_args."`` on the command line).
+
+    Raises:
+        TooFewIdentities: one line naming the identity count and the options to change.
+    """
+    if num_instances < 1:
+        return
+    needed = batch_size // num_instances
+    if num_identities >= needed:
+        return
+    fits = max(1, num_identities) * num_instances  # the largest batch of whole identities this set can fill
+    raise TooFewIdentities(
+        f"PK sampling needs at least P = batch_size / num_instances = {batch_size} / {num_instances} = {needed} identities "
+        f"per batch, {where} has {num_identities}: lower {option_prefix}batch_size to at most {fits} "
+        f"({option_prefix}num_instances {num_instances} images per identity), or set {option_prefix}num_instances 0 "
+        "for plain random batches"
+    )
+
+
+def reads_a_prefix(trainer, validation: bool) -> bool:
+    """Whether ``trainer`` reads only a prefix of an evaluation loader: its ``limit_val_batches`` (validation)
+    or ``limit_test_batches`` is anything but the default 1.0 (an int counts batches, a float a share)."""
+    limit = getattr(trainer, "limit_val_batches" if validation else "limit_test_batches", 1.0) \
+        if trainer is not None else 1.0
+    return not (isinstance(limit, float) and limit == 1.0)
+
+
+def interleave_in_proportion(first: Sequence[T], second: Sequence[T]) -> list[T]:
+    """Merge two sequences, each in its own order, so that every prefix holds both in proportion to their sizes.
+
+    Item ``i`` of a sequence of length ``n`` sits at ``(i + 0.5) / n`` of the way; the merge sorts by that
+    position (``first`` before ``second`` on a tie). A prefix of ``m`` items thus holds
+    ``round(m * len(first) / (len(first) + len(second)))`` items of ``first``, give or take one.
+
+    Example: ``interleave_in_proportion([q0, q1], [g0, g1, g2, g3])`` is ``[g0, q0, g1, g2, q1, g3]``.
+    """
+    keyed = [((i + 0.5) / len(first), 0, i) for i in range(len(first))]
+    keyed += [((j + 0.5) / len(second), 1, j) for j in range(len(second))]
+    keyed.sort()
+    return [first[i] if source == 0 else second[i] for _, source, i in keyed]
+
+
+def proportional_query_gallery_batches(num_query: int, num_gallery: int, batch_size: int) -> list[list[int]]:
+    """Index batches over ``[0, num_query)`` (queries) and ``[num_query, num_query + num_gallery)`` (gallery)
+    of at most ``batch_size`` items, each holding queries and gallery in proportion
+    (:func:`interleave_in_proportion`); queries keep their order among queries, gallery among gallery."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = interleave_in_proportion(range(num_query), range(num_query, num_query + num_gallery))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 class PKBatchSampler(Sampler[list[int]]):
@@ -66,11 +141,7 @@ class PKBatchSampler(Sampler[list[int]]):
         for index, pid in enumerate(pids):
             index_of[int(pid)].append(index)
         self.index_of = dict(sorted(index_of.items()))
-        if len(self.index_of) < self.num_ids_per_batch:
-            raise ValueError(
-                f"PK sampling needs at least P = batch_size / K = {self.num_ids_per_batch} identities, "
-                f"the training set has {len(self.index_of)}; lower batch_size or raise num_instances"
-            )
+        check_pk_identities(len(self.index_of), batch_size, num_instances)
         self._num_batches = self._count_batches()
 
     def set_epoch(self, epoch: int) -> None:

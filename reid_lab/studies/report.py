@@ -210,6 +210,15 @@ def _log_to_wandb(logger: Any, files: Mapping[str, Path], results: StudyResults,
     for key, path in files.items():
         if path.suffix == ".png":
             payload[f"{prefix}/plots/{key}"] = wandb.Image(str(path))
+    # the backfill and flip curves as wandb line plots too (zoomable, comparable across runs), same values
+    lines = [(f"{m} / {o}", c) for m, by in results.curves.items() for o, c in by.items()]
+    for name in (*_CURVE_METRICS, "NFR"):
+        drawn = [(label, c) for label, c in lines if name in c.values]
+        if drawn:
+            payload[f"{prefix}/curves/{name}"] = wandb.plot.line_series(
+                xs=[list(c.ratios) for _, c in drawn], ys=[list(c.metric(name)) for _, c in drawn],
+                keys=[label for label, _ in drawn], title=f"backfilling: {name} vs backfill ratio β",
+                xname="backfill ratio β")
     run.log(payload)
     summary = getattr(run, "summary", None)
     if summary is not None and callable(getattr(summary, "update", None)):

@@ -478,10 +478,15 @@ class Study:
         self._discard_stage(stage_dir, version, keep_checkpoints=self._same_key(stage_dir, key))
         trainer = cfg.setdefault("trainer", {})
         trainer["default_root_dir"] = str(stage_dir)
+        encoder = model_args.get("backbone") or model_args.get("image_backbone") or model_args.get("model_name")
+        # one wandb folder per study (<out>/wandb), one run per stage: grouped by study, typed by stage, tagged so
+        # runs of many studies can be filtered and sorted side by side
         trainer["logger"] = False if self.config.logger == "none" else {
             "class_path": "lightning.pytorch.loggers.WandbLogger",
             "init_args": {"project": "reid_lab", "name": f"{self.config.name}-{version}", "group": self.config.name,
-                          "save_dir": str(stage_dir), "offline": True},
+                          "job_type": "train-old" if version == "old" else "train-new",
+                          "tags": self.tags(method=version, encoder=encoder, dataset=data_args.get("dataset")),
+                          "save_dir": str(self.out), "offline": True},
         }
         checkpointing: dict[str, Any] = {"dirpath": str(stage_dir / "checkpoints")}
         if method_spec.get("compatible_losses") and self.config.selection == "best":
@@ -501,7 +506,6 @@ class Study:
         if last.is_file():
             print(f"[train {version}] resuming from {last}")
             args += ["--ckpt_path", str(last)]
-        encoder = model_args.get("backbone") or model_args.get("image_backbone") or model_args.get("model_name")
         print(f"[train {version}] {cfg['model'].get('class_path', '?').split('.')[-1]} ({encoder or 'model_cfg'}) "
               f"on {train_subset}")
         start = time.perf_counter()
@@ -521,6 +525,11 @@ class Study:
                                            indent=2))
         self.timings[f"train/{version}"] = seconds
         return self._trained(version, key, best)
+
+    def tags(self, **values: Any) -> list[str]:
+        """wandb tags of a study's runs: ``study:<name>``, ``scenario:<kind>`` and the given ``key:value`` pairs."""
+        values = {"study": self.config.name, "scenario": self.config.scenario.kind, **values}
+        return [f"{k}:{v}"[:64] for k, v in values.items() if v not in (None, "")]
 
     def _trained(self, version: str, key: str, checkpoint: str) -> str:
         self.keys[version] = self.keys[str(checkpoint)] = key
@@ -710,7 +719,7 @@ class Study:
                                 rule=self.claim_rule(old_q, old_g), protocol=self.protocol(),
                                 split_sizes=self.split_sizes(old_q, old_g))
         claims = self.record_claims(results, checkpoints, features)
-        run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
+        run = self.report_run() if self.config.logger == "wandb" else None
         try:
             files = write_report(self.out, results=results, logger=run)
             if run is not None:
@@ -750,6 +759,15 @@ class Study:
         return {"method": method, "new": base, "old": "old", "independent": ind, "self_cell": (base, base),
                 "cross_cell": (method, method), "old_self_cell": ("old", "old"),
                 "note": f"cross-test: {base}'s queries against the transformed old gallery h(φ_old)"}
+
+    def report_run(self):
+        """The study's report run, its config the study YAML as nested keys (sortable, filterable in wandb)."""
+        config = {"study": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(self.config).items()
+                            if k in ("name", "out", "configs", "methods", "evaluation", "validation", "selection")}}
+        config["study"]["scenario"] = {"kind": self.config.scenario.kind,
+                                       "old_fraction": self.config.scenario.old_fraction}
+        return _report_run(self.config.name, self.out, tags=self.tags(), config=json.loads(json.dumps(config,
+                                                                                                      default=str)))
 
     def claim_rule(self, old_q: FeatureSet, old_g: FeatureSet) -> ClaimRule:
         """The study's claim rule: ``evaluation.claim_margin`` and the chance level of its queries and gallery."""
@@ -848,7 +866,7 @@ class Study:
                                 rule=self.claim_rule(old_q, old_g), protocol=self.protocol(),
                                 split_sizes=self.split_sizes(old_q, old_g))
         claims = self.record_claims(results, checkpoints, features)
-        run = _report_run(self.config.name, self.out) if self.config.logger == "wandb" else None
+        run = self.report_run() if self.config.logger == "wandb" else None
         try:
             files = write_report(self.out, results=results, logger=run)
         finally:
@@ -865,12 +883,14 @@ class Study:
                 "results": results, "timings": self.timings}
 
 
-def _report_run(name: str, out: Path):
-    """An offline wandb run (grouped with the study's training runs) that receives the report."""
+def _report_run(name: str, out: Path, tags: list[str] | None = None, config: dict[str, Any] | None = None):
+    """An offline wandb run (grouped with the study's training runs, in the study's one wandb folder) that receives
+    the report: tables, plots, line plots of the backfill curves, and the results as summary scalars."""
     import wandb
 
     return wandb.init(project="reid_lab", name=f"{name}-report", group=name, job_type="upgrade-report",
-                      dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous")
+                      dir=str(out), mode=os.environ.get("WANDB_MODE", "offline"), reinit="finish_previous",
+                      tags=tags, config=config)
 
 
 def _instantiate(value: Any, where: str) -> Any:

@@ -1,7 +1,7 @@
 """``reid-lab visualize``: ranked lists of a trained model, or of an upgrade study's old / new / mixed systems.
 
-    reid-lab visualize --ckpt_path runs/.../best.ckpt --split test --worst 50 --out reports/ranked
-    reid-lab visualize --ckpt_path model.ckpt --config configs/data/market1501.yaml --root data/market1501
+    reid-lab visualize --ckpt-path runs/.../best.ckpt --split test --worst 50 --out reports/ranked
+    reid-lab visualize --ckpt-path model.ckpt --config configs/data/market1501.yaml --root data/market1501
     reid-lab visualize --features predictions/features.pt --out reports/ranked      # from `reid-lab predict`
     reid-lab visualize --study reports/synthetic_upgrade --method bct --out reports/ranked_bct
 
@@ -131,12 +131,13 @@ def study_systems(study: Path, method: str | None) -> tuple[dict[str, tuple[Feat
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="reid-lab visualize", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt_path", help="a reid_lab checkpoint: rank its test split")
+    source.add_argument("--ckpt-path", "--ckpt_path", dest="ckpt_path",
+                        help="a reid_lab checkpoint: rank its test split")
     source.add_argument("--features", help="a feature file with query and gallery rows (reid-lab predict)")
     source.add_argument("--study", help="an upgrade study's output folder: old / mixed / new side by side")
-    parser.add_argument("--config", help="with --ckpt_path: a config whose `data:` section is the data to rank "
+    parser.add_argument("--config", help="with --ckpt-path: a config whose `data:` section is the data to rank "
                         "(default: the data module the checkpoint recorded)")
-    parser.add_argument("--root", help="with --ckpt_path: the dataset root, if it moved")
+    parser.add_argument("--root", help="with --ckpt-path: the dataset root, if it moved")
     parser.add_argument("--split", default="test", choices=["test"], help="the split ranked (the test split)")
     parser.add_argument("--method", help="with --study: the method compared against the old model "
                         "(default: the first of the study table)")
@@ -144,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--worst", type=int, help="the N worst queries (lowest AP; with --study, flips first)")
     which.add_argument("--queries", type=int, default=50, help="the first N queries (default 50)")
-    parser.add_argument("--distance", default="cosine", choices=["cosine", "euclidean"])
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--distance", default="cosine", choices=["cosine", "euclidean"],
+                        help="distance the gallery is ranked by (default: cosine)")
+    parser.add_argument("--device", default="cpu", help="with --ckpt-path: torch device that embeds (default: cpu)")
     parser.add_argument("--out", default="reports/ranked", help="output folder")
     args = parser.parse_args(argv)
     out = Path(args.out)

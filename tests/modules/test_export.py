@@ -52,3 +52,48 @@ def test_a_checkpoint_without_an_input_size_is_refused(tmp_path, capsys):
     assert main(["export", "--ckpt_path", str(bare), "--out", str(tmp_path / "x.onnx")]) == 2
     assert "records no data image_size" in capsys.readouterr().err
     assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", "onnx"), ("torchscript", "pt")])
+def test_the_file_states_its_input_contract_and_following_it_embeds_like_the_checkpoint(checkpoint, tmp_path,
+                                                                                         fmt, suffix):
+    """The contract read back from the file (not the test's own constants) says how to feed the graph: feeding
+    it that way reproduces load_embedder on raw pixels (before: no contract in the file, only a docstring)."""
+    import onnxruntime
+
+    from reid_lab.modules.export import read_input_contract
+
+    out = tmp_path / f"model.{suffix}"
+    assert main(["export", "--ckpt-path", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
+    contract = read_input_contract(out)
+    assert contract["input"]["shape"] == ["batch", 3, 64, 32]  # the checkpoint's image_size
+    assert contract["input"]["color"] == "RGB" and contract["in_graph"]["input_normalization"] is False
+    torch.manual_seed(4)
+    pixels = torch.rand(3, 3, 64, 32)
+    expected = reid_lab.load_embedder(checkpoint)(pixels)
+    mean = torch.tensor(contract["input"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(contract["input"]["std"]).view(1, 3, 1, 1)
+    images = ((pixels - mean) / std).float()
+    if fmt == "onnx":
+        import onnx
+
+        assert "ImageNet-normalised" in onnx.load(str(out)).doc_string
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"image": images.numpy()})[0])
+    else:
+        got = torch.jit.load(str(out))(images)
+    assert contract["output"]["shape"][1] == got.shape[1]
+    assert contract["output"]["l2_normalized"] == contract["in_graph"]["l2_normalization"]
+    if contract["output"]["l2_normalized"]:
+        torch.testing.assert_close(got.norm(dim=1), torch.ones(3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_export_help_states_the_input_contract_and_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "ImageNet-normalised" in text and "L2 normalisation" in text and "training image_size" in text
+    for option in ("--ckpt-path", "--format", "--out", "--opset", "--tolerance"):
+        assert option in text

@@ -154,6 +154,11 @@ def test_console_markdown_html_and_wandb_render_the_same_record(tmp_path):
     assert len(logged["data"]) == 4
     for cells in logged["data"]:
         _check_row(logged["columns"], cells, record, "wandb table")
+    # the backfill curves as line plots: (β, method / ordering, value) rows equal the record's curves
+    (curve_file,) = (run_dir / "files" / "media" / "table" / "upgrade" / "curves").glob("mAP_table_*.table.json")
+    points = {(line, beta): value for beta, line, value in json.loads(curve_file.read_text())["data"]}
+    assert points == {(f"{m} / {o}", beta): value for m, by in record.curves.items() for o, c in by.items()
+                      for beta, value in zip(c.ratios, c.metric("mAP"))}
     log = next(run_dir.glob("run-*.wandb"))
     assert is_complete(log)
     summary = run_summary(log)

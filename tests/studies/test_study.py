@@ -68,6 +68,20 @@ def test_upgrade_study_end_to_end_and_resume(tiny_synthetic, tmp_path, cli_argv,
         assert (out / name).is_file(), name
     assert "bct" in printed and "independent" in printed
 
+    # One wandb folder per study: a run per trained stage and the report run, typed and tagged.
+    from tests.wandb_records import read_records
+
+    assert not list((out / "train").glob("*/wandb"))
+    runs = {}
+    for log in (out / "wandb").glob("offline-run-*/run-*.wandb"):
+        run = next(r.run for r in read_records(log) if r.WhichOneof("record_type") == "run")
+        runs[run.display_name] = run
+    assert set(runs) == {"tiny_upgrade-old", "tiny_upgrade-independent", "tiny_upgrade-bct", "tiny_upgrade-report"}
+    assert runs["tiny_upgrade-old"].job_type == "train-old" and runs["tiny_upgrade-bct"].job_type == "train-new"
+    assert runs["tiny_upgrade-report"].job_type == "upgrade-report"
+    assert {"study:tiny_upgrade", "method:bct", "encoder:resnet18", "scenario:extended_class"} <= set(
+        runs["tiny_upgrade-bct"].tags)
+
     # The matrix in the report equals a direct evaluation of the saved features (independent reference).
     feats = {v: FeatureSet.load(out / "features" / f"{v}.pt") for v in ("old", "bct")}
     q_new, _ = feats["bct"].split()
