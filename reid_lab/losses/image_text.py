@@ -126,17 +126,30 @@ class InfoNCELoss(ImageTextLoss):
 
 
 def pair_infonce(query: Tensor, target: Tensor, negatives: Tensor | None, logit_scale: Tensor) -> Tensor:
-    """VLM2Vec's InfoNCE on instruction pairs with hard negatives.
+    """VLM2Vec's InfoNCE on instruction pairs with hard negatives, across ranks.
 
     ``query`` / ``target`` ``(B, D)``, ``negatives`` ``(B * K, D)`` or None, L2-normalised here; the candidates of
-    every query are all ``B`` targets and all ``B * K`` negatives of the batch (in-batch plus hard negatives,
-    as VLM2Vec), the positive is its own target: ``L = mean_i CE(s · q_i Cᵀ, i)``, ``s = exp(logit_scale)``.
+    every query are all targets and all hard negatives of the *global* batch (in-batch plus hard negatives, as
+    VLM2Vec), the positive is its own target: ``L = mean_i CE(s · q_i Cᵀ, i)``, ``s = exp(logit_scale)``.
+
+    Under DDP the targets and negatives of every rank are gathered *with* gradients (VLM2Vec gathers its
+    representations across ranks, without gradients but with the local part re-inserted and the loss scaled by
+    the world size; the gradients are the same) and each rank's loss is the mean over its own queries, so DDP's
+    average of the ranks' gradients is the gradient of the full batch's loss. Ranks may hold different numbers
+    of pairs or negatives (a short last batch); a rank without negatives gathers none.
     """
-    q, candidates = _unit(query), _unit(target)
-    if negatives is not None and negatives.numel():
-        candidates = torch.cat([candidates, _unit(negatives)])
+    q, t = _unit(query), _unit(target)
+    n = _unit(negatives) if negatives is not None and negatives.numel() else t[:0]
+    rank, world = _rank_world()
+    offset = 0
+    if world > 1:
+        sizes = _gathered_sizes([t.shape[0], n.shape[0]], t.device)
+        offset = int(sum(size[0] for size in sizes[:rank]))
+        t = _gather_rows_with_grad(t, [size[0] for size in sizes])
+        n = _gather_rows_with_grad(n, [size[1] for size in sizes]) if any(size[1] for size in sizes) else n
+    candidates = torch.cat([t, n]) if n.shape[0] else t
     logits = logit_scale.exp() * q @ candidates.T
-    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device))
+    return F.cross_entropy(logits, torch.arange(q.shape[0], device=q.device) + offset)
 
 
 class SDMLoss(ImageTextLoss):
@@ -212,6 +225,28 @@ def _gather_with_grad(image: Tensor, text: Tensor, pids: Tensor) -> tuple[Tensor
     gathered_pids = [torch.empty_like(pids) for _ in range(world)]
     dist.all_gather(gathered_pids, pids.contiguous())
     return torch.cat(all_gather(image)), torch.cat(all_gather(text)), torch.cat(gathered_pids)
+
+
+def _gathered_sizes(sizes: list[int], device: torch.device) -> list[list[int]]:
+    """Every rank's ``sizes`` (one small all-gather): ``[[sizes of rank 0], [sizes of rank 1], ...]``."""
+    local = torch.tensor(sizes, dtype=torch.long, device=device)
+    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, local)
+    return [o.tolist() for o in out]
+
+
+def _gather_rows_with_grad(x: Tensor, sizes: list[int]) -> Tensor:
+    """``(n_r, D)`` rows of every rank ``r`` concatenated in rank order, with gradients back to each rank.
+
+    ``sizes``: every rank's ``n_r``. Rows are padded to the largest ``n_r`` for the collective (which needs one
+    shape) and the padding is dropped after it.
+    """
+    from torch.distributed.nn.functional import all_gather  # with gradients, unlike dist.all_gather
+
+    longest = max(sizes)
+    padded = torch.cat([x, x.new_zeros(longest - x.shape[0], *x.shape[1:])]) if x.shape[0] < longest else x
+    parts = all_gather(padded.contiguous())
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
 
 
 IMAGE_TEXT_LOSSES: dict[str, type[ImageTextLoss]] = {

@@ -8,8 +8,9 @@
 Both evaluate through :func:`~reid_lab.metrics.distance.evaluate_features`, the one evaluation path.
 
 Each protocol has a short tag that metric keys and printed lines carry (:data:`PROTOCOL_TAGS`): ``i2i`` for
-image -> image ReID, ``t2i`` for caption -> image retrieval, so ``val/i2i/mAP`` and ``test/t2i/R1`` cannot be
-mistaken for one another.
+image -> image ReID, ``t2i`` for caption -> image retrieval, ``i2t`` for image -> caption retrieval (a caption
+matches when it describes the image's identity) and ``t2t`` for caption -> caption retrieval, so
+``val/i2i/mAP`` and ``test/t2i/R1`` cannot be mistaken for one another.
 """
 
 from __future__ import annotations
@@ -26,14 +27,17 @@ from reid_lab.metrics.rank import RankResult
 
 __all__ = ["PROTOCOLS", "PROTOCOL_DESCRIPTIONS", "PROTOCOL_TAGS", "ReIDMetric", "RetrievalMetric"]
 
-Protocol = Literal["reid", "cross_modal"]
-PROTOCOLS: tuple[str, ...] = ("reid", "cross_modal")
+Protocol = Literal["reid", "cross_modal", "image_to_text", "text_to_text"]
+PROTOCOLS: tuple[str, ...] = ("reid", "cross_modal", "image_to_text", "text_to_text")
 # The tag a protocol's metric keys carry (``val/i2i/mAP``): what the queries and the gallery are. In reid_lab the
-# cross-modal protocol ranks caption queries against an image gallery (text-to-person retrieval).
-PROTOCOL_TAGS: dict[str, str] = {"reid": "i2i", "cross_modal": "t2i"}
+# cross-modal protocol ranks caption queries against an image gallery (text-to-person retrieval); the two
+# caption-gallery protocols are reported beside it on caption data.
+PROTOCOL_TAGS: dict[str, str] = {"reid": "i2i", "cross_modal": "t2i", "image_to_text": "i2t", "text_to_text": "t2t"}
 PROTOCOL_DESCRIPTIONS: dict[str, str] = {
     "reid": "image queries vs image gallery, same-identity same-camera gallery items removed",
     "cross_modal": "caption queries vs image gallery, nothing removed",
+    "image_to_text": "image queries vs caption gallery (a match: a caption of the same identity), nothing removed",
+    "text_to_text": "caption queries vs the other captions (a match: same identity), the query itself removed",
 }
 
 
@@ -45,6 +49,8 @@ def _signature(*names: str) -> inspect.Signature:
 _UPDATE_SIGNATURES = {
     "reid": _signature("features", "pids", "camids", "is_query"),
     "cross_modal": _signature("features", "pids", "is_query"),
+    "image_to_text": _signature("features", "pids", "is_query"),
+    "text_to_text": _signature("features", "pids"),
 }
 
 
@@ -64,9 +70,13 @@ class RetrievalMetric(Metric):
       protocol). Query and gallery embeddings may come from different modalities (e.g. caption queries, image
       gallery) but must share one embedding space and dimension. A query is never removed from the gallery,
       so do not flag the same item as both a query and a gallery item.
+    * ``"image_to_text"``: as ``"cross_modal"`` with image queries and a caption gallery (tag ``i2t``).
+    * ``"text_to_text"``: ``update(features, pids)``; every item (a caption) is a query and a gallery item,
+      and each query is ranked against all items but itself (tag ``t2t``). Computed by the same engine as the
+      ReID protocol, with every item its own "camera", so the one item removed per query is the query itself.
 
     Args:
-        protocol: ``"reid"`` or ``"cross_modal"``.
+        protocol: ``"reid"``, ``"cross_modal"``, ``"image_to_text"`` or ``"text_to_text"``.
         metric: ``"cosine"`` (``1 - cos``) or ``"euclidean"`` (squared euclidean).
         max_rank: length of the CMC curve kept in :attr:`last_result`.
         normalize: L2-normalise embeddings before the distance; ``None``: True for cosine, False for euclidean.
@@ -74,7 +84,7 @@ class RetrievalMetric(Metric):
         kwargs: passed to :class:`torchmetrics.Metric`.
 
     Attributes:
-        tag: the protocol's tag in metric keys (:data:`PROTOCOL_TAGS`: ``i2i`` or ``t2i``).
+        tag: the protocol's tag in metric keys (:data:`PROTOCOL_TAGS`: ``i2i``, ``t2i``, ``i2t`` or ``t2t``).
         last_result: the :class:`~reid_lab.metrics.rank.RankResult` of the last ``compute`` (per-query AP/INP,
             first-match ranks, full CMC), or ``None`` before the first one.
         last_sizes: ``(num_query, num_gallery)`` of the last ``compute``, or ``None`` before the first one.
@@ -129,8 +139,9 @@ class RetrievalMetric(Metric):
         self.add_state("is_query", default=[], dist_reduce_fx="cat")
 
     def update(self, features: torch.Tensor, pids: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-        """Store a batch: ``update(features, pids, camids, is_query)`` (reid) or ``update(features, pids,
-        is_query)`` (cross_modal); positional or keyword.
+        """Store a batch: ``update(features, pids, camids, is_query)`` (reid), ``update(features, pids,
+        is_query)`` (cross_modal, image_to_text) or ``update(features, pids)`` (text_to_text); positional or
+        keyword.
 
         Args:
             features: ``(batch, dim)`` embeddings (any modality, one shared space).
@@ -147,7 +158,8 @@ class RetrievalMetric(Metric):
             bound = signature.bind(features, pids, *args, **kwargs).arguments
         except TypeError as err:
             raise TypeError(f"{type(self).__name__}(protocol={self.protocol!r}).update{signature}: {err}") from None
-        features, is_query = bound["features"], bound["is_query"]
+        features = bound["features"]
+        is_query = bound.get("is_query", False)  # text_to_text: stored as gallery items, each also a query
         if not isinstance(features, torch.Tensor) or features.dim() != 2:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"features must be a 2-d tensor (batch, dim), got {shape}")
@@ -208,6 +220,8 @@ class RetrievalMetric(Metric):
         features = dim_zero_cat(self.features)
         # a DDP rank without data contributes torchmetrics' empty float placeholder, which promotes the cat
         pids = dim_zero_cat(self.pids).long()
+        if self.protocol == "text_to_text":
+            return self._compute_all_against_all(features, pids)
         is_query = dim_zero_cat(self.is_query).bool()
         num_query = int(is_query.sum())
         if num_query == 0 or num_query == is_query.numel():
@@ -234,10 +248,26 @@ class RetrievalMetric(Metric):
         )
         self.last_result = result
         self.last_sizes = (num_query, is_query.numel() - num_query)
+        return self._summary(result)
+
+    def _summary(self, result: RankResult) -> dict[str, torch.Tensor]:
         return {
             key: torch.tensor(value, dtype=torch.float32, device=self.device)
             for key, value in result.summary().items()
         }
+
+    def _compute_all_against_all(self, features: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``text_to_text``: every item against the others. Each item gets a camera id of its own, so the ReID
+        rule (same identity and same camera: removed) removes exactly the query from its own gallery."""
+        if features.shape[0] < 2:
+            raise ValueError(f"{type(self).__name__}(protocol='text_to_text') needs at least 2 items, "
+                             f"got {features.shape[0]}")
+        own = torch.arange(features.shape[0], device=features.device)
+        result = evaluate_features(features, features, pids, pids, own, own, metric=self.metric,
+                                   max_rank=self.max_rank, chunk_size=self.chunk_size, normalize=self.normalize)
+        self.last_result = result
+        self.last_sizes = (features.shape[0], features.shape[0] - 1)
+        return self._summary(result)
 
 
 class ReIDMetric(RetrievalMetric):

@@ -9,7 +9,8 @@ Every backbone returned by :func:`build_backbone` is a :class:`Backbone`:
 
 Names: ``"resnet18"``, ``"resnet34"``, ``"resnet50"`` (torchvision, random init), ``"resnet50_ibn_a"``
 (IBN-Net-a, :mod:`reid_lab.models.ibn`), ``"mobilenet_v2"`` (torchvision's features, 1280-d) and
-``"timm:<model_name>"`` for any timm model. Weights are never downloaded: pass a local file as ``weights``,
+``"timm:<model_name>"`` for any timm model, ``"clip:<open_clip model name>"`` (or ``"clip"`` with an inline
+``model_cfg`` in ``clip_kwargs``) for an open_clip ViT image tower (:class:`CLIPViTBackbone`). Weights are never downloaded: pass a local file as ``weights``,
 or ``pretrained="imagenet"`` for the backbones whose weights ship in an installed package
 (:mod:`reid_lab.models.pretrained`).
 """
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 from torchvision.models import mobilenet_v2, resnet18, resnet34, resnet50
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from reid_lab.models.clip_backbone import load_clip_state_dict, read_clip_state_dict, visual_prefix
 from reid_lab.models.ibn import resnet50_ibn_a
 from reid_lab.models.pretrained import (
     IMAGENET_MEAN,
@@ -40,6 +42,11 @@ from reid_lab.models.pretrained import (
 log = logging.getLogger(__name__)
 
 TIMM_PREFIX = "timm:"
+CLIP_PREFIX = "clip:"
+CLIP_FEATURES = ("cls", "proj", "cls+proj")
+# the normalisation CLIP's weights were trained with (OpenAI's; open_clip's OPENAI_DATASET_MEAN / _STD)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 _RESNETS: dict[str, Callable[[], ResNet]] = {
     "resnet18": lambda: resnet18(weights=None),
@@ -48,7 +55,8 @@ _RESNETS: dict[str, Callable[[], ResNet]] = {
     "resnet50_ibn_a": resnet50_ibn_a,
 }
 
-BACKBONE_NAMES: tuple[str, ...] = (*_RESNETS, "mobilenet_v2", TIMM_PREFIX + "<model_name>")
+BACKBONE_NAMES: tuple[str, ...] = (*_RESNETS, "mobilenet_v2", TIMM_PREFIX + "<model_name>",
+                                   CLIP_PREFIX + "<open_clip model name>", "clip")
 
 
 class Backbone(nn.Module):
@@ -251,6 +259,98 @@ class TimmBackbone(Backbone):
         return (f"{head}.",) if isinstance(head, str) else ()
 
 
+def _clip_vision_cfg(model_name: str | None, model_cfg: Mapping[str, Any] | None) -> tuple[dict[str, Any], int, bool]:
+    """``(vision_cfg, embed_dim, quick_gelu)`` of an open_clip built-in config or an inline one."""
+    import open_clip
+
+    if (model_name is None) == (model_cfg is None):
+        raise ValueError("a CLIP backbone needs exactly one of an open_clip config name ('clip:ViT-B-16-quickgelu') "
+                         "or clip_kwargs.model_cfg (an open_clip config with embed_dim and vision_cfg)")
+    cfg = dict(open_clip.get_model_config(model_name) or {}) if model_name is not None else dict(model_cfg)
+    if model_name is not None and not cfg:
+        raise ValueError(f"unknown open_clip model {model_name!r} (from backbone name "
+                         f"{CLIP_PREFIX + model_name!r}); see open_clip.list_models()")
+    if "embed_dim" not in cfg or not isinstance(cfg.get("vision_cfg"), Mapping):
+        raise ValueError(f"clip_kwargs.model_cfg must hold embed_dim and vision_cfg (open_clip's config layout), "
+                         f"got keys {sorted(cfg)}")
+    return dict(cfg["vision_cfg"]), int(cfg["embed_dim"]), bool(cfg.get("quick_gelu", False))
+
+
+class CLIPViTBackbone(Backbone):
+    """An open_clip ViT image tower as a ReID backbone: ``(B, 3, H, W) -> (B, num_features)`` (not spatial).
+
+    The tower is held as ``visual``, so parameter names equal a CLIP checkpoint's (``visual.conv1.weight`` ...)
+    and the image part of a whole CLIP file (open_clip's or OpenAI's layout, any key prefix before ``visual.``;
+    :func:`~reid_lab.models.clip_backbone.read_clip_state_dict`) loads strictly. It is built at the ReID input
+    size, with the file's positional embedding resized to that patch grid as CLIP-ReID does for ViT-B/16 at
+    256x128 (14x14 -> 16x8; bicubic as open_clip's ``resize_pos_embed``). Patches do not overlap (stride = patch
+    size; CLIP-ReID's overlapping-patch option is not provided).
+
+    ``feature``: ``"cls"``, the class token after ``ln_post`` (``width``: 768 for ViT-B/16; the projection is
+    removed so that every parameter is used); ``"proj"``, its projection into CLIP's space (``embed_dim``: 512);
+    ``"cls+proj"``, both concatenated (1280), CLIP-ReID's test feature.
+
+    Args:
+        model_name / model_cfg: an open_clip built-in config (``ViT-B-16-quickgelu`` for OpenAI's weights, which
+            were trained with QuickGELU) or an inline one (``embed_dim``, ``vision_cfg``, optional ``quick_gelu``).
+        image_size: ``(H, W)`` input size (``None``: the config's).
+        weights: a local CLIP weights file.
+        feature: see above.
+        quick_gelu: override the config's activation.
+    """
+
+    input_mean = CLIP_MEAN
+    input_std = CLIP_STD
+
+    def __init__(self, model_name: str | None = None, model_cfg: Mapping[str, Any] | None = None,
+                 image_size: Any = None, weights: str | Path | None = None, feature: str = "cls+proj",
+                 quick_gelu: bool | None = None) -> None:
+        super().__init__()
+        import open_clip
+
+        if feature not in CLIP_FEATURES:
+            raise ValueError(f"clip_kwargs.feature must be one of {CLIP_FEATURES}, got {feature!r}")
+        vision_cfg, embed_dim, cfg_quick_gelu = _clip_vision_cfg(model_name, model_cfg)
+        if not isinstance(vision_cfg.get("layers"), int) or vision_cfg.get("timm_model_name"):
+            raise ValueError(f"a CLIP backbone takes a ViT image tower (vision_cfg.layers an integer), got "
+                             f"layers={vision_cfg.get('layers')!r}; ResNets and timm models are backbones of "
+                             "their own")
+        if image_size is not None:
+            if isinstance(image_size, int) or len(image_size) != 2:
+                raise ValueError(f"clip_kwargs.image_size must be [height, width], got {image_size!r}")
+            vision_cfg["image_size"] = [int(s) for s in image_size]
+        self.visual = open_clip.model._build_vision_tower(
+            embed_dim, vision_cfg, quick_gelu=cfg_quick_gelu if quick_gelu is None else bool(quick_gelu))
+        for step in ("_embeds", "_pool"):  # open_clip's VisionTransformer steps: the class token before projection
+            if not callable(getattr(self.visual, step, None)):
+                raise RuntimeError(f"open_clip {open_clip.__version__}'s VisionTransformer has no {step}()")
+        self.feature = feature
+        self.is_spatial = False
+        width = int(self.visual.ln_post.weight.shape[0])
+        self.num_features = {"cls": width, "proj": embed_dim, "cls+proj": width + embed_dim}[feature]
+        if weights is not None:
+            self.load_clip_weights(weights)
+        if feature == "cls":
+            self.visual.proj = None
+
+    def load_clip_weights(self, path: str | Path) -> None:
+        """Load the ``visual.*`` tensors of a CLIP weights file strictly (positional embedding resized)."""
+        state = read_clip_state_dict(path)
+        prefix = visual_prefix(list(state))
+        if prefix is None:
+            raise ValueError(f"weights file {str(path)!r} holds no CLIP image tower (no visual.conv1.weight or "
+                             f"visual.positional_embedding key); its keys look like {list(state)[:3]}")
+        tower = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix + "visual.")}
+        load_clip_state_dict(self, tower, path, visual=self.visual)
+
+    def forward(self, images: Tensor) -> Tensor:
+        pooled, _ = self.visual._pool(self.visual.transformer(self.visual._embeds(images)))
+        if self.feature == "cls":
+            return pooled
+        projected = pooled @ self.visual.proj
+        return projected if self.feature == "proj" else torch.cat([pooled, projected], dim=1)
+
+
 def _last_strided_stage(blocks: Any) -> nn.Sequential | None:
     """The last stage of timm's ``blocks`` (a Sequential of Sequential stages) whose first block downsamples."""
     if not isinstance(blocks, nn.Sequential):
@@ -410,6 +510,7 @@ def build_backbone(
     pretrained: str | None = None,
     timm_kwargs: Mapping[str, Any] | None = None,
     last_activation: bool = True,
+    clip_kwargs: Mapping[str, Any] | None = None,
 ) -> Backbone:
     """Build a backbone by name (random init unless ``weights`` / ``pretrained``; never downloads).
 
@@ -428,6 +529,9 @@ def build_backbone(
             on ReID crops, and those channels get no gradient; without the activation it fine-tunes about three
             times faster (README, "Results of the demo"). No weight changes, so pretrained files load as they
             are. ResNets (whose last ReLU sits inside the residual block) raise ``ValueError``.
+        clip_kwargs: for ``"clip:<name>"`` / ``"clip"`` backbones, :class:`CLIPViTBackbone`'s ``image_size``
+            (the ReID input, e.g. ``[256, 128]``), ``feature``, ``quick_gelu`` and (``"clip"`` only) ``model_cfg``.
+            ``weights`` is read as a CLIP file (open_clip's or OpenAI's layout) and loaded strictly.
 
     Returns:
         A :class:`Backbone`.
@@ -441,6 +545,22 @@ def build_backbone(
         raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
     if weights is not None and pretrained is not None:
         raise ValueError(f"pass either weights ({str(weights)!r}) or pretrained ({pretrained!r}), not both")
+    if clip_kwargs and not (name == "clip" or name.startswith(CLIP_PREFIX)):
+        raise ValueError(f"clip_kwargs are only for 'clip:<open_clip model>' backbones, got {dict(clip_kwargs)} "
+                         f"for {name!r}")
+    if name == "clip" or name.startswith(CLIP_PREFIX):
+        # last_stride does not apply to a token model (as for timm ViTs); the rest would be silently ignored
+        if timm_kwargs or pretrained is not None or not last_activation:
+            raise ValueError(f"backbone {name!r} takes clip_kwargs and a local weights file only (no timm_kwargs, "
+                             "pretrained or last_activation)")
+        kwargs = dict(clip_kwargs or {})
+        unknown = sorted(set(kwargs) - {"image_size", "feature", "quick_gelu", "model_cfg"})
+        if unknown:
+            raise ValueError(f"unknown clip_kwargs {unknown}; expected image_size, feature, quick_gelu, model_cfg")
+        if name.startswith(CLIP_PREFIX) and "model_cfg" in kwargs:
+            raise ValueError(f"backbone {name!r} names its open_clip config; clip_kwargs.model_cfg is for 'clip'")
+        model_name = name[len(CLIP_PREFIX):] if name.startswith(CLIP_PREFIX) else None
+        return CLIPViTBackbone(model_name=model_name, weights=weights, **kwargs)
     if name.startswith(TIMM_PREFIX):
         backbone: Backbone = TimmBackbone(
             name[len(TIMM_PREFIX) :], last_stride=last_stride, timm_kwargs=timm_kwargs,

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import open_clip
-import torch
 from torch import Tensor, nn
 
 from reid_lab.embedding.encoder import Encoder
 from reid_lab.models.backbones import build_backbone
+from reid_lab.models.clip_backbone import load_clip_state_dict, read_clip_state_dict
 from reid_lab.models.pooling import build_pooling
 from reid_lab.models.text import open_clip_text_cfg
 
@@ -54,14 +54,6 @@ def _local_dir(folder: str) -> tuple[dict[str, Any], Path | None]:
     cfg = _config_file(root / "open_clip_config.json")
     weights = next((root / name for name in LOCAL_WEIGHTS if (root / name).is_file()), None)
     return cfg, weights
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class BackboneImageTower(nn.Module):
@@ -96,7 +88,12 @@ class CLIPEncoder(Encoder):
             projection to ``embed_dim``), loaded from its installed package.
         context_length: tokens per caption (with ``text_tower``; else the config's).
         lock_text: freeze the text tower (LiT) and keep it in eval mode.
-        weights: a local file with an open_clip state dict to start from (``{"state_dict": ...}`` or plain).
+        weights: a local weights file to start from, in open_clip's layout (a state dict, plain or
+            ``{"state_dict": ...}``, ``.pt`` / ``.bin`` / ``.safetensors``) or OpenAI's (the published
+            ``ViT-B-16.pt`` TorchScript archive, read as data; build it with ``model_name: ViT-B-16-quickgelu``:
+            OpenAI's models use QuickGELU). Loaded strictly; the image positional embedding is resized to
+            ``image_size``'s patch grid (e.g. 14x14 -> 16x8 for ViT-B/16 at 256x128) and the text one to the
+            context length, as open_clip's ``load_checkpoint`` does.
         image_backbone: replace the config's image tower by a reid_lab backbone + pooling + projection
             (e.g. ``mobilenet_v2``), started from ``image_pretrained`` (``imagenet``: weights from a package).
     """
@@ -152,11 +149,10 @@ class CLIPEncoder(Encoder):
             self.model = open_clip.model.CLIP(**cfg)
         if image_backbone is not None:
             self.model.visual = BackboneImageTower(image_backbone, int(cfg["embed_dim"]), pretrained=image_pretrained)
-        if local_weights is not None:
-            self.model.load_state_dict(_read_state(local_weights))
-        if weights is not None:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            self.model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        # strict, positional embeddings resized to image_size / context_length (reid_lab.models.clip_backbone)
+        for path in (local_weights, weights):
+            if path is not None:
+                load_clip_state_dict(self.model, read_clip_state_dict(path), path)
         self.lock_text = bool(lock_text)
         if self.lock_text:
             for p in self._text_parameters():

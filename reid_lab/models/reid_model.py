@@ -41,7 +41,11 @@ class ReIDModel(Encoder):
         input_norm: ``{"mean": [r, g, b], "std": [r, g, b]}`` the backbone's weights expect. Images arrive
             normalised with the ImageNet mean / std (:mod:`reid_lab.data.transforms`) and are re-normalised
             to this before the backbone. ``None``: as they arrive, or, with ``pretrained``, what the weights'
-            source declares (EfficientNet-Lite0: mean = std = 0.5). Recorded in :meth:`spec` as resolved.
+            source declares (EfficientNet-Lite0: mean = std = 0.5; a CLIP tower with ``weights``: OpenAI's).
+            Recorded in :meth:`spec` as resolved.
+        clip_kwargs: options of a ``"clip"`` / ``"clip:<open_clip name>"`` backbone (the CLIP image tower, e.g.
+            ``{"image_size": [256, 128], "feature": "cls+proj"}`` as CLIP-ReID; :class:`~reid_lab.models.backbones.
+            CLIPViTBackbone`); ``last_stride`` does not apply to it.
 
     Example:
         >>> import torch
@@ -69,14 +73,17 @@ class ReIDModel(Encoder):
         pretrained: str | None = None,
         input_norm: Mapping[str, Sequence[float]] | None = None,
         last_activation: bool = True,
+        clip_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(
             backbone, last_stride=last_stride, weights=weights, pretrained=pretrained, timm_kwargs=timm_kwargs,
-            last_activation=last_activation,
+            last_activation=last_activation, clip_kwargs=clip_kwargs,
         )
         self.pretrained_source: str | None = self.backbone.pretrained_source
-        if input_norm is None and pretrained is not None:
+        clip_tower = str(backbone) == "clip" or str(backbone).startswith("clip:")
+        # pretrained weights expect their own pixel statistics (a CLIP tower: OpenAI's mean / std)
+        if input_norm is None and (pretrained is not None or (clip_tower and weights is not None)):
             input_norm = {"mean": list(self.backbone.input_mean), "std": list(self.backbone.input_std)}
         input_norm = _check_input_norm(input_norm)
         self.record_init_args(
@@ -84,6 +91,7 @@ class ReIDModel(Encoder):
             embedding_dim=embedding_dim, neck_feat=neck_feat, weights=None if weights is None else str(weights),
             timm_kwargs=None if timm_kwargs is None else dict(timm_kwargs),
             pretrained=pretrained, input_norm=input_norm, last_activation=bool(last_activation),
+            clip_kwargs=None if clip_kwargs is None else dict(clip_kwargs),
         )
         self.renormalize = input_norm is not None and (
             tuple(input_norm["mean"]) != IMAGENET_MEAN or tuple(input_norm["std"]) != IMAGENET_STD

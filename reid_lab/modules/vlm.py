@@ -37,7 +37,8 @@ class VLMEmbeddingModule(EmbeddingModule):
 
     Args:
         model_path / model_cfg / processor_path / pooling / instructions / context_length / lora /
-            gradient_checkpointing: the encoder (see :class:`~reid_lab.models.vlm.VLMEncoder`).
+            gradient_checkpointing / prompt_format / adapter_path: the encoder (see
+            :class:`~reid_lab.models.vlm.VLMEncoder`; ``prompt_format: vlm2vec`` embeds as VLM2Vec does).
         losses: image–text losses ``[{name: infonce | clip | sdm | supcon | siglip, weight, **options}]``
             (default ``[{name: infonce}]``: caption → image InfoNCE).
         temperature: the softmax temperature of the losses (VLM2Vec: 0.02); the loss scale is ``1 / temperature``.
@@ -82,10 +83,13 @@ class VLMEmbeddingModule(EmbeddingModule):
         max_rank: int = 50,
         space_label: str | None = None,
         upgrade: dict[str, Any] | None = None,
+        prompt_format: str = "reid_lab",
+        adapter_path: str | None = None,
     ) -> None:
         encoder = VLMEncoder(model_path=model_path, model_cfg=model_cfg, processor_path=processor_path,
                              pooling=pooling, instructions=instructions, context_length=context_length, lora=lora,
-                             gradient_checkpointing=gradient_checkpointing)
+                             gradient_checkpointing=gradient_checkpointing, prompt_format=prompt_format,
+                             adapter_path=adapter_path)
         super().__init__(encoder, distance=distance, max_rank=max_rank, space_label=space_label, upgrade=upgrade)
         self.save_hyperparameters()
         if temperature <= 0:

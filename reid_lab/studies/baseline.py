@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="override data.init_args.root")
     parser.add_argument("--backbone", default=None, help="also rank untrained backbone features (e.g. mobilenet_v2)")
     parser.add_argument("--pretrained", default=None, help="imagenet: the backbone's weights from a package")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per embedding batch (default: 128)")
     args = parser.parse_args(argv)
     try:
         dm = _datamodule(args.config, args.root, args.batch_size)

@@ -225,3 +225,95 @@ def test_without_the_last_activation_the_map_is_the_pre_relu6_one(name: str) -> 
 def test_last_activation_off_is_refused_where_there_is_no_final_activation_to_drop(name, timm_kwargs, match):
     with pytest.raises(ValueError, match=match):
         build_backbone(name, last_activation=False, timm_kwargs=timm_kwargs)
+
+
+# ------------------------------------------------------------------------------- CLIP image tower backbone
+CLIP_TINY = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "patch_size": 16},
+             "text_cfg": {"context_length": 16, "vocab_size": 1000, "width": 64, "heads": 1, "layers": 1}}
+
+
+@pytest.mark.parametrize(("feature", "dim"), [("cls", 64), ("proj", 32), ("cls+proj", 96)])
+def test_clip_backbone_contract_dims_and_gradients(feature: str, dim: int) -> None:
+    backbone = build_backbone("clip", clip_kwargs={"model_cfg": CLIP_TINY, "image_size": [64, 32],
+                                                   "feature": feature})
+    assert isinstance(backbone, Backbone) and not backbone.is_spatial and backbone.num_features == dim
+    assert backbone.visual.positional_embedding.shape == (1 + 4 * 2, 64)  # a 4x2 grid of 16-px patches
+    out = backbone(torch.randn(*IMAGES))
+    assert out.shape == (2, dim)
+    (out * torch.randn_like(out)).sum().backward()
+    no_grad = [n for n, p in backbone.named_parameters() if p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:5]}"
+
+
+def test_clip_pos_embed_interpolation_equals_open_clips_resize() -> None:
+    import open_clip
+
+    from reid_lab.models.clip_backbone import interpolate_pos_embed
+
+    pos = torch.randn(1 + 14 * 14, 48)
+    target = open_clip.model.CLIP(**{**CLIP_TINY, "vision_cfg": {**CLIP_TINY["vision_cfg"], "image_size": [256, 128]}})
+    state = {"visual.positional_embedding": pos.clone()}
+    open_clip.model.resize_pos_embed(state, target)  # open_clip's resize to the model's 16x8 grid
+    ours = interpolate_pos_embed(pos, (16, 8))
+    assert ours.shape == (1 + 16 * 8, 48)
+    torch.testing.assert_close(ours, state["visual.positional_embedding"])
+    torch.testing.assert_close(ours[0], pos[0])  # the class token's embedding is kept
+
+
+def test_clip_backbone_from_a_clip_file_equals_open_clips_image_tower(tmp_path) -> None:
+    """A whole CLIP checkpoint (text tower included, DDP prefix) at a ReID size: the backbone's projected
+    feature equals open_clip's own loader's encode_image at the same size, and the class-token part is its
+    pre-projection input."""
+    import json
+
+    import open_clip
+
+    torch.manual_seed(3)
+    source = open_clip.model.CLIP(**CLIP_TINY)
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    folder = tmp_path / "layout"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": CLIP_TINY}))
+    torch.save(source.state_dict(), folder / "open_clip_pytorch_model.bin")
+    theirs = open_clip.create_model(f"local-dir:{folder}", force_image_size=(96, 48)).eval()
+    backbone = build_backbone("clip", weights=path,
+                              clip_kwargs={"model_cfg": CLIP_TINY, "image_size": [96, 48]}).eval()
+    images = torch.randn(2, 3, 96, 48)
+    with torch.no_grad():
+        out = backbone(images)
+        torch.testing.assert_close(out[:, 64:], theirs.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:, 64:], out[:, :64] @ backbone.visual.proj, atol=1e-6, rtol=1e-6)
+
+
+def test_clip_backbone_errors(tmp_path) -> None:
+    with pytest.raises(ValueError, match="unknown open_clip model 'No-Such-ViT'"):
+        build_backbone("clip:No-Such-ViT")
+    with pytest.raises(ValueError, match="clip_kwargs are only for"):
+        build_backbone("resnet18", clip_kwargs={"image_size": [64, 32]})
+    with pytest.raises(ValueError, match="unknown clip_kwargs"):
+        build_backbone("clip", clip_kwargs={"model_cfg": CLIP_TINY, "img_size": [64, 32]})
+    path = tmp_path / "resnet.pt"
+    torch.save(build_backbone("resnet18").state_dict(), path)
+    with pytest.raises(ValueError, match=r"resnet\.pt.*holds no CLIP image tower"):
+        build_backbone("clip", weights=path, clip_kwargs={"model_cfg": CLIP_TINY})
+
+
+def test_reid_model_builds_a_clip_tower_from_clip_kwargs_and_takes_its_pixel_statistics(tmp_path):
+    """The CLIP-ReID recipe's model: a CLIP image tower at the ReID size inside ReIDModel, OpenAI's mean / std."""
+    import open_clip
+
+    from reid_lab.models.reid_model import ReIDModel
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    source = open_clip.CLIP(**cfg)
+    weights = tmp_path / "clip.pt"
+    torch.save(source.state_dict(), weights)
+    model = ReIDModel("clip", num_classes=5, weights=weights,
+                      clip_kwargs={"model_cfg": cfg, "image_size": [48, 24], "feature": "proj"})
+    out = model.eval().encode({"image": torch.zeros(2, 3, 48, 24)})
+    assert out["image"].shape == (2, 16)
+    assert model.spec()["init_args"]["clip_kwargs"]["feature"] == "proj"
+    assert model.renormalize  # images arrive ImageNet-normalised; the tower expects OpenAI's statistics
+    assert tuple(model.spec()["init_args"]["input_norm"]["mean"]) == tuple(open_clip.OPENAI_DATASET_MEAN)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,7 +11,7 @@ from reid_lab.data.text.vlm_processor import END_TOKEN, IMAGE_TEMPLATE, PAD_TOKE
 from reid_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from reid_lab.embedding.encoder import build_encoder
 from reid_lab.models.vlm import VLMEncoder, last_token_pool, left_padding_mask, mean_pool
-from tests.models.vlm_fixtures import CAPTIONS, build_processor, tiny_cfg
+from tests.models.vlm_fixtures import CAPTIONS, build_processor, save_release_layout, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +210,186 @@ def test_a_missing_or_truncated_model_is_named_by_its_folder_or_file(processor_d
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(ValueError, match=f"VLM weights file {weights} is not a readable safetensors file"):
         VLMEncoder(model_path=str(folder), processor_path=str(processor_dir))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# VLM2Vec's Qwen2-VL encode path, re-implemented here from TIGER-AI-Lab/VLM2Vec (never reid_lab's code):
+# src/model/processor.py ``Qwen2_VL_process_fn`` (each item through the processor alone, ``truncation=True`` with
+# ``max_length`` for text-only items, then ``processor.tokenizer.pad``), ``VLM_IMAGE_TOKENS[QWEN2_VL]`` for MMEB's
+# ``<|image_1|>``, and src/model/model.py ``MMEBModel.encode_input`` / ``_pooling`` (``hidden_states[-1]`` of
+# the full model, last token under left or right padding, ``normalize=True``).
+VLM2VEC_QWEN2_IMAGE_TOKEN = "<|image_pad|>"
+
+
+def vlm2vec_process(processor, texts, images, max_length=None):
+    input_ids, pixel_values, image_grid_thw = [], [], []
+    for text, image in zip(texts, images):
+        if image is None:
+            inputs = processor(text=[text], images=None, return_tensors="np", max_length=max_length, truncation=True)
+        else:
+            inputs = processor(text=[text], images=[image], return_tensors="np", max_length=max_length,
+                               truncation=(max_length is not None))
+            pixel_values.append(torch.from_numpy(inputs["pixel_values"]))
+            image_grid_thw.append(torch.from_numpy(inputs["image_grid_thw"]))
+        input_id = inputs["input_ids"].squeeze().tolist()
+        input_ids.append([input_id] if isinstance(input_id, int) else input_id)
+    batch = processor.tokenizer.pad({"input_ids": input_ids}, return_tensors="pt")
+    out = {"input_ids": batch["input_ids"].long(), "attention_mask": batch["attention_mask"].long()}
+    # VLM2Vec's vendored Qwen2-VL takes per-row lists; transformers' takes the rows' patches concatenated, and
+    # (v5) the token types: 1 on the image tokens.
+    if pixel_values:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pixel_values), torch.cat(image_grid_thw)
+    image_id = processor.tokenizer.convert_tokens_to_ids(VLM2VEC_QWEN2_IMAGE_TOKEN)
+    out["mm_token_type_ids"] = (out["input_ids"] == image_id).long()
+    return out
+
+
+def vlm2vec_pooling(last_hidden_state, attention_mask):
+    left_padding = (attention_mask[:, -1].sum() == attention_mask.shape[0])
+    batch_size = last_hidden_state.shape[0]
+    if left_padding:
+        reps = last_hidden_state[torch.arange(batch_size), -1, :]
+    else:
+        eos_indices = attention_mask.sum(dim=1) - 1
+        reps = last_hidden_state[torch.arange(batch_size, device=last_hidden_state.device), eos_indices]
+    return torch.nn.functional.normalize(reps, p=2, dim=-1)
+
+
+def vlm2vec_encode(model, inputs):
+    hidden_states = model(**inputs, return_dict=True, output_hidden_states=True).hidden_states[-1]
+    return vlm2vec_pooling(hidden_states, inputs["attention_mask"])
+
+
+def _pil_and_tensor(seed, height, width):
+    """A uint8 PIL image (what VLM2Vec reads) and the same image as the data modules give it (normalised)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    array = torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8)
+    return Image.fromarray(array.numpy()), _normalised(array.permute(2, 0, 1).float().unsqueeze(0) / 255)[0]
+
+
+@pytest.fixture
+def vlm2vec_encoder(processor_dir):
+    torch.manual_seed(0)
+    return VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir), context_length=12,
+                      prompt_format="vlm2vec").eval()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_vlm2vec_format_items_embed_as_vlm2vec_does(vlm2vec_encoder, processor_dir, padding_side):
+    """An MMEB image query, a text-only caption query and an image target in one batch: the same embeddings as
+    VLM2Vec's own processing of the same strings and PIL images (left- or right-padded by its tokenizer)."""
+    (pil0, img0), (pil1, img1) = _pil_and_tensor(0, 84, 56), _pil_and_tensor(1, 84, 56)
+    side = {"instruction": ["", "Find the person described: ", "Represent the given person image: "],
+            "text": ["Represent the given image for classification", "a man in a red coat", None],
+            "image": torch.stack([img0, torch.zeros_like(img0), img1]), "has_image": torch.tensor([True, False, True])}
+    texts = ["<|image_pad|>\nRepresent the given image for classification",  # MMEB's "<|image_1|>\n..." rewritten
+             "Find the person described: a man in a red coat", "<|image_pad|>\nRepresent the given person image: "]
+    processor = load_processor(processor_dir)
+    processor.tokenizer.padding_side = padding_side
+    with torch.no_grad():
+        reference = vlm2vec_encode(vlm2vec_encoder.base, vlm2vec_process(processor, texts, [pil0, None, pil1]))
+        ours = vlm2vec_encoder.embed_items(side)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(ours.norm(dim=1), torch.ones(3))  # VLM2Vec's --normalize True
+
+
+def test_vlm2vec_format_captions_and_images_embed_as_vlm2vec_does(vlm2vec_encoder, processor_dir):
+    """Caption ids of the data's tokenizer (``instruction caption <|im_end|>`` in 12 ids) embed as VLM2Vec embeds
+    ``instruction + caption`` cut at ``max_len`` 11, a long caption truncated at its end; images embed as
+    ``<|image_pad|>\\n`` + the image instruction."""
+    captions = ["a tall man", "a person in a green jacket carrying a backpack"]
+    ids = vlm2vec_encoder.tokenizer()(captions)
+    processor = load_processor(processor_dir)
+    instruction = vlm2vec_encoder.instructions["text"]
+    (pil0, img0), (pil1, img1) = _pil_and_tensor(2, 56, 84), _pil_and_tensor(3, 56, 84)
+    with torch.no_grad():
+        text_reference = vlm2vec_encode(vlm2vec_encoder.base, vlm2vec_process(
+            processor, [instruction + c for c in captions], [None, None], max_length=11))
+        text = vlm2vec_encoder.encode({"text": ids})["text"]
+        image_reference = vlm2vec_encode(vlm2vec_encoder.base, vlm2vec_process(
+            processor, ["<|image_pad|>\nRepresent the given person image: "] * 2, [pil0, pil1]))
+        image = vlm2vec_encoder.encode({"image": torch.stack([img0, img1])})["image"]
+    assert len(processor.tokenizer(instruction + captions[1])["input_ids"]) > 11  # the long one is truncated
+    torch.testing.assert_close(text, text_reference, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(image, image_reference, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="must end in the <\\|im_end\\|> id"):
+        vlm2vec_encoder.encode({"text": ids[:, :-1]})
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir), prompt_format="chat")
+
+
+def test_a_release_folder_and_its_dora_adapter_load_offline_and_embed_as_vlm2vec(processor_dir, tmp_path):
+    """A Qwen2-VL base in a release folder (sharded safetensors + index, processor files beside them) and a
+    VLM2Vec-style DoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, Gaussian init):
+    the encoder equals VLM2Vec's encoder (``PeftModel`` over ``from_pretrained``) on the same inputs."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    torch.manual_seed(0)
+    base = VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir)).base
+    folder = save_release_layout(base, processor_dir, tmp_path / "Qwen2-VL-tiny")
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 1
+    adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
+                                              init_lora_weights="gaussian", use_dora=True))
+    with torch.no_grad():  # a trained adapter: B away from its zero init
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapter.save_pretrained(tmp_path / "VLM2Vec-tiny")
+    assert {f.name for f in (tmp_path / "VLM2Vec-tiny").iterdir()} >= {"adapter_config.json",
+                                                                       "adapter_model.safetensors"}
+    ours = VLMEncoder(model_path=str(folder), adapter_path=str(tmp_path / "VLM2Vec-tiny"),
+                      prompt_format="vlm2vec").eval()
+    reference_model = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(folder),
+                                                str(tmp_path / "VLM2Vec-tiny")).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    pil, img = _pil_and_tensor(4, 84, 56)
+    side = {"instruction": ["", "Find the person described: "], "text": ["Represent the given image", "a tall man"],
+            "image": torch.stack([img, img]), "has_image": torch.tensor([True, False])}
+    with torch.no_grad():
+        reference = vlm2vec_encode(reference_model, vlm2vec_process(
+            processor, ["<|image_pad|>\nRepresent the given image", "Find the person described: a tall man"],
+            [pil, None]))
+        plain = vlm2vec_encode(AutoModelForImageTextToText.from_pretrained(folder), vlm2vec_process(
+            processor, ["<|image_pad|>\nRepresent the given image", "Find the person described: a tall man"],
+            [pil, None]))
+        got = ours.embed_items(side)
+    assert (reference - plain).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got, reference, atol=1e-5, rtol=1e-5)
+    spec = ours.spec()["init_args"]
+    assert spec["model_path"] is None and spec["adapter_path"] is None  # the merged weights are in the state dict
+    with pytest.raises(ValueError, match="holds no adapter_config.json"):
+        VLMEncoder(model_path=str(folder), adapter_path=str(tmp_path))
+    # configs/model/vlm_vlm2vec_qwen2.yaml on these folders: its fresh DoRA adapter starts as the identity
+    import yaml
+
+    from reid_lab.modules.vlm import VLMEmbeddingModule
+
+    init = yaml.safe_load((Path(__file__).parents[2] / "configs/model/vlm_vlm2vec_qwen2.yaml").read_text())
+    module = VLMEmbeddingModule(**{**init["model"]["init_args"], "model_path": str(folder),
+                                   "adapter_path": str(tmp_path / "VLM2Vec-tiny")}).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module.encoder.embed_items(side), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_dora_with_gaussian_init_is_vlm2vecs_adapter(processor_dir):
+    """``lora: {use_dora: true, init: gaussian}`` builds peft's DoRA with Gaussian A (std 1/r, where the
+    default Kaiming-uniform A has std 1/sqrt(3 fan_in)) and zero B: the embedding starts as the base model's."""
+    torch.manual_seed(0)
+    base = VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir)).eval()
+    torch.manual_seed(0)
+    dora = VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir),
+                      lora={"r": 2, "alpha": 8, "use_dora": True, "init": "gaussian"}).eval()
+    config = dora.model.peft_config["default"]
+    assert config.use_dora and config.init_lora_weights == "gaussian"
+    a = torch.cat([p.detach().flatten() for n, p in dora.named_parameters() if "lora_A" in n])
+    assert 0.4 < float(a.std()) < 0.6  # N(0, 1/r = 0.5); Kaiming uniform on fan_in 32 would give 0.10
+    assert any("lora_magnitude_vector" in n for n, p in dora.named_parameters() if p.requires_grad)
+    ids = base.tokenizer()(CAPTIONS[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(dora.encode({"text": ids})["text"], base.encode({"text": ids})["text"],
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="lora init must be one of"):
+        VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir), lora={"init": "pissa"})

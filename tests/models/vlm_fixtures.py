@@ -29,3 +29,16 @@ def build_processor(folder: Path) -> Path:
     from reid_lab.data.text.vlm_processor import build_offline_processor
 
     return build_offline_processor(folder, CAPTIONS * 4, vocab_size=320)
+
+
+def save_release_layout(model, processor_dir: Path, folder: Path, shard_size: str = "40KB") -> Path:
+    """Write ``model`` the way a Qwen2-VL release folder is laid out: ``config.json``, ``generation_config.json``,
+    ``model-0000i-of-0000n.safetensors`` shards with ``model.safetensors.index.json``, and the processor's files
+    (tokenizer, ``preprocessor_config.json``, ...) in the same folder."""
+    import shutil
+
+    model.save_pretrained(folder, max_shard_size=shard_size)
+    for file in processor_dir.iterdir():
+        shutil.copy(file, folder / file.name)
+    assert (folder / "model.safetensors.index.json").is_file(), "the tiny model must be sharded"
+    return folder

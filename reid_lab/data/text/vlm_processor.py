@@ -11,8 +11,16 @@ the captions at hand (milliseconds) and writes a complete ``Qwen2VLProcessor`` f
 :func:`processor_digest` names a processor folder by the content of its files, so a checkpoint can tell when
 the folder it was trained with has changed (another vocabulary would silently feed the model wrong tokens).
 
-Text inputs use :data:`TEXT_TEMPLATE` and image inputs :data:`IMAGE_TEMPLATE`; the embedding is read at the
-final ``<|im_end|>`` token (last-token pooling, as VLM2Vec pools its Qwen2-VL backbone).
+Two prompt formats (:data:`PROMPT_FORMATS`, :func:`item_prompt`):
+
+* ``reid_lab`` (the default): text inputs use :data:`TEXT_TEMPLATE` and image inputs :data:`IMAGE_TEMPLATE`
+  (``<|vision_start|><|image_pad|><|vision_end|>`` before the instruction); ``<|im_end|>`` closes every input
+  and the embedding is read there.
+* ``vlm2vec``: VLM2Vec's own Qwen2-VL inputs (TIGER-AI-Lab/VLM2Vec, ``src/model/processor.py``
+  ``Qwen2_VL_process_fn`` and the MMEB rows' ``<|image_1|>`` placeholder rewritten to ``VLM_IMAGE_TOKENS[QWEN2_VL]``):
+  a bare ``<|image_pad|>`` (no vision start / end tokens) then a newline before the text of an image item, no
+  chat template and no end token (the Qwen2 tokenizer adds none), so the embedding is read at the text's last
+  token; a text longer than the context is cut at its end (``truncation=True, max_length=max_len``).
 """
 
 from __future__ import annotations
@@ -33,9 +41,32 @@ END_TOKEN = "<|im_end|>"
 IMAGE_BLOCK = "<|vision_start|><|image_pad|><|vision_end|>"  # expanded by the processor to the image's tokens
 IMAGE_TEMPLATE = IMAGE_BLOCK + "{instruction}" + END_TOKEN
 TEXT_TEMPLATE = "{instruction}{text}"  # END_TOKEN is appended after truncation, so it is never cut off
+VLM2VEC_IMAGE_TOKEN = "<|image_pad|>"  # VLM2Vec's VLM_IMAGE_TOKENS[QWEN2_VL]; the processor expands it
+VLM2VEC_IMAGE_SEPARATOR = "\n"  # MMEB's rows read "<|image_1|>\n<text>"; the placeholder becomes the token above
+PROMPT_FORMATS = ("reid_lab", "vlm2vec")
 
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "processor_config.json",
                    "video_preprocessor_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def item_prompt(prompt_format: str, instruction: str, text: str | None, has_image: bool) -> str:
+    """The prompt string of one item (instruction + optional text, optional image) in ``prompt_format``.
+
+    ``reid_lab``: ``[<|vision_start|><|image_pad|><|vision_end|>]{instruction}{text}<|im_end|>``.
+    ``vlm2vec``: ``[<|image_pad|>\\n]{instruction}{text}``, an MMEB row's text with its placeholder rewritten
+    as VLM2Vec does for Qwen2-VL (the instruction carries its own trailing separator, e.g. ``"...: "``).
+
+    >>> item_prompt("vlm2vec", "", "Represent the given image for classification", True)
+    '<|image_pad|>\\nRepresent the given image for classification'
+    >>> item_prompt("reid_lab", "Find the person described: ", "a man", False)
+    'Find the person described: a man<|im_end|>'
+    """
+    body = f"{instruction}{text or ''}"
+    if prompt_format == "reid_lab":
+        return f"{IMAGE_BLOCK if has_image else ''}{body}{END_TOKEN}"
+    if prompt_format == "vlm2vec":
+        return f"{VLM2VEC_IMAGE_TOKEN + VLM2VEC_IMAGE_SEPARATOR if has_image else ''}{body}"
+    raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {prompt_format!r}")
 
 
 def build_offline_processor(
