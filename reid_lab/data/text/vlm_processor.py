@@ -180,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--instructions", nargs="*", default=[
         "Find the person described: ", "Represent the given person image: "],
         help="instruction prefixes to include in the corpus")
-    parser.add_argument("--vocab-size", type=int, default=512)
-    parser.add_argument("--min-pixels", type=int, default=56 * 56)
-    parser.add_argument("--max-pixels", type=int, default=112 * 112)
+    parser.add_argument("--vocab-size", type=int, default=512,
+                        help="size of the BPE vocabulary learnt on the captions (default: 512)")
+    parser.add_argument("--min-pixels", type=int, default=56 * 56,
+                        help="smallest image area the image processor resizes to, in pixels (default: 56 * 56)")
+    parser.add_argument("--max-pixels", type=int, default=112 * 112,
+                        help="largest image area the image processor resizes to, in pixels (default: 112 * 112)")
     args = parser.parse_args(argv)
     splits = load_text_dataset(args.dataset, args.root)
     corpus = [c for record in splits.train for c in record.captions] + list(args.instructions)
