@@ -30,6 +30,7 @@ import warnings
 from pathlib import Path
 
 import jsonargparse
+import yaml
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -156,8 +157,8 @@ class LoggedSaveConfigCallback(SaveConfigCallback):
         self.already_saved = trainer.strategy.broadcast(self.already_saved)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if trainer.logger is not None:
-            trainer.logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+        if trainer.logger is not None:  # as nested keys (trainer.max_epochs, model.init_args.lr): sortable
+            trainer.logger.log_hyperparams(yaml.safe_load(self.parser.dump(self.config, skip_none=False)))
 
 
 def _config_path(trainer, stage) -> Path:
@@ -225,10 +226,48 @@ class ReIDLabCLI(LightningCLI):
         super()._parse_ckpt_path()
 
     def before_instantiate_classes(self) -> None:
-        """``fit / test / validate --ckpt_path``: log into the checkpoint's run (:meth:`_continue_logger_run`)."""
+        """``fit / test / validate --ckpt_path``: log into the checkpoint's run (:meth:`_continue_logger_run`);
+        a wandb run gets a unique name, tags and a job type (:meth:`_describe_wandb_run`); ``predict`` writes
+        feature files and logs nothing, so it opens no logger run."""
+        config = self.config[self.subcommand]
+        if self.subcommand == "predict":
+            config["trainer"]["logger"] = False
         if self.subcommand in ("fit", "test", "validate") and self._ckpt_run is not None:
-            ckpt_path = self.config[self.subcommand].get("ckpt_path")
-            self._continue_logger_run(self.config[self.subcommand], Path(str(ckpt_path)))
+            ckpt_path = config.get("ckpt_path")
+            self._continue_logger_run(config, Path(str(ckpt_path)))
+        self._describe_wandb_run(config)
+
+    def _describe_wandb_run(self, config) -> None:
+        """A wandb run you can sort and filter: ``job_type`` the subcommand, tags ``dataset:`` / ``model:`` /
+        ``backbone:`` / ``method:`` (compatible losses) from the config, and a name made unique by its start time
+        (``synthetic_bot_r18-1207-051530``; runs of one config no longer share a name). Values the config sets
+        win; a run that continues a checkpoint's run, or one of a group (a study's stages), keeps its name."""
+        logger = config.get("trainer", {}).get("logger")
+        if not logger or not hasattr(logger, "get") or logger.get("init_args") is None:
+            return
+        if not str(logger.get("class_path", "")).endswith("WandbLogger"):
+            return
+        init_args = logger["init_args"]
+        model = config.get("model") or {}
+        model_args = (model.get("init_args") if hasattr(model, "get") else None) or {}
+        data_args = ((config.get("data") or {}).get("init_args") if hasattr(config.get("data") or {}, "get")
+                     else None) or {}
+        upgrade = model_args.get("upgrade") if hasattr(model_args, "get") else None
+        losses = (upgrade.get("compatible_losses") if hasattr(upgrade, "get") else None) or []
+        tags = {
+            "dataset": data_args.get("dataset") if hasattr(data_args, "get") else None,
+            "model": str(model.get("class_path", "")).rsplit(".", 1)[-1] if hasattr(model, "get") else None,
+            "backbone": next((model_args.get(k) for k in ("backbone", "image_backbone", "model_name")
+                              if hasattr(model_args, "get") and model_args.get(k)), None),
+            "method": "+".join(str(loss.get("name")) for loss in losses if hasattr(loss, "get")) or "none",
+        }
+        if not init_args.get("tags"):
+            init_args["tags"] = [f"{k}:{v}"[:64] for k, v in tags.items() if v]
+        if not init_args.get("job_type"):
+            init_args["job_type"] = self.subcommand
+        if init_args.get("name") and self._ckpt_run is None and not init_args.get("group"):  # a study's run
+            # names are unique within its group already
+            init_args["name"] = f"{init_args['name']}-{time.strftime('%m%d-%H%M%S')}"
 
     def _continue_logger_run(self, config, ckpt_path: Path) -> None:
         """Set the logger's version (CSV, TensorBoard) or run id (wandb) to the checkpoint's run, unless the config

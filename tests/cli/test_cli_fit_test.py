@@ -82,12 +82,30 @@ def test_fit_then_test_then_predict(tiny_synthetic, tmp_path, cli_argv, capsys):
     assert "[test, checkpoint of epoch 2] test/i2i: R1" in capsys.readouterr().out
     test_cli.trainer.logger.experiment.finish()
 
+    import wandb
+
+    from tests.wandb_records import read_records
+
+    wandb.teardown()  # every run file written before it is read back
+    # The fit's wandb run: typed, tagged, named uniquely, its config as nested keys (sortable in wandb).
+    fit_log = next(p for p in (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
+                   if any(r.WhichOneof("record_type") == "run" and r.run.job_type == "fit" for r in read_records(p)))
+    records = read_records(fit_log)
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert {"dataset:synthetic", "model:ReIDModule", "backbone:resnet18", "method:none"} <= set(run.tags)
+    assert re.fullmatch(r"synthetic_bot_r18-\d{4}-\d{6}", run.display_name), run.display_name
+    config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
+    assert {"trainer", "model", "data"} <= config_keys and "config" not in config_keys
+    runs_before = set((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+
     out = tmp_path / "features.pt"
     pred_cli = run_lightning_cli(
         ["predict", *_tiny_overrides(tiny_synthetic, tmp_path), "--ckpt_path", str(best),
          f"--predict_writer.output={out}"]
     )
-    pred_cli.trainer.logger.experiment.finish()
+    # predict writes a feature file and logs nothing: no (empty) logger run
+    assert pred_cli.trainer.logger is None
+    assert set((tmp_path / "runs" / "wandb").glob("offline-run-*")) == runs_before
     features = FeatureSet.load(out)
     assert features.features.shape == (len(splits.query) + len(splits.gallery), 512)
     assert features.paths == [r.path for r in splits.query + splits.gallery]
