@@ -5,8 +5,9 @@ Batch contract:
 
 * training: ``{"image": (B, 3, H, W) float32, "text": (B, L) int64, "pid": (B,) int64, "index": (B,) int64}``:
   ``index`` is the image's position in :attr:`TextImageDataModule.train_records`; the caption is one of that
-  image's captions, drawn per image and epoch from ``(seed, epoch)``. With ``num_instances`` K > 0 each batch
-  holds ``batch_size / K`` identities with K images each.
+  image's captions, drawn per image and epoch from ``(seed, epoch)``; with ``captions_per_image: all`` every
+  caption is its own training pair (IRRA's recipe), so an epoch visits each caption once. With
+  ``num_instances`` K > 0 each batch holds ``batch_size / K`` identities with K pairs each.
 * evaluation (val / test, one loader): first the query batches ``{"text": (B, L) int64, "pid", "index",
   "is_query": (B,) bool all True}``, one row per caption of the split, then the gallery batches ``{"image",
   "pid", "index", "is_query": (B,) bool all False}`` plus ``"camid"`` ``(B,)`` int64 where the dataset knows its
@@ -20,15 +21,23 @@ Pids: train labels ``0 .. num_classes - 1``; val / test pids as stored in the an
 from __future__ import annotations
 
 import functools
+import warnings
+from collections.abc import Iterator
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Sampler
 
 from reid_lab.data.datamodule import ValidationSource
-from reid_lab.data.sampler import PKBatchSampler
+from reid_lab.data.sampler import (
+    PKBatchSampler,
+    check_pk_identities,
+    interleave_in_proportion,
+    reads_a_prefix,
+)
 from reid_lab.data.shard import ShardedBatchSampler
 from reid_lab.data.subset import select_subset
 from reid_lab.data.text.datasets import (
@@ -47,12 +56,18 @@ from reid_lab.data.text.records import (
     caption_queries,
     relabel_captioned,
 )
-from reid_lab.data.text.tokenizers import CaptionTokenizer, OpenCLIPTokenizer
+from reid_lab.data.text.tokenizers import (
+    CaptionTokenizer,
+    OpenCLIPTokenizer,
+    caption_token_lengths,
+    truncated_share,
+)
 from reid_lab.data.transforms import build_test_transform, build_train_transform
 from reid_lab.data.views import TrainingSetView
 
 TextDataset = Literal["cuhkpedes", "icfgpedes", "rstpreid", "synthetic"]
 EvalRecord = CaptionQuery | CaptionedImage
+TRUNCATION_WARN_SHARE = 0.02  # above this share of cut captions setup warns: the context length is too short
 
 
 class TextImageDataModule(L.LightningDataModule):
@@ -66,14 +81,17 @@ class TextImageDataModule(L.LightningDataModule):
             to an old model's by the images' shared ids in the whole training split.
         image_size: ``(height, width)`` of the network input (ReID sizes such as ``[256, 128]``).
         batch_size: training pairs per batch on one device (P x K).
-        num_instances: K, images (each with one caption) per identity in a training batch; 0: plain shuffled
-            batches.
+        num_instances: K, training pairs per identity in a batch; 0: plain shuffled batches.
+        captions_per_image: ``one``: each epoch pairs every training image with one of its captions (drawn per
+            epoch); ``all``: every caption is a training pair of its image (IRRA), so an image with two
+            captions appears twice per epoch.
         eval_batch_size: batch size of the evaluation and prediction loaders.
         num_workers: data-loading worker processes.
         tokenizer: a :class:`~reid_lab.data.text.CaptionTokenizer` (``class_path`` / ``init_args`` in a config);
             None: open_clip's ``SimpleTokenizer``.
         context_length: token ids per caption (the text tower's context length); applies to every call of the
-            tokenizer, whatever its own default.
+            tokenizer, whatever its own default. ``setup`` prints the share of captions it cuts and warns above
+            2 %.
         flip_prob / padding / random_erasing_prob: training augmentation (see
             :func:`~reid_lab.data.transforms.build_train_transform`).
         val_subset: optional JSON file naming training images held out for validation (written by a study, see
@@ -96,6 +114,7 @@ class TextImageDataModule(L.LightningDataModule):
         image_size: tuple[int, int] = (256, 128),
         batch_size: int = 64,
         num_instances: int = 4,
+        captions_per_image: Literal["one", "all"] = "one",
         eval_batch_size: int = 128,
         num_workers: int = 4,
         tokenizer: CaptionTokenizer | None = None,
@@ -118,6 +137,9 @@ class TextImageDataModule(L.LightningDataModule):
             raise ValueError(f"val_split must be 'auto', 'val' or 'test', got {val_split!r}")
         if predict_split not in ("test", "val", "train"):
             raise ValueError(f"predict_split must be 'test', 'val' or 'train', got {predict_split!r}")
+        if captions_per_image not in ("one", "all"):
+            raise ValueError(f"captions_per_image must be 'one' (one caption per image and epoch) or 'all' (every "
+                             f"caption a training pair), got {captions_per_image!r}")
         if int(context_length) < 2:
             raise ValueError(f"context_length must be >= 2, got {context_length}")
         self.dataset = dataset
@@ -127,6 +149,7 @@ class TextImageDataModule(L.LightningDataModule):
         self.image_size = tuple(int(s) for s in image_size)
         self.batch_size = batch_size
         self.num_instances = num_instances
+        self.captions_per_image = captions_per_image
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.context_length = int(context_length)
@@ -144,6 +167,7 @@ class TextImageDataModule(L.LightningDataModule):
             self.hparams["tokenizer"] = tokenizer.spec()
         self._splits: TextReIDSplits | None = None
         self._train_records: list[CaptionedImage] | None = None
+        self._coverage: dict[str, tuple[float, int, int]] = {}
 
     # The evaluation loader's protocol (reid_lab.metrics.RetrievalMetric): caption queries, no camera filter.
     eval_protocol = "cross_modal"
@@ -246,6 +270,41 @@ class TextImageDataModule(L.LightningDataModule):
         """``(num train images,)``: the caption index each training image is paired with in ``epoch``."""
         return draw_captions([len(r.captions) for r in self.train_records], self.seed, epoch)
 
+    # ------------------------------------------------------------------------------------ caption coverage
+    def caption_coverage(self, captions: list[str]) -> tuple[float, int, int]:
+        """``(share cut at context_length, number of captions, longest caption in ids)`` of ``captions``, as the
+        configured tokenizer makes them (see :func:`~reid_lab.data.text.tokenizers.caption_token_lengths`)."""
+        lengths = caption_token_lengths(self.tokenizer, captions, probe_length=max(128, 2 * self.context_length))
+        return truncated_share(lengths, self.context_length), len(captions), int(lengths.max(initial=0))
+
+    def setup(self, stage: str | None = None) -> None:
+        """Print the share of the captions ``stage`` reads that ``context_length`` cuts (each split measured
+        once), and warn above 2 %: a cut caption loses its end, and with it what tells people apart."""
+        stage = stage or "fit"
+        parts: dict[str, list[str]] = {}
+        if stage == "fit":
+            parts["train"] = [c for r in self.train_records for c in r.captions]
+        if stage in ("fit", "validate", "test"):
+            held_out = stage != "test" and self.val_subset is not None
+            records, is_query = self.eval_records(stage)
+            parts["held-out" if held_out else self.split_for(stage)] = \
+                [r.text for r, query in zip(records, is_query, strict=True) if query]
+        for name, captions in parts.items():
+            if name not in self._coverage:
+                self._coverage[name] = self.caption_coverage(captions)
+        if not parts or rank_zero_only.rank != 0:
+            return
+        shares = " / ".join(f"{100 * self._coverage[n][0]:.1f} % of {self._coverage[n][1]} {n}" for n in parts)
+        longest = max(self._coverage[n][2] for n in parts)
+        message = (f"captions: {shares} captions truncated at context_length {self.context_length} "
+                   f"(longest {longest} tokens)")
+        print(message, flush=True)
+        cut = [n for n in parts if self._coverage[n][0] > TRUNCATION_WARN_SHARE]
+        if cut:
+            warnings.warn(f"{message}: more than {100 * TRUNCATION_WARN_SHARE:g} % of the {' and '.join(cut)} "
+                          f"captions lose their end; raise data.init_args.context_length (and the text tower's) "
+                          f"to {longest}", UserWarning, stacklevel=2)
+
     # ------------------------------------------------------------------------------------- dataloaders
     def _loader_kwargs(self) -> dict:
         return {
@@ -261,32 +320,57 @@ class TextImageDataModule(L.LightningDataModule):
         records = self.train_records
         world = self.trainer.world_size if self.trainer is not None else 1
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        # the units the identity sampler draws: images (one caption drawn per epoch) or (image, caption) pairs
+        pairs = [(i, c) for i, r in enumerate(records) for c in range(len(r.captions))] \
+            if self.captions_per_image == "all" else None
+        pids = [records[i].pid for i, _ in pairs] if pairs is not None else [r.pid for r in records]
         if self.num_instances > 0:
-            identities = PKBatchSampler(
-                [r.pid for r in records], batch_size=self.batch_size, num_instances=self.num_instances,
-                seed=self.seed, num_replicas=world, rank=rank,
-            )
+            identities = PKBatchSampler(pids, batch_size=self.batch_size, num_instances=self.num_instances,
+                                        seed=self.seed, num_replicas=world, rank=rank)
         else:
-            identities = RandomBatchSampler(len(records), self.batch_size, self.seed, world, rank)
-        sampler = CaptionPairBatchSampler(identities, [len(r.captions) for r in records], seed=self.seed)
+            identities = RandomBatchSampler(len(pids), self.batch_size, self.seed, world, rank)
+        if pairs is not None:
+            sampler = EveryCaptionBatchSampler(identities, pairs)
+        else:
+            sampler = CaptionPairBatchSampler(identities, [len(r.captions) for r in records], seed=self.seed)
         dataset = CaptionPairDataset(records, self.train_transform, self._tokenize_fn())
         return DataLoader(dataset, batch_sampler=sampler, **self._loader_kwargs())
 
-    def _query_gallery_loader(self, records: list[EvalRecord], is_query: list[bool]) -> DataLoader:
+    def check_pk_sampling(self, option_prefix: str = "") -> None:
+        """Refuse PK batches this training set cannot fill (P = batch_size / num_instances identities), before
+        anything trains: ``reid-lab fit`` calls it before its Trainer, logger or run folder exist.
+
+        Raises:
+            TooFewIdentities: one line naming the identity count and the options to change.
+        """
+        check_pk_identities(len({r.pid for r in self.train_records}), self.batch_size, self.num_instances,
+                            where=f"the {self.dataset} training set ({self.root})", option_prefix=option_prefix)
+
+    def _query_gallery_loader(self, records: list[EvalRecord], is_query: list[bool],
+                              interleave: bool = False) -> DataLoader:
+        """Caption batches, then image batches; ``interleave``: the two kinds of batch alternate in proportion
+        (:func:`~reid_lab.data.sampler.interleave_in_proportion`), so a prefix (``limit_val_batches``) holds
+        both."""
         num_query = sum(is_query)
         dataset = QueryGalleryDataset(
             records[:num_query], records[num_query:], self.test_transform, self._tokenize_fn(),
             with_camids=self.splits.has_cameras,
         )
         sampler = QueryGalleryBatchSampler(num_query, len(records) - num_query, self.eval_batch_size)
+        if interleave:  # a batch holds captions or images, never both: interleave whole batches
+            batches = list(sampler)
+            split = sum(1 for b in batches if b and b[0] < num_query)
+            sampler = interleave_in_proportion(batches[:split], batches[split:])
         # under DDP each rank reads one contiguous block of batches (reid_lab.data.shard)
         return DataLoader(dataset, batch_sampler=ShardedBatchSampler(sampler), **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
-        return self._query_gallery_loader(*self.eval_records("validate"))
+        return self._query_gallery_loader(*self.eval_records("validate"),
+                                          interleave=reads_a_prefix(self.trainer, validation=True))
 
     def test_dataloader(self) -> DataLoader:
-        return self._query_gallery_loader(*self.eval_records("test"))
+        return self._query_gallery_loader(*self.eval_records("test"),
+                                          interleave=reads_a_prefix(self.trainer, validation=False))
 
     def predict_dataloader(self) -> DataLoader:
         return self._query_gallery_loader(*self.predict_records())
@@ -306,3 +390,31 @@ class TextImageDataModule(L.LightningDataModule):
 
         return TrainingSetView(records=records, raw_records=list(self.splits.train), batches=batches,
                                modality="image")
+
+
+class EveryCaptionBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(image index, caption index)`` pairs where every caption of every image is one unit of
+    ``sampler`` (``captions_per_image: all``, as IRRA's training set lists each caption as its own pair).
+
+    Args:
+        sampler: a batch sampler over ``range(len(pairs))`` with ``set_epoch`` / ``epoch`` (PK or random).
+        pairs: ``(image index, caption index)`` of every unit.
+    """
+
+    def __init__(self, sampler, pairs: list[tuple[int, int]]) -> None:
+        self.sampler = sampler  # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)``
+        self.pairs = list(pairs)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.sampler.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.sampler:
+            yield [self.pairs[int(j)] for j in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)

@@ -7,6 +7,17 @@ rebuild the encoder, space records with both modalities, predict rows of either 
 
 Training batches hold ``image`` ``(B, 3, H, W)``, ``text`` ``(B, L)`` token ids of a caption of that image, and
 ``pid`` ``(B,)``. Evaluation batches are homogeneous: query captions then gallery images (``is_query``).
+On caption data ``test`` reports, beside caption -> image retrieval (``test/t2i/*``), image -> caption
+retrieval (``test/i2t/*``: image queries, every test caption the gallery, a caption matches when it describes
+the image's identity, nothing removed), caption -> caption retrieval (``test/t2t/*``: each caption against the
+other captions, itself removed) and zero-shot identity classification of the test images among the test
+identities (``test/zeroshot/top1``, ``top5``; class = the identity's captions averaged, open_clip's
+zero-shot classifier recipe; chance printed), all computed by :mod:`reid_lab.metrics`.
+
+IRRA (Jiang & Ye, CVPR'23) is three entries of ``losses``: ``{name: sdm}``, ``{name: mlm}`` (implicit relation
+reasoning: the caption's masked tokens predicted from its text states fused with the image tokens by a
+cross-modal block, :mod:`reid_lab.models.irra`; used in training only) and ``{name: id}`` (an identity
+classifier on both embeddings), see :mod:`reid_lab.losses.irra` and ``configs/experiments/synthetic_irra.yaml``.
 """
 
 from __future__ import annotations
@@ -18,9 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from reid_lab.losses import build_loss
-from reid_lab.losses.image_text import build_image_text_loss
+from reid_lab.losses.image_text import IMAGE_TEXT_LOSSES, build_image_text_loss
+from reid_lab.losses.irra import IGNORE_INDEX, IRRA_LOSSES, MaskVocabulary, MLMLoss
+from reid_lab.metrics.reid_metric import RetrievalMetric
+from reid_lab.metrics.zero_shot import ZeroShotIdentityMetric
 from reid_lab.models.clip import CLIPEncoder
-from reid_lab.modules.base import EmbeddingModule, TrainingOutput, check_tokenizer
+from reid_lab.models.irra import CrossModalMLM, image_tokens, text_tokens
+from reid_lab.modules.base import EmbeddingModule, TrainingOutput, batch_modality, check_tokenizer
 from reid_lab.modules.optim import build_optimizer, per_step_scheduler
 
 MAX_LOGIT_SCALE = math.log(100)  # open_clip clamps exp(logit_scale) to 100 after every step
@@ -35,8 +50,11 @@ class CLIPModule(EmbeddingModule):
         force_image_size: ``[H, W]`` overriding the config's image size (open_clip's name for it).
         image_backbone / image_pretrained: a reid_lab backbone as the image tower (e.g. ``mobilenet_v2`` with
             ``imagenet`` weights from an installed package).
-        num_classes: training identities (linked from the data module); used by image-side ReID losses.
-        losses: image–text losses ``[{name: clip | siglip | sdm | supcon, weight, **options}]`` (default CLIP InfoNCE).
+        num_classes: training identities (linked from the data module); used by image-side ReID losses and
+            IRRA's ``id`` loss.
+        losses: image–text losses ``[{name: clip | infonce | siglip | sdm | supcon | mlm | id, weight, **options}]``
+            (default CLIP InfoNCE); ``mlm`` and ``id`` are IRRA's (:mod:`reid_lab.losses.irra`; ``mlm`` takes
+            ``probability``, ``depth``, ``heads``).
         image_losses: ReID losses on the image embedding (``triplet``; ``ce`` adds a linear classifier).
         optimizer / lr / weight_decay / momentum: optimiser (no weight decay on gains, biases, logit scale).
         scheduler / milestones / gamma / warmup_epochs / warmup_factor: per-step schedule.
@@ -79,8 +97,20 @@ class CLIPModule(EmbeddingModule):
                               weights=weights, image_backbone=image_backbone, image_pretrained=image_pretrained)
         super().__init__(encoder, distance=distance, max_rank=max_rank, space_label=space_label, upgrade=upgrade)
         self.save_hyperparameters()
-        self.losses = nn.ModuleList(_build(losses if losses is not None else [{"name": "clip"}],
-                                           build_image_text_loss, "losses"))
+        built = _build(losses if losses is not None else [{"name": "clip"}], _text_image_loss, "losses")
+        mlm = [loss for loss in built if isinstance(loss, MLMLoss)]
+        if len(mlm) > 1:
+            raise ValueError("losses: give the mlm loss at most once")
+        self.losses = nn.ModuleList(loss for loss in built if not isinstance(loss, MLMLoss))
+        for loss in self.losses:
+            if loss.name == "id":
+                loss.bind(num_classes, encoder.embedding_dim)
+        self.mlm_loss: MLMLoss | None = mlm[0] if mlm else None
+        self.mlm: CrossModalMLM | None = None
+        if self.mlm_loss is not None:
+            self._mask_vocabulary = MaskVocabulary.of(encoder.tokenizer())
+            self.mlm = CrossModalMLM(encoder.embedding_dim, self._mask_vocabulary.vocab_size,
+                                     depth=self.mlm_loss.depth, heads=self.mlm_loss.heads)
         self.image_losses = nn.ModuleList(_build(image_losses or [], build_loss, "image_losses", allow_empty=True))
         needs_classifier = any(loss.name in ("ce", "arcface", "cosface") for loss in self.image_losses)
         if needs_classifier and num_classes <= 0:
@@ -97,7 +127,10 @@ class CLIPModule(EmbeddingModule):
 
     # --------------------------------------------------------------------------------------- training
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:
-        image = self.encoder.encode_image(batch["image"])
+        if self.mlm is not None:  # one image pass gives the embedding and the tokens IRRA's fusion attends to
+            image, tokens = image_tokens(self.encoder.model, batch["image"])
+        else:
+            image = self.encoder.encode_image(batch["image"])
         text = self.encoder.encode_text(batch["text"])
         pids = batch["pid"]
         total = image.new_zeros(())
@@ -106,6 +139,15 @@ class CLIPModule(EmbeddingModule):
             value = loss(image, text, pids, self.encoder.logit_scale)
             parts[loss.name] = value.detach()
             total = total + loss.weight * value
+        if self.mlm is not None:
+            masked, labels = self.mlm_loss.mask(batch["text"], self._mask_vocabulary)
+            _, states = text_tokens(self.encoder.model, masked)
+            positions = labels != IGNORE_INDEX
+            scores = self.mlm(states, tokens, positions)  # (masked tokens, vocab)
+            value = self.mlm_loss(scores, labels[positions])
+            parts["mlm"] = value.detach()
+            parts["mlm_acc"] = (scores.detach().argmax(1) == labels[positions]).float().mean()
+            total = total + self.mlm_loss.weight * value
         logits = self.classifier(image) if self.classifier is not None else None
         outputs = {"features": image, "bn_features": image, "embedding": image,
                    **({"logits": logits} if logits is not None else {})}
@@ -124,6 +166,40 @@ class CLIPModule(EmbeddingModule):
     def space_model_name(self) -> str:
         return "clip"
 
+    # ------------------------------------------------------------------------------------- evaluation
+    def on_test_start(self) -> None:
+        # On caption data the test loop also ranks images against captions and captions against captions, and
+        # classifies images zero-shot; the caption -> image metric stays the base module's test_metric.
+        self.caption_test_metrics = None
+        if self.protocol == "cross_modal":
+            options = {"metric": self.distance, "max_rank": self.max_rank}
+            self.caption_test_metrics = nn.ModuleDict({
+                "i2t": RetrievalMetric(protocol="image_to_text", **options),
+                "t2t": RetrievalMetric(protocol="text_to_text", **options),
+                "zeroshot": ZeroShotIdentityMetric(),
+            }).to(self.device)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        modality = batch_modality(batch)
+        embedding = self.embedder()(batch)[modality]
+        self.update_metric(self.test_metric, batch, embedding)
+        extra = getattr(self, "caption_test_metrics", None)  # set by on_test_start
+        if extra is not None:
+            is_caption = modality == "text"
+            extra["i2t"].update(embedding, batch["pid"], not is_caption)  # images query, captions are the gallery
+            if is_caption:
+                extra["t2t"].update(embedding, batch["pid"])
+            extra["zeroshot"].update(embedding, batch["pid"], is_caption)
+
+    def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
+        for metric in (getattr(self, "caption_test_metrics", None) or {}).values():
+            try:
+                self._log_metric(metric, "test")
+            except ValueError as err:  # e.g. one caption per identity: no caption -> caption match to rank
+                metric.reset()
+                self.print(f"{self.evaluation_label()} test/{metric.tag}: not reported ({err})")
+
     # -------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
         hp = self.hparams
@@ -138,6 +214,20 @@ class CLIPModule(EmbeddingModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": per_step_scheduler(self, optimizer, hp.scheduler, hp.milestones or [], hp.gamma,
                                                    hp.warmup_epochs, hp.warmup_factor)}
+
+
+def _text_image_loss(name: str, **options) -> nn.Module:
+    """An image–text loss (:data:`~reid_lab.losses.image_text.IMAGE_TEXT_LOSSES`) or one of IRRA's (``mlm``, ``id``)."""
+    cls = IRRA_LOSSES.get(name)
+    if cls is None:
+        if name not in IMAGE_TEXT_LOSSES:
+            raise ValueError(f"unknown image-text loss {name!r}; available: "
+                             f"{', '.join(sorted({*IMAGE_TEXT_LOSSES, *IRRA_LOSSES}))}")
+        return build_image_text_loss(name, **options)
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise TypeError(f"image-text loss {name!r} ({cls.__name__}): {err}") from err
 
 
 def _build(specs: list[dict[str, Any]], factory, where: str, allow_empty: bool = False) -> list[nn.Module]:

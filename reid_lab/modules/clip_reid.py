@@ -7,6 +7,13 @@ loss between image features and the prompts' text features in both directions (E
 
     L_stage1 = supcon(image, text) + supcon(text, image)     # raw features, temperature 1
 
+As the official ``processor_clipreid_stage1.py``, the image features of the whole training set are computed once
+when fitting starts, without gradients, from the un-augmented images (the data module's training set under its
+evaluation transform, :meth:`training_set_view`), and every epoch iterates them in a fresh random order (one
+permutation per epoch, seeded by the epoch) in batches of the data module's ``batch_size`` (official: 64); the
+data module's own (augmented, PK) training batches only pace the steps. ``stage1_features: batch`` restores the
+former behaviour: the features of each augmented PK batch, computed under ``no_grad``.
+
 Stage 2 (``stage: 2``, started from a stage-1 checkpoint ``stage1_checkpoint``): the text tower and the prompts
 are frozen; the text features of all ``C`` identities are computed once per epoch (no gradients) and the image
 tower is fine-tuned with the ReID losses on a BNNeck head plus the image-to-text cross-entropy (Eq. 7)::
@@ -20,9 +27,10 @@ junk removed) on ``f`` (``NECK_FEAT: before``), through the shared :class:`Embed
 
 Deviations from the official code (Syliz517/CLIP-ReID):
 
-* Stage 1 computes the frozen image features of each training batch under ``no_grad`` (same values: the tower
-  is frozen and in eval mode) instead of caching the whole training set once before training; its batches are
-  the data module's identity (PK) batches rather than random batches of the cached features.
+* Stage 1's epoch has as many steps as the data module's training loader (the official epoch has
+  ``ceil(N / 64)``, its last batch partial); every batch is full, the permutation continuing into the next one
+  (of the same epoch) when the steps outnumber ``N / batch``. Under DDP each rank takes every ``world``-th
+  batch of the same order.
 * One head on the projected image feature: the official ViT model has two BNNeck heads and classifiers (on the
   pre-projection CLS token and on its projection), triplet losses on three features (last-layer, CLS,
   projection) and tests on the concatenation of the pre- and post-projection features. open_clip's image
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -75,6 +84,9 @@ class CLIPReIDModule(EmbeddingModule):
         num_classes: training identities (linked from the data module).
         n_ctx / template / prompt_init_std: the prompts (CLIP-ReID: 4 words in "A photo of a {} person.").
         supcon_temperature: stage-1 temperature (CLIP-ReID: 1).
+        stage1_features: ``cached`` (official: the un-augmented training set's features, computed once when
+            fitting starts, in a random order per epoch) or ``batch`` (the features of each augmented training
+            batch).
         losses: stage-2 ReID losses on the BNNeck head (default: CE with label smoothing 0.1, weight 0.25, and
             batch-hard triplet with margin 0.3, weight 1).
         i2t_weight / i2t_epsilon: weight and label smoothing of stage 2's image-to-text cross-entropy.
@@ -102,6 +114,7 @@ class CLIPReIDModule(EmbeddingModule):
         template: str = DEFAULT_TEMPLATE,
         prompt_init_std: float = 0.02,
         supcon_temperature: float = 1.0,
+        stage1_features: str = "cached",
         losses: list[dict[str, Any]] | None = None,
         i2t_weight: float = 1.0,
         i2t_epsilon: float = 0.1,
@@ -122,6 +135,9 @@ class CLIPReIDModule(EmbeddingModule):
         if stage not in (1, 2):
             raise ValueError(f"stage must be 1 (learn the identity prompts) or 2 (fine-tune the image tower), "
                              f"got {stage!r}")
+        if stage1_features not in ("cached", "batch"):
+            raise ValueError(f"stage1_features must be 'cached' (the official recipe) or 'batch', got "
+                             f"{stage1_features!r}")
         if num_classes <= 0:
             raise ValueError(f"num_classes must be the number of training identities (> 0), got {num_classes}; "
                              "with the CLI it is linked from the data module")
@@ -151,6 +167,10 @@ class CLIPReIDModule(EmbeddingModule):
             p.requires_grad_(False)
         self._text_bank: Tensor | None = None
         self._stage1_loaded: str | None = None
+        self._cached_image: Tensor | None = None  # (N, D) stage-1 image features of the training set
+        self._cached_pids: Tensor | None = None  # (N,)
+        self._cached_order: Tensor | None = None  # this epoch's order of the cached rows
+        self._cached_step = 0  # stage-1 steps taken in this epoch
 
     # ------------------------------------------------------------------------------------- frozen parts
     def _frozen_modules(self) -> list[nn.Module]:
@@ -179,12 +199,62 @@ class CLIPReIDModule(EmbeddingModule):
                 self._text_bank = torch.cat([self.text_features(chunk) for chunk in pids.split(TEXT_BANK_CHUNK)])
         return self._text_bank
 
+    # ------------------------------------------------------------------------------ stage-1 feature cache
+    @torch.no_grad()
+    def cache_stage1_features(self, batches: Iterable[Mapping[str, Any]]) -> None:
+        """Compute and keep the image features of ``batches`` (``"image"``, ``"pid"``; the training set under the
+        evaluation transform), with the frozen image tower in eval mode and no gradients: stage 1's inputs."""
+        self.encoder.eval()
+        features, pids = [], []
+        for batch in batches:
+            features.append(self.encoder.encode_image(batch["image"].to(self.device)))
+            pids.append(batch["pid"].to(self.device))
+        self.train(self.training)  # the module's own rule puts every part back in its mode
+        if not features:
+            raise ValueError("CLIP-ReID stage 1: the training set is empty, no image features to cache")
+        self._cached_image, self._cached_pids = torch.cat(features), torch.cat(pids)
+        self._cached_order, self._cached_step = None, 0
+
+    def cached_stage1_rows(self, batch_size: int) -> Tensor:
+        """``(batch_size,)`` rows of the cache for the next stage-1 step: this epoch's permutation (seeded by the
+        epoch), cut in consecutive batches; under DDP rank ``r`` takes batches ``r, r + world, ...``."""
+        num = self._cached_image.shape[0]
+        rank, world = (self.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        start = (self._cached_step * world + rank) * batch_size
+        epoch = self.current_epoch if self._trainer is not None else 0
+        while self._cached_order is None or self._cached_order.numel() < start + batch_size:
+            # one more permutation of the whole set (the epoch's first, or a continuation when steps outnumber it)
+            rounds = 0 if self._cached_order is None else self._cached_order.numel() // num
+            generator = torch.Generator().manual_seed(int(epoch) * 1_000_003 + rounds)
+            order = torch.randperm(num, generator=generator).to(self._cached_image.device)
+            self._cached_order = order if self._cached_order is None else torch.cat([self._cached_order, order])
+        self._cached_step += 1
+        return self._cached_order[start:start + batch_size]
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.stage == 1 and self.hparams.stage1_features == "cached":
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "training_set_view"):
+                raise ValueError("CLIP-ReID stage 1 caches the training set's image features from the data module's "
+                                 "training_set_view(); this data module has none (or set model.init_args."
+                                 "stage1_features: batch)")
+            self.cache_stage1_features(datamodule.training_set_view().batches())
+
     # --------------------------------------------------------------------------------------- training
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:
         pids = batch["pid"]
         if self.stage == 1:
-            with torch.no_grad():
-                image = self.encoder.encode_image(batch["image"])
+            if self.hparams.stage1_features == "cached":
+                if self._cached_image is None:
+                    raise RuntimeError("CLIP-ReID stage 1 (stage1_features: cached) has no cached image features: "
+                                       "fit with a Trainer (it caches them when fitting starts) or call "
+                                       "cache_stage1_features first")
+                rows = self.cached_stage1_rows(len(pids))
+                image, pids = self._cached_image[rows], self._cached_pids[rows]
+            else:
+                with torch.no_grad():
+                    image = self.encoder.encode_image(batch["image"])
             text = self.text_features(pids)
             t = self.hparams.supcon_temperature
             i2t, t2i = supcon_loss(image, text, pids, pids, t), supcon_loss(text, image, pids, pids, t)
@@ -209,6 +279,7 @@ class CLIPReIDModule(EmbeddingModule):
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._text_bank = None
+        self._cached_order, self._cached_step = None, 0  # a new permutation of the stage-1 features
 
     def space_model_name(self) -> str:
         return "clip_reid"

