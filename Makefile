@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.reid_lab-installed
 OFFLINE := WANDB_MODE=offline WANDB_SILENT=true HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: install test test-fast demo lint clean
+.PHONY: install test test-fast demo lint docs clean
 
 install: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check reid_lab tests experiments benchmarks
 	$(VENV)/bin/lint-imports
+
+# The docs site from docs/ (mkdocs.yml); --strict fails on a broken link, reference or docstring.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf runs reports predictions .pytest_cache
