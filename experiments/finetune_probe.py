@@ -1,7 +1,7 @@
 """A short fine-tuning probe: a plain PyTorch loop over a ReID module's ``training_output`` on the synthetic
 set, with the full test split evaluated (R1 / mAP, eval mode) every ``--eval-every`` steps.
 
-Used to diagnose why an ImageNet backbone fine-tunes slowly (README, "Results of the demo"):
+Used to diagnose why an ImageNet backbone fine-tunes slowly (docs/trials.md):
 
     python experiments/finetune_probe.py mobilenet_v2 --lr 1e-3 --steps 40
     python experiments/finetune_probe.py timm:tf_efficientnet_lite0 --lr 1e-3 --steps 80

@@ -2,7 +2,7 @@
 ``training_output`` (no GradCache: the same gradients), printing the loss and how far apart the embeddings are,
 then Precision@1 per pair kind on the first test batches.
 
-Used to find why a randomly initialised tiny Qwen2-VL did not learn (README, "VLM2Vec-style embedders"):
+Used to find why a randomly initialised tiny Qwen2-VL did not learn (docs/trials.md):
 
     python experiments/vlm_pair_probe.py --kind caption_to_person --steps 40                      # collapses
     python experiments/vlm_pair_probe.py --kind caption_to_person --steps 150 --init-std 0.1      # images collapse

@@ -32,7 +32,7 @@ class ReIDModule(EmbeddingModule):
         num_classes: training identities (linked from the data module by the CLI).
         last_stride: stride of the last backbone stage (1 doubles the final feature map, BoT).
         last_activation: False: pool the backbone's map before its last activation (``mobilenet_v2``, timm's
-            EfficientNet / MobileNet family), so no channel starts dead (README, "Results of the demo").
+            EfficientNet / MobileNet family), so no channel starts dead (docs/trials.md).
         pooling: ``avg``, ``max``, ``gem`` or ``avgmax``.
         embedding_dim: optional linear reduction of the pooled feature before the BNNeck.
         neck_feat: test embedding taken ``before`` or ``after`` the BNNeck BatchNorm.
