@@ -136,6 +136,9 @@ def child_env(threads: int) -> dict[str, str]:
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env[name] = str(threads)
+    # reid_lab's ranking paths pick threads from the load average; a side-by-side ratio needs both sides at the
+    # same threads, so pin them (unless the caller pinned something else)
+    env.setdefault("REID_LAB_RANK_THREADS", str(threads))
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
 

@@ -22,6 +22,7 @@ machines.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"threads {torch.get_num_threads()}; OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"REID_LAB_RANK_THREADS {os.environ.get('REID_LAB_RANK_THREADS', 'auto')}; load {os.getloadavg()} on "
+          f"{os.cpu_count()} cpus", flush=True)
 
     data = synthetic(args.scale, args.dim, args.old_noise, args.new_noise, args.seed, args.queries)
     labels = (data["q_pids"], data["g_pids"], data["q_camids"], data["g_camids"])

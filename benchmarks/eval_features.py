@@ -7,8 +7,9 @@ Target: evaluating from features costs at most 1.3x computing the distances alon
 floor. Same cached inputs as ``benchmarks/eval_rank.py`` (``q_feats.npy`` / ``g_feats.npy``, L2-normalised
 2048-d float32; generated on first use). Implementations, each in a fresh subprocess (``_harness.py``):
 
-* ``matmul``: the floor, ``torch.mm(query_block, gallery.T, out=buffer)`` over query blocks of the same size as
-  ``evaluate_features`` uses, into one reused buffer (no full matrix, no distance arithmetic, no evaluation).
+* ``matmul``: the floor, the fastest plain product at the same threads: ONE ``torch.mm(query, gallery.T,
+  out=buffer)`` of the whole matrix (no distance arithmetic, no evaluation). An earlier version ran it in
+  ``evaluate_features``' 131-row blocks, which is slower than ``compute_distance`` and flattered the ratio.
 * ``compute_distance``: ``reid_lab.metrics.compute_distance`` (the full ``num_query x num_gallery`` matrix).
 * ``evaluate_features``: ``reid_lab.metrics.evaluate_features`` (never holds the full matrix).
 * ``distance+rank``: ``compute_distance`` then ``evaluate_rank`` on the full matrix (the two-step route).
@@ -34,7 +35,7 @@ IMPLS = ("matmul", "compute_distance", "evaluate_features", "distance+rank")
 WARMUP_ROWS = 32
 
 
-def _impl(name: str, q, g, ids, metric: str, chunk: int):
+def _impl(name: str, q, g, ids, metric: str, budget: int | None):
     """A zero-argument callable running implementation ``name`` on query / gallery features ``q``, ``g``."""
     import torch
 
@@ -44,19 +45,18 @@ def _impl(name: str, q, g, ids, metric: str, chunk: int):
         return {"R1": 100 * float(r.cmc[0]), "mAP": 100 * r.mAP, "mINP": 100 * r.mINP}
 
     if name == "matmul":
+        buf = torch.empty((q.shape[0], g.shape[0]), dtype=q.dtype, device=q.device)
+
         def run() -> dict[str, Any]:
-            buf = torch.empty((min(chunk, q.shape[0]), g.shape[0]), dtype=q.dtype, device=q.device)
-            for start in range(0, q.shape[0], chunk):
-                stop = min(start + chunk, q.shape[0])
-                torch.mm(q[start:stop], g.T, out=buf[: stop - start])
-            return {"chunk": chunk}
+            torch.mm(q, g.T, out=buf)
+            return {"shape": list(buf.shape)}
     elif name == "compute_distance":
         def run() -> dict[str, Any]:
             d = compute_distance(q, g, metric=metric, normalize=False)
             return {"shape": list(d.shape)}
     elif name == "evaluate_features":
         def run() -> dict[str, Any]:
-            return summary(evaluate_features(q, g, *ids, metric=metric, normalize=False, chunk_size=chunk))
+            return summary(evaluate_features(q, g, *ids, metric=metric, normalize=False, memory_budget=budget))
     else:
         def run() -> dict[str, Any]:
             d = compute_distance(q, g, metric=metric, normalize=False)
@@ -67,8 +67,6 @@ def _impl(name: str, q, g, ids, metric: str, chunk: int):
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from reid_lab.metrics.rank import check_chunk_size
-
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     device = torch.device(args.device)
@@ -76,16 +74,16 @@ def child(args: argparse.Namespace) -> None:
     g = torch.from_numpy(np.load(data / "g_feats.npy")).to(device)
     q_pids, g_pids, q_camids, g_camids = eval_rank.load_ids(data)
     ids = (q_pids, g_pids, q_camids, g_camids)
-    chunk = args.chunk_size or check_chunk_size(None, g.shape[0], device)
+    budget = args.budget_mb << 20 if args.budget_mb else None
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     w = min(WARMUP_ROWS, q.shape[0])
-    _impl(args.child, q[:w], g, (q_pids[:w], g_pids, q_camids[:w], g_camids), args.metric, chunk)()
+    _impl(args.child, q[:w], g, (q_pids[:w], g_pids, q_camids[:w], g_camids), args.metric, budget)()
     sync()
-    run = _impl(args.child, q, g, ids, args.metric, chunk)
+    run = _impl(args.child, q, g, ids, args.metric, budget)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base_gpu = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
@@ -112,7 +110,9 @@ def driver(args: argparse.Namespace) -> None:
     env = _harness.child_env(args.threads)
     load0 = _harness.load_average()
     print(f"scale {args.scale}: {meta['num_query']:,} x {meta['num_gallery']:,} features dim {meta['dim']}; metric "
-          f"{args.metric}; device {args.device}; threads {args.threads}; repeat {args.repeat}; load {load0:.2f} on "
+          f"{args.metric}; device {args.device}; threads {args.threads} (OMP_WAIT_POLICY "
+          f"{env.get('OMP_WAIT_POLICY', 'unset')}, $REID_LAB_RANK_THREADS {env.get('REID_LAB_RANK_THREADS', 'auto')}); "
+          f"repeat {args.repeat}; load {os.getloadavg()} on "
           f"{os.cpu_count()} cpus" + ("  [WARNING: load > cpus, timings noisy]" if load0 > (os.cpu_count() or 1) else ""),
           flush=True)
     records = []
@@ -120,8 +120,8 @@ def driver(args: argparse.Namespace) -> None:
         for impl in impls:
             argv = [str(Path(__file__).resolve()), "--child", impl, "--data", str(data), "--threads",
                     str(args.threads), "--device", args.device, "--metric", args.metric]
-            if args.chunk_size:
-                argv += ["--chunk-size", str(args.chunk_size)]
+            if args.budget_mb:
+                argv += ["--budget-mb", str(args.budget_mb)]
             rec = _harness.spawn(argv, mem_gb=args.mem_gb, env=env, timeout_s=args.timeout,
                                  label={"impl": impl, "repeat": rep, "scale": args.scale})
             print(_harness.MARKER + json.dumps(rec), flush=True)
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP/torch threads of every child (on a loaded box extra OpenMP threads spin)")
-    parser.add_argument("--chunk-size", type=int, help="query rows per block (default: evaluate_features' auto)")
+    parser.add_argument("--budget-mb", type=int, help="memory_budget of evaluate_features in MiB (default: its own)")
     parser.add_argument("--mem-gb", type=float, help="RLIMIT_AS per child (GB); not with --device cuda")
     parser.add_argument("--tol", type=float, default=0.01, help="gate tolerance in percentage points")
     parser.add_argument("--seed", type=int, default=0)

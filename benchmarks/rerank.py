@@ -274,6 +274,10 @@ def main() -> None:
         f"scale={args.scale}: {len(qf)} queries x {len(gf)} gallery, dim {dim}, k1={args.k1} k2={args.k2} "
         f"lambda={args.lambda_value}, threads={args.threads}, data ready in {time.perf_counter() - t0:.1f} s"
     )
+    # the conditions the ratio holds under: box load, OpenMP wait policy, reid_lab's ranking threads
+    print(f"load {os.getloadavg()} on {os.cpu_count()} cpus; OMP_WAIT_POLICY "
+          f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}; REID_LAB_RANK_THREADS "
+          f"{os.environ.get('REID_LAB_RANK_THREADS', 'auto')} (ours: min(threads, free cores) unless set)")
     base = torch.empty(len(qf), len(gf))
     g = torch.from_numpy(gf)
     for s in range(0, len(qf), 2048):

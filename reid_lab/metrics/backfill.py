@@ -34,10 +34,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from reid_lab.metrics.backfill_rank import BackfillRanker, refresh_steps
-from reid_lab.metrics.distance import distance_slices, evaluate_features
+from reid_lab.metrics.distance import (
+    TiledDistances,
+    budget_cells,
+    check_memory_budget,
+    evaluate_features,
+    reserved_bytes,
+    tile_columns,
+)
 from reid_lab.metrics.flips import ap_negative_flips, negative_flips, retrieval_flip_rates, top1_correct
-from reid_lab.metrics.rank import RankResult, check_chunk_size, clip_max_rank, ids_tensor, optional_camids
-from reid_lab.metrics.ranking_engine import QueryStats
+from reid_lab.metrics.rank import RankResult, clip_max_rank, ids_tensor, optional_camids
+from reid_lab.metrics.ranking_engine import QueryStats, ranking_threads
 
 __all__ = [
     "DEFAULT_BACKFILL_RATIOS",
@@ -46,11 +53,13 @@ __all__ = [
     "backfill_curve",
     "backfill_curves",
     "num_refreshed",
+    "old_feature_groups",
     "old_model_uncertainty",
     "order_by_sigma",
     "order_by_uncertainty",
     "order_oracle",
     "order_random",
+    "order_round_robin",
 ]
 
 #: β grid 0, 0.1, …, 1.0 (equally spaced, endpoints included, as FastFill's evaluator).
@@ -246,6 +255,71 @@ def order_oracle(g_old: Tensor, g_new: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------ the curve
 
 
+def order_round_robin(scores: Any, groups: Any) -> Tensor:
+    """Refresh in rounds over groups: each round takes the next item of every group, groups by their items' score.
+
+    ``order_by_uncertainty`` refreshes whole identities at once on a ReID gallery (the old model's uncertainty is
+    shared by the images of one person), and the stale positives of a query then lose to refreshed negatives:
+    negative flips rise above random refreshing (see :func:`order_by_uncertainty`). Taking the same scores
+    round-robin over groups keeps the most uncertain items first *within* every group while every group
+    refreshes at the same pace. Groups are the gallery's identities where the gallery has them (tracklets of a
+    tracking system, labelled galleries) or clusters of the old features (:func:`old_feature_groups`) where it
+    does not.
+
+    Round ``r`` holds the ``r``-th most uncertain item of every group that has one, ordered by score descending;
+    rounds follow each other. Ties keep gallery order.
+
+    Args:
+        scores: ``(num_gallery,)`` larger = refresh earlier (e.g. :func:`old_model_uncertainty`).
+        groups: ``(num_gallery,)`` integer group of each gallery item.
+
+    Returns:
+        ``(num_gallery,)`` int64 permutation.
+
+    >>> order_round_robin(torch.tensor([0.9, 0.8, 0.1, 0.5]), torch.tensor([0, 0, 1, 1])).tolist()
+    [0, 3, 1, 2]
+    """
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    groups = torch.as_tensor(groups).flatten()
+    if groups.shape != scores.shape:
+        raise ValueError(f"groups has shape {tuple(groups.shape)} but scores {tuple(scores.shape)}; one group per "
+                         "gallery item")
+    if not torch.isfinite(scores).all():
+        raise ValueError("scores holds NaN or infinite values")
+    by_score = _descending(scores, "scores")  # stable: ties keep gallery order
+    _, group_index = torch.unique(groups[by_score], return_inverse=True)
+    rank_in_group = torch.zeros_like(by_score)
+    seen = torch.zeros(int(group_index.max()) + 1 if len(group_index) else 0, dtype=torch.long)
+    for position, g in enumerate(group_index.tolist()):  # O(n): the r-th best of its group
+        rank_in_group[position] = seen[g]
+        seen[g] += 1
+    # sort by (round, position in the global score order): stable two-key sort
+    key = rank_in_group * len(by_score) + torch.arange(len(by_score))
+    return by_score[torch.argsort(key, stable=True)]
+
+
+def old_feature_groups(g_old: Tensor, num_groups: int, seed: int = 0, iterations: int = 20) -> Tensor:
+    """``(num_gallery,)`` k-means cluster of each old gallery feature (cosine, k-means++ seeding with ``seed``):
+    the groups of :func:`order_round_robin` for a gallery without identity labels."""
+    x = torch.nn.functional.normalize(g_old.detach().float(), dim=1)
+    n = x.shape[0]
+    k = max(1, min(int(num_groups), n))
+    generator = torch.Generator().manual_seed(seed)
+    centres = x[torch.randint(n, (1,), generator=generator)]
+    for _ in range(1, k):  # k-means++
+        d = (1 - x @ centres.T).clamp_min(0).min(dim=1).values
+        probs = d / d.sum() if d.sum() > 0 else torch.full_like(d, 1 / n)
+        centres = torch.cat([centres, x[torch.multinomial(probs, 1, generator=generator)]])
+    assign = torch.zeros(n, dtype=torch.long)
+    for _ in range(iterations):
+        assign = (x @ centres.T).argmax(dim=1)
+        for c in range(k):
+            members = x[assign == c]
+            if len(members):
+                centres[c] = torch.nn.functional.normalize(members.mean(dim=0), dim=0)
+    return assign
+
+
 def _check_ratios(ratios: Sequence[float]) -> tuple[float, ...]:
     values = tuple(float(r) for r in ratios)
     if not values:
@@ -335,7 +409,8 @@ class BackfillCurve:
         return cls(
             ratios=tuple(float(r) for r in data["ratios"]),
             num_refreshed=tuple(int(n) for n in data["num_refreshed"]),
-            values={k: [float(v) for v in vs] for k, vs in data["values"].items()},
+            # None: a value JSON could not hold (NaN, e.g. mINP of a step with no valid query)
+            values={k: [float("nan") if v is None else float(v) for v in vs] for k, vs in data["values"].items()},
             ordering=data.get("ordering", ""),
             old_self_test=data.get("old_self_test"),
             negative_flip_queries=tuple(
@@ -370,6 +445,7 @@ def backfill_curves(
     max_rank: int = 50,
     chunk_size: int = 4096,
     ap_tol: float = 0.0,
+    memory_budget: int | None = None,
 ) -> dict[str, BackfillCurve]:
     """Backfilling curves for several orderings, sharing the two distance matrices.
 
@@ -410,6 +486,11 @@ def backfill_curves(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     cmc_depth = clip_max_rank(max_rank, num_gallery)
+    # cosine ranks normalised float32 copies of both galleries and of the queries (twice)
+    copies = (g_new.numel() + stored.numel() + 2 * q_new.numel()) * 4 if metric == "cosine" else 0
+    # plus the orderings: each permutation, its checked copy and refresh steps, and their temporaries (int64)
+    reserved = reserved_bytes(num_gallery) + copies + 8 * num_gallery * (4 + 3 * len(orders))
+    budget = check_memory_budget(memory_budget, q_new.device, reserved)
 
     old_result: RankResult | None = None
     old_summary: dict[str, float] | None = None
@@ -424,26 +505,29 @@ def backfill_curves(
                 f"expected {q_new.shape[0]} / {num_gallery}"
             )
         old_result = evaluate_features(
-            q_old, g_old_system, q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=max_rank
+            q_old, g_old_system, q_pids, g_pids, q_camids, g_camids, metric=metric, max_rank=max_rank,
+            memory_budget=budget,
         )
         old_summary = {k: float(v) for k, v in old_result.summary().items()}
         old_correct, old_valid = top1_correct(old_result)
 
     counts = tuple(num_refreshed(beta, num_gallery) for beta in grid)
     names = list(checked_orders)
-    stats = _curve_query_stats(
-        q_new,
-        stored,
-        g_new,
-        q_pids,
-        g_pids,
-        q_camids,
-        g_camids,
-        torch.stack([refresh_steps(checked_orders[name], counts) for name in names]),
-        len(counts),
-        metric,
-        chunk_size,
-    )
+    with ranking_threads():  # the cores left free by other jobs (results do not depend on threads)
+        stats = _curve_query_stats(
+            q_new,
+            stored,
+            g_new,
+            q_pids,
+            g_pids,
+            q_camids,
+            g_camids,
+            torch.stack([refresh_steps(checked_orders[name], counts) for name in names]),
+            len(counts),
+            metric,
+            budget,
+            reserved,
+        )
 
     curves: dict[str, BackfillCurve] = {}
     for name, per_step in zip(names, stats):
@@ -474,6 +558,9 @@ def backfill_curves(
     return curves
 
 
+BACKFILL_ELEMENT_BYTES = 112
+
+
 def _normalized_pair(query: Tensor, gallery: Tensor, metric: str) -> tuple[Tensor, Tensor]:
     """Query and gallery in their common float dtype, L2-normalised for cosine, as ``compute_distance`` does."""
     dtype = torch.promote_types(*(t.dtype if t.dtype == torch.float64 else torch.float32 for t in (query, gallery)))
@@ -494,14 +581,15 @@ def _curve_query_stats(
     steps: Tensor,
     num_steps: int,
     metric: str,
-    chunk_size: int,
+    memory_budget: int,
+    reserved: int,
 ) -> list[list[QueryStats]]:
     """``stats[o][k]`` of all queries, for ordering ``o`` at grid step ``k``, one pass over query blocks.
 
-    Each block of query rows gets its stored-gallery and new-gallery distances once; a
-    :class:`~reid_lab.metrics.backfill_rank.BackfillRanker` turns the two blocks into the stats of every step
-    of every ordering. Distances come in BLAS-friendly blocks of >= 256 rows, ranked in slices of at most
-    ``chunk_size`` rows (no more than ``evaluate_features`` uses).
+    Each block of 256 query rows gets its stored-gallery and new-gallery distances once, tile by tile
+    (:class:`~reid_lab.metrics.distance.TiledDistances`, within ``memory_budget``); a
+    :class:`~reid_lab.metrics.backfill_rank.BackfillBlock` turns the tiles into the stats of every step of every
+    ordering. The stats do not depend on the budget nor on the thread count.
     """
     num_query, num_gallery = q_new.shape[0], g_new.shape[0]
     if num_query == 0 or num_gallery == 0:
@@ -512,15 +600,27 @@ def _curve_query_stats(
     qp = ids_tensor(q_pids, "q_pids", num_query, device)
     gp = ids_tensor(g_pids, "g_pids", num_gallery, device)
     qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
-    ranker = BackfillRanker(gp, gc, steps.to(device), num_steps)
-    rows = min(chunk_size, check_chunk_size(None, num_gallery, device))
+    ranker = BackfillRanker(gp, gc, steps.to(device), num_steps,
+                            num_cells=budget_cells(memory_budget, num_gallery, reserved))
+    # Two galleries share the budget: each tile pair is two distance tiles plus the ranker's scratch.
+    # Per element of a tile pair, worst case (every item a candidate, i.e. between the row's thresholds): the
+    # two distances, their max/min, masks, and ~12 int64 / float index arrays of the candidates' bucketing.
+    columns = tile_columns(memory_budget, num_gallery, q_fresh.dtype.itemsize, ranker.num_cells,
+                           reserved=reserved, element_bytes=BACKFILL_ELEMENT_BYTES)
+    sq = (lambda g: torch.linalg.vector_norm(g, dim=1).square()) if metric == "euclidean" else (lambda g: None)
+    old_side = TiledDistances(q_stored, stored, sq(stored), columns)
+    new_side = TiledDistances(q_fresh, g_new, sq(g_new), columns)
     parts: list[list[list[QueryStats]]] = [[[] for _ in range(num_steps)] for _ in range(steps.shape[0])]
-    stored_slices = distance_slices(q_stored, stored, metric=metric, normalize=False, chunk_size=rows)
-    new_slices = distance_slices(q_fresh, g_new, metric=metric, normalize=False, chunk_size=rows)
-    for (start, d_stored), (_, d_new) in zip(stored_slices, new_slices, strict=True):
-        stop = start + d_stored.shape[0]
-        block = ranker(d_stored, d_new, qp[start:stop], None if qc is None else qc[start:stop])
-        for per_step, block_steps in zip(parts, block):
+    for (start, rows), _ in zip(old_side.blocks(), new_side.blocks(), strict=True):
+        block_qc = None if qc is None else qc[start : start + rows]
+        pairs = ranker._ranker.positive_and_junk_pairs(qp[start : start + rows], block_qc)
+        pair_rows, pair_cols = torch.cat([pairs[0], pairs[2]]), torch.cat([pairs[1], pairs[3]])
+        d_old, d_new = old_side.pairs(pair_rows, pair_cols), new_side.pairs(pair_rows, pair_cols)
+        num_pos = pairs[0].numel()
+        block = ranker.start(rows, pairs, d_old[:num_pos], d_new[:num_pos], d_old[num_pos:], d_new[num_pos:])
+        for (c0, tile_old), (_, tile_new) in zip(old_side.block_tiles(), new_side.block_tiles(), strict=True):
+            block.add_tile(tile_old, tile_new, c0)
+        for per_step, block_steps in zip(parts, block.finish()):
             for acc, part in zip(per_step, block_steps):
                 acc.append(part)
     return [[QueryStats.concat(acc) for acc in per_step] for per_step in parts]
@@ -543,6 +643,7 @@ def backfill_curve(
     chunk_size: int = 4096,
     ap_tol: float = 0.0,
     ordering: str = "",
+    memory_budget: int | None = None,
 ) -> BackfillCurve:
     """Backfilling curve of a hot-refresh upgrade (RACT, ICLR 2022; FastFill, ICLR 2023).
 
@@ -567,10 +668,12 @@ def backfill_curve(
             when given they replace ``g_old`` as the not-yet-refreshed gallery.
         metric: distance passed to ``compute_distance``.
         max_rank: CMC depth.
-        chunk_size: most query rows per distance block (blocks also stay near ``evaluate_features``'
-            ~2M distances on CPU, ~16M on GPU).
+        chunk_size: superseded by ``memory_budget`` (validated, no longer used: blocks are 256 query rows in
+            gallery tiles sized by the budget).
         ap_tol: tolerance of the AP-based flip criterion.
         ordering: name stored in the curve (for reports).
+        memory_budget: bytes of working memory beyond the inputs (both distance tiles and the ranking state);
+            ``None``: :func:`~reid_lab.metrics.distance.default_memory_budget`. The curve does not depend on it.
 
     Returns:
         A :class:`BackfillCurve` (metrics in percent).
@@ -596,4 +699,5 @@ def backfill_curve(
         max_rank=max_rank,
         chunk_size=chunk_size,
         ap_tol=ap_tol,
+        memory_budget=memory_budget,
     )[ordering]

@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from reid_lab.metrics.ranking_engine import (
+    BlockRanking,
     GalleryRanker,
     QueryStats,
     count_cell_prefix,
@@ -39,7 +40,7 @@ from reid_lab.metrics.ranking_engine import (
     query_stats_from_kept_ranks,
 )
 
-__all__ = ["BackfillRanker", "refresh_steps"]
+__all__ = ["BackfillBlock", "BackfillRanker", "refresh_steps"]
 
 
 def refresh_steps(order: torch.Tensor, num_refreshed: Sequence[int]) -> torch.Tensor:
@@ -132,104 +133,195 @@ class BackfillRanker:
             raise ValueError(f"d_stored and d_new must have equal shapes, got {tuple(d_stored.shape)} and {tuple(d_new.shape)}")
         dtype = torch.promote_types(_float_dtype(d_stored.dtype), _float_dtype(d_new.dtype))
         d_old, d_new = d_stored.detach().to(dtype).contiguous(), d_new.detach().to(dtype).contiguous()
-        num_query, num_gallery = d_old.shape
-        device = d_old.device
-        pos_rows, pos_cols, junk_rows, junk_cols = self._ranker.positive_and_junk_pairs(q_pids, q_camids)
-        num_pos = torch.bincount(pos_rows, minlength=num_query)
-        max_pos = int(num_pos.max()) if pos_rows.numel() else 0
-        num_orderings = self.steps.shape[0]
-        if max_pos == 0:
-            if bool(torch.isnan(d_old).any() or torch.isnan(d_new).any()):
-                raise ValueError("distmat contains NaN; distances must be comparable numbers")
-            empty = query_stats_from_kept_ranks(num_pos.new_zeros((num_query, 0)), num_pos)
-            return [[empty] * self.num_steps for _ in range(num_orderings)]
+        pairs = self._ranker.positive_and_junk_pairs(q_pids, q_camids)
+        pos_rows, pos_cols = pairs[0], pairs[1]
+        block = self.start(d_old.shape[0], pairs, d_old[pos_rows, pos_cols], d_new[pos_rows, pos_cols],
+                           d_old[pairs[2], pairs[3]], d_new[pairs[2], pairs[3]])
+        block.add_tile(d_old, d_new, 0)
+        return block.finish()
 
+    def start(
+        self,
+        num_query: int,
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        pos_stored: torch.Tensor,
+        pos_new: torch.Tensor,
+        junk_stored: torch.Tensor,
+        junk_new: torch.Tensor,
+    ) -> BackfillBlock:
+        """A :class:`BackfillBlock` for ``num_query`` rows whose gallery columns arrive in tiles.
+
+        Args:
+            num_query: rows of the block.
+            pairs: ``GalleryRanker.positive_and_junk_pairs`` of the block's queries.
+            pos_stored, pos_new: the positive pairs' distances in both versions (the tiles' bits).
+            junk_stored, junk_new: the junk pairs' distances in both versions.
+        """
+        return BackfillBlock(self, num_query, pairs, (pos_stored, pos_new), (junk_stored, junk_new))
+
+
+class BackfillBlock:
+    """One block of query rows of :class:`BackfillRanker`, fed gallery-column tile by tile.
+
+    The thresholds (both keys of every positive) are known up front; every tile only adds to per-row counts
+    (items below every threshold, the stored-version bucket histogram) and to the list of candidates that change
+    bucket when refreshed, all additive over columns. :meth:`finish` replays the orderings.
+    """
+
+    def __init__(
+        self,
+        ranker: BackfillRanker,
+        num_query: int,
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        pos_d: tuple[torch.Tensor, torch.Tensor],
+        junk_d: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        self.ranker, self.num_query = ranker, num_query
+        pos_rows, pos_cols, junk_rows, junk_cols = pairs
+        self.pairs, self.junk_d = pairs, junk_d
+        num_gallery = ranker.num_gallery
+        dtype = torch.promote_types(pos_d[0].dtype, pos_d[1].dtype)
+        device = pos_rows.device
+        self.num_pos = num_pos = torch.bincount(pos_rows, minlength=num_query)
+        self.max_pos = max_pos = int(num_pos.max()) if pos_rows.numel() else 0
+        self.fallback: list[list[BlockRanking]] | None = None
+        if max_pos == 0:
+            return
         # Thresholds: the stored and the new key of every positive, sorted per row by (distance, gallery index).
         num_thr = 2 * pos_rows.numel()
         thr_rows = torch.cat([pos_rows, pos_rows])
         thr_cols = torch.cat([pos_cols, pos_cols])
-        thr_d = torch.cat([d_old[pos_rows, pos_cols], d_new[pos_rows, pos_cols]])
+        thr_d = torch.cat([pos_d[0].to(dtype), pos_d[1].to(dtype)])
         if not bool(torch.isfinite(thr_d).all()):
-            return self._fallback(d_old, d_new, q_pids, q_camids)
+            # exact per-step rankings of the mixed gallery (a positive with a non-finite distance)
+            self.fallback = [
+                [ranker._ranker.start(num_query, pairs, torch.where(steps[pos_cols] <= k, pos_d[1], pos_d[0]),
+                                      torch.where(steps[junk_cols] <= k, junk_d[1], junk_d[0]))
+                 for k in range(ranker.num_steps)]
+                for steps in ranker.steps
+            ]
+            return
         order = torch.argsort(thr_cols, stable=True)
         order = order[torch.argsort(thr_d[order], stable=True)]
         order = order[torch.argsort(thr_rows[order], stable=True)]
-        width = 2 * max_pos  # threshold slots per row; padding (+inf, num_gallery) sorts after every real key
+        self.width = width = 2 * max_pos  # threshold slots per row; padding (+inf, num_gallery) sorts after all
         num_thr_row = 2 * num_pos
         slot = torch.arange(num_thr, device=device) - (torch.cumsum(num_thr_row, 0) - num_thr_row)[thr_rows[order]]
         sorted_d = torch.full((num_query, width), float("inf"), dtype=dtype, device=device)
         sorted_d[thr_rows[order], slot] = thr_d[order]
         sorted_col = torch.full((num_query, width), num_gallery, dtype=torch.int64, device=device)
         sorted_col[thr_rows[order], slot] = thr_cols[order]
-        thr_slot = torch.empty_like(slot)
-        thr_slot[order] = slot  # sorted position of threshold i (i < P: stored key of positive i, else new key)
+        self.thr_slot = torch.empty_like(slot)
+        self.thr_slot[order] = slot  # sorted position of threshold i (i < P: stored key of positive i, else new)
 
-        has_pos = num_pos > 0
-        lo = torch.where(has_pos, sorted_d[:, 0], float("inf"))
-        hi = torch.where(has_pos, sorted_d.gather(1, (num_thr_row - 1).clamp(min=0)[:, None])[:, 0], -float("inf"))
+        self.has_pos = has_pos = num_pos > 0
+        self.lo = torch.where(has_pos, sorted_d[:, 0], float("inf"))
+        self.hi = torch.where(has_pos, sorted_d.gather(1, (num_thr_row - 1).clamp(min=0)[:, None])[:, 0],
+                              -float("inf"))
+        self.cells = _CellTable(sorted_d, sorted_col, self.lo[has_pos].min(), self.hi[has_pos].max(),
+                                ranker.num_cells)
+        self.hist_width = width + 1
+        self.num_below = torch.zeros(num_query, dtype=torch.int64, device=device)
+        self.hist_old = torch.zeros(num_query * self.hist_width, dtype=torch.int64, device=device)
+        # Per ordering, the (row, step, bucket) histogram of the items that change bucket when refreshed (+1 at
+        # the new bucket, -1 at the stored one, at the step they are refreshed); the extra step ``num_steps``
+        # collects the items never refreshed and is dropped. Folded tile by tile: memory stays O(tile).
+        self.step_size = (ranker.num_steps + 1) * self.hist_width
+        self.delta = [torch.zeros(num_query * self.step_size, dtype=torch.int64, device=device)
+                      for _ in range(ranker.steps.shape[0])]
 
-        # Items below every threshold in both versions sit in bucket 0 at every step; items above every threshold
-        # in both versions are never counted; only the others (candidates) are bucketed. NaN lands in candidates.
+    def add_tile(self, d_old: torch.Tensor, d_new: torch.Tensor, col0: int) -> None:
+        """Count the gallery columns ``col0 : col0 + cols`` of the block.
+
+        Args:
+            d_old: ``(num_query, cols)`` contiguous stored-gallery distances of those columns (not written).
+            d_new: ``(num_query, cols)`` new-gallery distances, same dtype.
+        """
+        num_query, cols = d_old.shape
+        if self.max_pos == 0:
+            if bool(torch.isnan(d_old).any() or torch.isnan(d_new).any()):
+                raise ValueError("distmat contains NaN; distances must be comparable numbers")
+            return
+        if self.fallback is not None:
+            for steps, per_step in zip(self.ranker.steps, self.fallback):
+                for k, block in enumerate(per_step):
+                    mask = steps[col0 : col0 + cols] <= k
+                    block.add_tile(torch.where(mask, d_new, d_old), col0)
+            return
+        junk_rows, junk_cols = self.pairs[2], self.pairs[3]
+        inside = flatnonzero((junk_cols >= col0) & (junk_cols < col0 + cols))
+        junk_rows, junk_cols = junk_rows.index_select(0, inside), junk_cols.index_select(0, inside) - col0
+        # Items below every threshold in both versions sit in bucket 0 at every step; items above every
+        # threshold in both versions are never counted; only the others (candidates) are bucketed. NaN lands in
+        # candidates.
         extreme = torch.maximum(d_old, d_new)
-        below = extreme < lo[:, None]
+        below = extreme < self.lo[:, None]
         torch.minimum(d_old, d_new, out=extreme)
-        outside = extreme > hi[:, None]
+        outside = extreme > self.hi[:, None]
         del extreme
         outside |= below
         below[junk_rows, junk_cols] = False  # junk is dropped whatever its distance
         outside[junk_rows, junk_cols] = True
-        num_below = below.view(torch.uint8).sum(1, dtype=torch.int32).long()
+        self.num_below += below.view(torch.uint8).sum(1, dtype=torch.int32).long()
         del below
         cand = flatnonzero(outside.view(-1).logical_not_())
         del outside
-        cand_old = d_old.view(-1).index_select(0, cand)
-        cand_new = d_new.view(-1).index_select(0, cand)
+        cand_old = d_old.reshape(-1).index_select(0, cand)
+        cand_new = d_new.reshape(-1).index_select(0, cand)
         if bool(torch.isnan(cand_old).any() or torch.isnan(cand_new).any()):
             raise ValueError("distmat contains NaN; distances must be comparable numbers")
-        cand_rows = _floor_div(cand, num_gallery)
-        cand_cols = cand - cand_rows * num_gallery
-        if not bool(has_pos.all()):  # rows without positives: only inf/-inf pairs can be candidates there
-            keep = flatnonzero(has_pos.index_select(0, cand_rows))
+        cand_rows = _floor_div(cand, cols)
+        cand_cols = cand - cand_rows * cols + col0
+        if not bool(self.has_pos.all()):  # rows without positives: only inf/-inf pairs can be candidates there
+            keep = flatnonzero(self.has_pos.index_select(0, cand_rows))
             cand_rows, cand_cols, cand_old, cand_new = (
                 t.index_select(0, keep) for t in (cand_rows, cand_cols, cand_old, cand_new)
             )
-        cells = _CellTable(sorted_d, sorted_col, lo[has_pos].min(), hi[has_pos].max(), self.num_cells)
-        cell_rows = cand_rows * cells.cell_width
-        b_old = cells.bucket(cand_old, cand_rows, cand_cols, cell_rows)
-        b_new = cells.bucket(cand_new, cand_rows, cand_cols, cell_rows)
+        cell_rows = cand_rows * self.cells.cell_width
+        b_old = self.cells.bucket(cand_old, cand_rows, cand_cols, cell_rows)
+        b_new = self.cells.bucket(cand_new, cand_rows, cand_cols, cell_rows)
         del cell_rows, cand_old, cand_new
-
-        hist_width = width + 1
-        num_steps = self.num_steps
-        hist_old = torch.bincount(cand_rows * hist_width + b_old, minlength=num_query * hist_width)
-        hist_old = hist_old.view(num_query, hist_width)
-        hist_old[:, 0] += num_below
-        # Items that change bucket when refreshed, indexed into a (row, step, bucket) histogram; the extra step
-        # ``num_steps`` collects the items never refreshed and is dropped.
+        self.hist_old += torch.bincount(cand_rows * self.hist_width + b_old, minlength=num_query * self.hist_width)
         moved = flatnonzero(b_old != b_new)
         mv_cols = cand_cols.index_select(0, moved)
-        mv_base = cand_rows.index_select(0, moved) * ((num_steps + 1) * hist_width)
+        mv_base = cand_rows.index_select(0, moved).mul_(self.step_size)
         mv_old = b_old.index_select(0, moved).add_(mv_base)
         mv_new = b_new.index_select(0, moved).add_(mv_base)
         del mv_base, b_old, b_new
+        size = num_query * self.step_size
+        for steps, delta in zip(self.ranker.steps, self.delta):
+            offset = steps.index_select(0, mv_cols).mul_(self.hist_width)
+            delta += torch.bincount(mv_new + offset, minlength=size)
+            delta -= torch.bincount(mv_old + offset, minlength=size)
 
+    def finish(self) -> list[list[QueryStats]]:
+        """``stats[o][k]``: :class:`QueryStats` of the block for ordering ``o`` at step ``k``."""
+        ranker, num_query, num_pos, max_pos = self.ranker, self.num_query, self.num_pos, self.max_pos
+        num_steps, num_gallery = ranker.num_steps, ranker.num_gallery
+        if max_pos == 0:
+            empty = query_stats_from_kept_ranks(num_pos.new_zeros((num_query, 0)), num_pos)
+            return [[empty] * num_steps for _ in range(ranker.steps.shape[0])]
+        if self.fallback is not None:
+            return [[block.finish() for block in per_step] for per_step in self.fallback]
+        device = num_pos.device
+        hist_width = self.hist_width
+        hist_old = self.hist_old.view(num_query, hist_width)
+        hist_old[:, 0] += self.num_below
         # Positives in (row, slot) layout with the sorted positions of their two keys.
+        pos_rows, pos_cols = self.pairs[0], self.pairs[1]
         pos_slot = torch.arange(pos_rows.numel(), device=device) - (torch.cumsum(num_pos, 0) - num_pos)[pos_rows]
         num_p = pos_rows.numel()
         at_old = torch.zeros((num_query, max_pos), dtype=torch.int64, device=device)
         at_new = torch.zeros((num_query, max_pos), dtype=torch.int64, device=device)
-        at_old[pos_rows, pos_slot] = thr_slot[:num_p]
-        at_new[pos_rows, pos_slot] = thr_slot[num_p:]
+        at_old[pos_rows, pos_slot] = self.thr_slot[:num_p]
+        at_new[pos_rows, pos_slot] = self.thr_slot[num_p:]
         pos_col = torch.zeros((num_query, max_pos), dtype=torch.int64, device=device)
         pos_col[pos_rows, pos_slot] = pos_cols
         is_pos = torch.arange(max_pos, device=device)[None, :] < num_pos[:, None]
 
         step_ids = torch.arange(num_steps, device=device)
-        size = num_query * (num_steps + 1) * hist_width
         out: list[list[QueryStats]] = []
-        for steps in self.steps:
-            offset = steps.index_select(0, mv_cols).mul_(hist_width)
-            delta = torch.bincount(mv_new + offset, minlength=size) - torch.bincount(mv_old + offset, minlength=size)
+        for steps, delta in zip(ranker.steps, self.delta):
             hist = delta.view(num_query, num_steps + 1, hist_width)[:, :num_steps].cumsum(1).add_(hist_old[:, None])
             before = hist.cumsum(2)  # before[r, k, t]: kept items with bucket <= t at step k
             refreshed = steps[pos_col][:, None, :] <= step_ids[None, :, None]  # (num_query, K, max_pos)
@@ -238,15 +330,6 @@ class BackfillRanker:
             kept_rank = torch.where(is_pos[:, None, :], kept_rank, num_gallery).sort(dim=2).values
             out.append([query_stats_from_kept_ranks(kept_rank[:, k], num_pos) for k in range(num_steps)])
         return out
-
-    def _fallback(
-        self, d_old: torch.Tensor, d_new: torch.Tensor, q_pids: torch.Tensor, q_camids: torch.Tensor | None
-    ) -> list[list[QueryStats]]:
-        """Exact per-step evaluation of the mixed block (used when a positive has a non-finite distance)."""
-        return [
-            [self._ranker(torch.where(steps <= k, d_new, d_old), q_pids, q_camids) for k in range(self.num_steps)]
-            for steps in self.steps
-        ]
 
 
 class _CellTable:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from reid_lab.metrics.ranking_engine import GalleryRanker, QueryStats, float_distances
+from reid_lab.metrics.ranking_engine import GalleryRanker, QueryStats, float_distances, ranking_threads
 
 __all__ = [
     "RankResult",
@@ -269,10 +269,11 @@ def evaluate_rank(
     qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
     ranker = GalleryRanker(gp, gc)
     parts = []
-    for start in range(0, num_query, chunk):
-        stop = min(start + chunk, num_query)
-        block_camids = None if qc is None else qc[start:stop]
-        parts.append(ranker(_distance_block(distmat, start, stop), qp[start:stop], block_camids))
+    with ranking_threads():  # the cores left free by other jobs (results do not depend on threads)
+        for start in range(0, num_query, chunk):
+            stop = min(start + chunk, num_query)
+            block_camids = None if qc is None else qc[start:stop]
+            parts.append(ranker(_distance_block(distmat, start, stop), qp[start:stop], block_camids))
     return RankResult.from_query_stats(QueryStats.concat(parts), max_rank)
 
 

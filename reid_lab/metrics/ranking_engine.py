@@ -8,28 +8,81 @@ protocol (junk removal, skipped queries, the tie rule) is stated in :mod:`reid_l
 Only the kept-ranks of the positives matter, so instead of sorting whole rows the engine sorts the few positive
 distances of each query, counts how many gallery items fall before each positive (a histogram over a monotone
 quantisation of the row, exact comparisons, tie rule included, only for the few items sharing a cell with a
-positive), and reads the kept-ranks off the cumulative counts. Work is O(num_gallery) per query, memory
-O(chunk_size * num_gallery); no ``num_query x num_gallery`` index matrix is ever built. Runs on whatever device
+positive), and reads the kept-ranks off the cumulative counts. Work is O(num_gallery) per query; the counts are
+additive over gallery columns, so a block of queries can be fed its distances tile by tile (:class:`BlockRanking`:
+memory O(rows * tile), whatever the gallery size); no ``num_query x num_gallery`` index matrix is ever built.
+Ranking paths run on the cores other jobs leave free (:func:`ranking_threads`). Runs on whatever device
 the distance matrix lives on. On a Market-sized 3,368 x 15,913 matrix it takes ~0.3 s of one CPU core, ~1/5 of
 ``np.argsort`` of the matrix alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 __all__ = [
+    "THREADS_ENV",
+    "BlockRanking",
     "GalleryRanker",
     "QueryStats",
     "count_cell_prefix",
     "flatnonzero",
     "float_distances",
     "query_stats_from_kept_ranks",
+    "ranking_threads",
+    "shared_machine_threads",
 ]
+
+THREADS_ENV = "REID_LAB_RANK_THREADS"
+
+
+def shared_machine_threads(requested: int | None = None) -> int:
+    """Threads for a ranking path: ``min(torch's threads, cores left free by the 1-minute load average)``.
+
+    On a 2-core box shared with other jobs, torch's default of one OpenMP thread per core made evaluation from
+    features 1.7-2x slower than one thread (the threads spin-wait for a core at every parallel region; measured
+    in ``benchmarks/README.md``), so a ranking path takes only the cores nobody else uses. This process counts as
+    one busy core once it has run for a minute, hence the ``+ 1``. ``$REID_LAB_RANK_THREADS`` overrides: an
+    integer, or ``torch`` (keep ``torch.get_num_threads()``). Results never depend on the thread count.
+    """
+    setting = os.environ.get(THREADS_ENV, "auto").strip().lower()
+    torch_threads = torch.get_num_threads() if requested is None else requested
+    if setting == "torch":
+        return torch_threads
+    if setting not in ("", "auto"):
+        try:
+            value = int(setting)
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV} must be 'auto', 'torch' or a positive integer, got {setting!r}") from None
+        if value < 1:
+            raise ValueError(f"${THREADS_ENV} must be 'auto', 'torch' or a positive integer, got {setting!r}")
+        return value
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    free = int(cores - os.getloadavg()[0] + 0.5) + 1
+    return max(1, min(torch_threads, free))
+
+
+@contextmanager
+def ranking_threads() -> Iterator[int]:
+    """Run the body with :func:`shared_machine_threads` torch threads, then restore torch's setting."""
+    before = torch.get_num_threads()
+    threads = shared_machine_threads(before)
+    if threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if threads != before:
+            torch.set_num_threads(before)
 
 
 @dataclass(frozen=True)
@@ -206,122 +259,202 @@ class GalleryRanker:
         if dist.dim() != 2 or dist.shape[1] != self.num_gallery:
             raise ValueError(f"dist must have shape (num_query, {self.num_gallery}), got {tuple(dist.shape)}")
         dist = float_distances(dist)
-        num_query, num_gallery = dist.shape
-        device = dist.device
-        pos_rows, pos_cols, junk_rows, junk_cols = self.positive_and_junk_pairs(q_pids, q_camids)
-        num_pos = torch.bincount(pos_rows, minlength=num_query)
-        max_pos = int(num_pos.max()) if pos_rows.numel() else 0
-        if max_pos == 0:
-            _check_no_nan(dist)
-            return query_stats_from_kept_ranks(num_pos.new_zeros((num_query, 0)), num_pos)
+        pairs = self.positive_and_junk_pairs(q_pids, q_camids)
+        pos_rows, pos_cols, junk_rows, junk_cols = pairs
+        block = self.start(dist.shape[0], pairs, dist[pos_rows, pos_cols], dist[junk_rows, junk_cols])
+        block.add_tile(dist, 0)
+        return block.finish()
 
+    def start(
+        self,
+        num_query: int,
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        pos_d: torch.Tensor,
+        junk_d: torch.Tensor,
+    ) -> BlockRanking:
+        """A :class:`BlockRanking` for a block of ``num_query`` rows whose gallery columns arrive in tiles.
+
+        Args:
+            num_query: rows of the block.
+            pairs: :meth:`positive_and_junk_pairs` of the block's queries.
+            pos_d: distances of the positive pairs, bit-identical to what the tiles will hold for them.
+            junk_d: distances of the junk pairs, likewise.
+        """
+        return BlockRanking(self, num_query, pairs, pos_d, junk_d)
+
+
+class BlockRanking:
+    """The ranking of one block of query rows, fed gallery-column tile by tile (bounded memory at any gallery).
+
+    The positives' (and junk items') distances are known up front, so the thresholds (sorted positives) and the
+    quantisation of each row are fixed before any tile arrives; each tile then only adds to per-row histograms
+    (the cell counts, and the exact buckets of the items sharing a cell with a positive), which are additive over
+    columns. :meth:`finish` turns the histograms into kept-ranks. The result does not depend on the tiling.
+    Built by :meth:`GalleryRanker.start`.
+    """
+
+    def __init__(
+        self,
+        ranker: GalleryRanker,
+        num_query: int,
+        pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        pos_d: torch.Tensor,
+        junk_d: torch.Tensor,
+    ) -> None:
+        pos_rows, pos_cols, junk_rows, junk_cols = pairs
+        self.ranker = ranker
+        self.num_query = num_query
+        num_gallery = ranker.num_gallery
+        device = pos_rows.device
+        self.num_pos = num_pos = torch.bincount(pos_rows, minlength=num_query)
+        self.max_pos = max_pos = int(num_pos.max()) if pos_rows.numel() else 0
+        self.junk_rows, self.junk_cols, self.junk_d = junk_rows, junk_cols, junk_d
+        if max_pos == 0:
+            return
         # Positives sorted by (row, distance, col): stable sort by distance, then stable sort by row.
-        pos_d = dist[pos_rows, pos_cols]
         order = torch.argsort(pos_d, stable=True)
         order = order[torch.argsort(pos_rows[order], stable=True)]
         pos_rows, pos_cols, pos_d = pos_rows[order], pos_cols[order], pos_d[order]
         slot = torch.arange(pos_rows.numel(), device=device) - (torch.cumsum(num_pos, 0) - num_pos)[pos_rows]
         # Padding sorts after every real positive: +inf distance and gallery index num_gallery.
-        sorted_d = torch.full((num_query, max_pos), float("inf"), dtype=dist.dtype, device=device)
-        sorted_d[pos_rows, slot] = pos_d
-        sorted_col = torch.full((num_query, max_pos), num_gallery, dtype=torch.int64, device=device)
-        sorted_col[pos_rows, slot] = pos_cols
-
-        if bool(torch.isfinite(pos_d).all()):
-            counts, junk_bucket = self._cell_histogram(dist, sorted_d, sorted_col, num_pos, junk_rows, junk_cols)
-        else:
-            counts, junk_bucket = _searchsorted_histogram(dist, sorted_d, sorted_col, junk_rows, junk_cols)
-
-        width = max_pos + 1
-        junk_counts = torch.bincount(junk_rows * width + junk_bucket, minlength=num_query * width)
-        before = counts.cumsum(1) - junk_counts.view(num_query, width).cumsum(1)
-        return query_stats_from_kept_ranks(before[:, :max_pos] - 1, num_pos)
-
-    def _cell_histogram(
-        self,
-        dist: torch.Tensor,
-        sorted_d: torch.Tensor,
-        sorted_col: torch.Tensor,
-        num_pos: torch.Tensor,
-        junk_rows: torch.Tensor,
-        junk_cols: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Bucket histogram ``(num_query, max_pos + 1)`` and the buckets of the junk items (finite positives)."""
-        num_query, num_gallery = dist.shape
-        max_pos = sorted_d.shape[1]
-        device = dist.device
-        cells = self.num_cells
-        width = cells + 2  # cell 0: below the first positive's cell range, cell cells + 1: above
+        self.sorted_d = torch.full((num_query, max_pos), float("inf"), dtype=pos_d.dtype, device=device)
+        self.sorted_d[pos_rows, slot] = pos_d
+        self.sorted_col = torch.full((num_query, max_pos), num_gallery, dtype=torch.int64, device=device)
+        self.sorted_col[pos_rows, slot] = pos_cols
+        self.counts = torch.zeros(num_query * (max_pos + 1), dtype=torch.int64, device=device)
+        self.finite = bool(torch.isfinite(pos_d).all())
+        if not self.finite:
+            return
+        cells = ranker.num_cells
+        self.width = width = cells + 2  # cell 0: below the first positive's cell range, cell cells + 1: above
+        sorted_d = self.sorted_d
         has_pos = num_pos > 0
         lo = torch.where(has_pos, sorted_d[:, 0], 0)
         hi = torch.where(has_pos, sorted_d.gather(1, (num_pos - 1).clamp(min=0)[:, None])[:, 0], 0)
         span = (hi.double() - lo.double())
-        finfo = torch.finfo(dist.dtype)
+        finfo = torch.finfo(sorted_d.dtype)
         # Any positive finite scale gives a monotone map; this one spreads [lo, hi] over cells 1 .. cells, so
         # cells 0 and cells + 1 (below / above all positives) hold no positive.
-        scale = torch.where(span > 0, (cells - 1) / span, 1.0).clamp(finfo.tiny, finfo.max).to(dist.dtype)
+        scale = torch.where(span > 0, (cells - 1) / span, 1.0).clamp(finfo.tiny, finfo.max).to(sorted_d.dtype)
+        self.lo, self.scale = lo, scale
+        self.key_dtype = torch.int32 if num_query * width < 2**31 else torch.int64
+        # The positives' cells, from their distances through the same elementwise steps as the tiles' items.
+        self.cell_pos = torch.bincount(self._keys(pos_d, pos_rows), minlength=num_query * width)
+        self.cell_lo = (self.cell_pos.view(num_query, width).cumsum(1) - self.cell_pos.view(num_query, width)).view(-1)
+        self.shared_cell = self.cell_pos > 0
+        self.cell_items = torch.zeros(num_query * width, dtype=torch.int64, device=device)
+
+    def _keys(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Flat cell index ``row * width + key`` of items with distances ``values`` in rows ``rows`` (1-d)."""
+        key = (values - self.lo[rows]).mul_(self.scale[rows]).add_(1.0).clamp_(0.0, self.width - 1.0)
+        return key.to(torch.int64).add_(rows * self.width)
+
+    def add_tile(self, tile: torch.Tensor, col0: int) -> None:
+        """Count the gallery columns ``col0 : col0 + tile.shape[1]`` of the block.
+
+        Args:
+            tile: ``(num_query, cols)`` contiguous float32/float64 distances of those columns (not written).
+            col0: gallery index of the tile's first column.
+        """
+        if self.max_pos == 0:
+            _check_no_nan(tile)
+        elif self.finite:
+            self._add_cells(tile, col0)
+        else:
+            self._add_searchsorted(tile, col0)
+
+    def _add_cells(self, tile: torch.Tensor, col0: int) -> None:
+        num_query, cols = tile.shape
+        width, ranker = self.width, self.ranker
         # key = trunc(clamp((d - lo) * scale + 1, 0, cells + 1)): every step is a correctly rounded, monotone
         # non-decreasing function of d, so d1 <= d2 implies key1 <= key2 exactly (no fused multiply-add).
-        key_f = torch.sub(dist, lo[:, None], out=self._buffer("key_f", dist, dist.dtype))
-        key_f.mul_(scale[:, None]).add_(1.0).clamp_(0.0, cells + 1.0)
+        key_f = torch.sub(tile, self.lo[:, None], out=ranker._buffer("key_f", tile, tile.dtype))
+        key_f.mul_(self.scale[:, None]).add_(1.0).clamp_(0.0, width - 1.0)
         if bool(torch.isnan(key_f.max())):
             raise ValueError("distmat contains NaN; distances must be comparable numbers")
-        key_dtype = torch.int32 if num_query * width < 2**31 else torch.int64
-        key = self._buffer("key", dist, key_dtype).copy_(key_f)
-        key.add_((torch.arange(num_query, device=device, dtype=key_dtype) * width)[:, None])
+        key = ranker._buffer("key", tile, self.key_dtype).copy_(key_f)
+        key.add_((torch.arange(num_query, device=tile.device, dtype=self.key_dtype) * width)[:, None])
         flat_key = key.view(-1)
-
-        cell_items = torch.bincount(flat_key, minlength=num_query * width)
-        real = sorted_col < num_gallery
-        row_base = torch.arange(num_query, device=device)[:, None] * num_gallery
-        cell_pos = torch.bincount(flat_key[(row_base + sorted_col)[real]].long(), minlength=num_query * width)
-        cell_lo = (cell_pos.view(num_query, width).cumsum(1) - cell_pos.view(num_query, width)).view(-1)
-
-        # Cells without a positive: all their items share the bucket "positives in earlier cells".
-        counts = torch.zeros((num_query, max_pos + 1), dtype=torch.int64, device=device)
-        clear = torch.where(cell_pos == 0, cell_items, 0).view(num_query, width)
-        counts.scatter_add_(1, cell_lo.view(num_query, width), clear)
-        counts = counts.view(-1)
-
+        self.cell_items += torch.bincount(flat_key, minlength=num_query * width)
         # Items sharing a cell with a positive (the positives included): exact comparison.
-        shared = flatnonzero(torch.index_select(cell_pos > 0, 0, flat_key))
+        shared = flatnonzero(torch.index_select(self.shared_cell, 0, flat_key))
+        if shared.numel() == 0:
+            return
         shared_keys = flat_key.index_select(0, shared).long()
-        junk_flat = junk_rows * num_gallery + junk_cols
-        junk_keys = flat_key.index_select(0, junk_flat).long()
-        del key, flat_key
-        tables = (dist.view(-1), sorted_d.view(-1), sorted_col.view(-1), cell_lo, cell_pos, max_pos)
-        shared_rows = shared // num_gallery
-        bucket = _exact_bucket(tables, shared_rows, shared - shared_rows * num_gallery, shared, shared_keys)
-        counts.index_add_(0, shared_rows * (max_pos + 1) + bucket, torch.ones_like(bucket))
-        junk_bucket = _exact_bucket(tables, junk_rows, junk_cols, junk_flat, junk_keys)
-        return counts.view(num_query, max_pos + 1), junk_bucket
+        values = tile.view(-1).index_select(0, shared)
+        rows = shared // cols
+        bucket = self._exact_bucket(rows, shared - rows * cols + col0, values, shared_keys)
+        self.counts.index_add_(0, rows * (self.max_pos + 1) + bucket, torch.ones_like(bucket))
 
+    def _exact_bucket(
+        self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, keys: torch.Tensor
+    ) -> torch.Tensor:
+        """Number of positives ranked before each item (``rows``, gallery index ``cols``, distance ``values``).
 
-def _exact_bucket(
-    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int],
-    rows: torch.Tensor,
-    cols: torch.Tensor,
-    flat: torch.Tensor,
-    keys: torch.Tensor,
-) -> torch.Tensor:
-    """Number of positives ranked before each item (``rows``, ``cols``; ``flat`` = row * num_gallery + col).
+        ``keys`` are the items' flat cell indices. Positives in earlier cells all rank before; the ``cell_pos[key]``
+        positives of the item's own cell (contiguous in sorted order from ``cell_lo[key]``) are compared one by
+        one: a positive ranks first if its distance is smaller, or equal with a smaller gallery index. 1-d
+        ``index_select`` everywhere because 2-d advanced indexing is several times slower on CPU.
+        """
+        base = self.cell_lo.index_select(0, keys)
+        remaining = self.cell_pos.index_select(0, keys)  # positives of the item's cell not yet compared
+        at = rows * self.max_pos + base
+        bucket = base
+        # The positives of a cell that rank before the item form a prefix of the cell (sorted by distance, then
+        # col), so an item leaves the loop at its first "not before" or when its cell is exhausted.
+        count_cell_prefix(self.sorted_d.view(-1), self.sorted_col.view(-1), at, remaining, values, cols,
+                          flatnonzero(remaining > 0), bucket)
+        return bucket
 
-    ``keys`` are the items' flat cell indices. Positives in earlier cells all rank before; the ``cell_pos[key]``
-    positives of the item's own cell (contiguous in sorted order from ``cell_lo[key]``) are compared one by one:
-    a positive ranks first if its distance is smaller, or equal with a smaller gallery index.
-    ``tables`` = (flat distances, flat sorted positive distances, flat sorted positive cols, cell_lo, cell_pos,
-    max_pos); 1-d ``index_select`` everywhere because 2-d advanced indexing is several times slower on CPU.
-    """
-    dist_flat, sorted_d, sorted_col, cell_lo, cell_pos, max_pos = tables
-    base = cell_lo.index_select(0, keys)
-    remaining = cell_pos.index_select(0, keys)  # positives of the item's cell not yet compared
-    value = dist_flat.index_select(0, flat)
-    at = rows * max_pos + base
-    bucket = base
-    # The positives of a cell that rank before the item form a prefix of the cell (sorted by distance, then
-    # col), so an item leaves the loop at its first "not before" or when its cell is exhausted.
-    count_cell_prefix(sorted_d, sorted_col, at, remaining, value, cols, flatnonzero(remaining > 0), bucket)
-    return bucket
+    def _add_searchsorted(self, tile: torch.Tensor, col0: int) -> None:
+        """Exact dense path for blocks whose positives include inf distances."""
+        _check_no_nan(tile)
+        num_query = tile.shape[0]
+        bucket = torch.searchsorted(self.sorted_d, tile)  # positives with a strictly smaller distance
+        tie_rows, tie_cols = (self.sorted_d.gather(1, bucket.clamp(max=self.max_pos - 1)) == tile).nonzero(
+            as_tuple=True)
+        tie_bucket = bucket[tie_rows, tie_cols]
+        bucket[tie_rows, tie_cols] = self._tie_bucket(tie_rows, tie_cols + col0, tile[tie_rows, tie_cols], tie_bucket)
+        width = self.max_pos + 1
+        flat = bucket + (torch.arange(num_query, device=tile.device) * width)[:, None]
+        self.counts += torch.bincount(flat.view(-1), minlength=num_query * width)
+
+    def _tie_bucket(
+        self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, bucket: torch.Tensor
+    ) -> torch.Tensor:
+        """Add to ``bucket`` (positives strictly closer) the tied positives with a smaller gallery index."""
+        max_pos = self.max_pos
+        extra = torch.zeros_like(bucket)
+        active = torch.ones_like(bucket, dtype=torch.bool)
+        for step in range(max_pos):
+            at = (bucket + step).clamp(max=max_pos - 1)
+            active &= (bucket + step < max_pos) & (self.sorted_d[rows, at] == values)
+            active &= self.sorted_col[rows, at] < cols
+            if not bool(active.any()):
+                break
+            extra += active
+        return bucket + extra
+
+    def finish(self) -> QueryStats:
+        """Per-query stats once every gallery column was added."""
+        num_query, max_pos, num_pos = self.num_query, self.max_pos, self.num_pos
+        if max_pos == 0:
+            return query_stats_from_kept_ranks(num_pos.new_zeros((num_query, 0)), num_pos)
+        width = max_pos + 1
+        counts = self.counts.view(num_query, width)
+        junk_rows, junk_cols, junk_d = self.junk_rows, self.junk_cols, self.junk_d
+        if self.finite:
+            # Cells without a positive: all their items share the bucket "positives in earlier cells".
+            clear = torch.where(self.cell_pos == 0, self.cell_items, 0).view(num_query, self.width)
+            counts.scatter_add_(1, self.cell_lo.view(num_query, self.width), clear)
+            junk_bucket = self._exact_bucket(junk_rows, junk_cols, junk_d, self._keys(junk_d, junk_rows))
+        else:
+            rows_d = self.sorted_d.index_select(0, junk_rows)
+            junk_bucket = torch.searchsorted(rows_d, junk_d[:, None])[:, 0]
+            junk_bucket = self._tie_bucket(junk_rows, junk_cols, junk_d, junk_bucket)
+        junk_counts = torch.bincount(junk_rows * width + junk_bucket, minlength=num_query * width)
+        before = counts.cumsum(1) - junk_counts.view(num_query, width).cumsum(1)
+        return query_stats_from_kept_ranks(before[:, :max_pos] - 1, num_pos)
 
 
 def count_cell_prefix(
@@ -358,39 +491,6 @@ def flatnonzero(mask: torch.Tensor) -> torch.Tensor:
     if mask.device.type == "cpu":
         return torch.from_numpy(np.flatnonzero(mask.numpy()))
     return mask.nonzero()[:, 0]
-
-
-def _searchsorted_histogram(
-    dist: torch.Tensor,
-    sorted_d: torch.Tensor,
-    sorted_col: torch.Tensor,
-    junk_rows: torch.Tensor,
-    junk_cols: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact dense fallback of the cell histogram for blocks whose positives include inf distances."""
-    _check_no_nan(dist)
-    num_query = dist.shape[0]
-    max_pos = sorted_d.shape[1]
-    bucket = torch.searchsorted(sorted_d, dist)  # positives with a strictly smaller distance
-    # Ties with positives: the tied positives are contiguous and sorted by col; count those with a smaller col.
-    tie_rows, tie_cols = (sorted_d.gather(1, bucket.clamp(max=max_pos - 1)) == dist).nonzero(as_tuple=True)
-    tie_bucket = bucket[tie_rows, tie_cols]
-    extra = torch.zeros_like(tie_bucket)
-    active = torch.ones_like(tie_bucket, dtype=torch.bool)
-    value = dist[tie_rows, tie_cols]
-    for step in range(max_pos):
-        at = (tie_bucket + step).clamp(max=max_pos - 1)
-        active &= (tie_bucket + step < max_pos) & (sorted_d[tie_rows, at] == value)
-        active &= sorted_col[tie_rows, at] < tie_cols
-        if not bool(active.any()):
-            break
-        extra += active
-    bucket[tie_rows, tie_cols] = tie_bucket + extra
-    junk_bucket = bucket[junk_rows, junk_cols]
-    width = max_pos + 1
-    flat = bucket + (torch.arange(num_query, device=dist.device) * width)[:, None]
-    counts = torch.bincount(flat.view(-1), minlength=num_query * width).view(num_query, width)
-    return counts, junk_bucket
 
 
 def _check_no_nan(dist: torch.Tensor) -> None:

@@ -65,6 +65,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from reid_lab.metrics.ranking_engine import ranking_threads
+
 __all__ = ["k_reciprocal_rerank", "re_ranking_from_distances"]
 
 # Default rows/columns of one distance block: 1536^2 float32 = 9 MB on CPU (2-core EPYC, 2048-d: 172 GFLOPS
@@ -557,7 +559,8 @@ def k_reciprocal_rerank(
                 f"features too large: a squared norm overflows {dtype} (max |value| "
                 f"{float(features.abs().max()):.3g}); rescale them"
             )
-        return _rerank(source, n, num_query, k1, k2, float(lambda_value), chunk, dtype, device)
+        with ranking_threads():  # the cores left free by other jobs (see shared_machine_threads)
+            return _rerank(source, n, num_query, k1, k2, float(lambda_value), chunk, dtype, device)
 
 
 def re_ranking_from_distances(
@@ -608,7 +611,7 @@ def re_ranking_from_distances(
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf")
     chunk = chunk_size or _default_chunk(device)
-    with torch.no_grad():
+    with torch.no_grad(), ranking_threads():
         return _rerank(
             _GivenDistances(q_g, q_q, g_g), n, num_query, k1, k2, float(lambda_value), chunk, dtype, device
         )

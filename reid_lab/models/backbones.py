@@ -527,7 +527,7 @@ def build_backbone(
             pooled ReID feature) is the pre-activation one, for ``mobilenet_v2`` and timm's EfficientNet /
             MobileNet family. The ImageNet head of EfficientNet-Lite0 leaves ~90 % of its ReLU6 outputs at zero
             on ReID crops, and those channels get no gradient; without the activation it fine-tunes about three
-            times faster (README, "Results of the demo"). No weight changes, so pretrained files load as they
+            times faster (docs/trials.md). No weight changes, so pretrained files load as they
             are. ResNets (whose last ReLU sits inside the residual block) raise ``ValueError``.
         clip_kwargs: for ``"clip:<name>"`` / ``"clip"`` backbones, :class:`CLIPViTBackbone`'s ``image_size``
             (the ReID input, e.g. ``[256, 128]``), ``feature``, ``quick_gelu`` and (``"clip"`` only) ``model_cfg``.

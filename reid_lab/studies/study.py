@@ -77,11 +77,13 @@ from reid_lab.lightning_cli import run_lightning_cli
 from reid_lab.metrics.backfill import (
     DEFAULT_BACKFILL_RATIOS,
     backfill_curves,
+    old_feature_groups,
     old_model_uncertainty,
     order_by_sigma,
     order_by_uncertainty,
     order_oracle,
     order_random,
+    order_round_robin,
 )
 from reid_lab.metrics.compatibility import VersionFeatures, compatibility_matrix
 from reid_lab.metrics.distance import evaluate_features
@@ -102,7 +104,12 @@ log = logging.getLogger(__name__)
 
 # "uncertainty" is RACT's entropy order; "uncertainty_margin" / "uncertainty_least_confidence" use the other
 # estimators of reid_lab.metrics.backfill.old_model_uncertainty on the same old-classifier posteriors.
-ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", "oracle", "sigma")
+# "uncertainty_round_robin": the entropy order taken round-robin over the gallery's identities (every identity
+# refreshes at the same pace; a gallery with tracklet or identity labels has them), "uncertainty_round_robin_kmeans"
+# over k-means clusters of the old gallery features (k = the number of gallery identities) for one without labels.
+ROUND_ROBIN = ("uncertainty_round_robin", "uncertainty_round_robin_kmeans")
+ORDERINGS = ("random", "uncertainty", "uncertainty_margin", "uncertainty_least_confidence", *ROUND_ROBIN, "oracle",
+             "sigma")
 # Study and method names: folder and file names inside study.out (no "/", "..", dots, quotes or markup).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "evaluation", "logger", "validation",
@@ -691,6 +698,14 @@ class Study:
             for ordering in orderings:
                 if ordering == "random":
                     orders["random"] = order_random(len(g_pids), seed=int(ev.get("seed", 0)))
+                elif ordering in ROUND_ROBIN and uncertainty_file.is_file():
+                    saved = torch.load(uncertainty_file, weights_only=True)
+                    if ordering == "uncertainty_round_robin":
+                        groups = g_pids
+                    else:
+                        groups = old_feature_groups(old_g.features, len(torch.unique(torch.as_tensor(g_pids))),
+                                                    seed=int(ev.get("seed", 0)))
+                    orders[ordering] = order_round_robin(saved["uncertainty"], groups)
                 elif ordering.startswith("uncertainty") and uncertainty_file.is_file():
                     saved = torch.load(uncertainty_file, weights_only=True)
                     estimator = ordering.partition("_")[2] or "entropy"

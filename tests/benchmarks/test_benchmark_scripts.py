@@ -104,3 +104,11 @@ def test_vlm_grad_cache_benchmark_same_loss_and_less_activation_memory(capsys):
     assert set(rows) == {"full", "grad_cache(2)"}, out
     assert rows["grad_cache(2)"][0] == pytest.approx(rows["full"][0], abs=1e-6)  # the same step's loss
     assert rows["grad_cache(2)"][1] < 0.5  # a chunk of 2 out of 8 holds well under half the activations
+
+
+def test_large_gallery_stays_within_its_budget_at_toy_scale(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling _harness
+    load("large_gallery").main(["--gallery", "30000", "--queries", "64", "--budget-mb", "40", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "torch threads 1" in out and "load (" in out  # the settings and load it ran under
+    assert re.search(r"30,000: [\d.]+ s \(floor [\d.]+ s\), extra -?\d+ MiB within the 40 MiB budget", out), out

@@ -75,3 +75,31 @@ def test_caption_queries_against_an_image_gallery_keep_both_modalities(tmp_path)
     # same query and gallery modality: stored as a plain image set
     assert FeatureSet(torch.randn(1, 2), torch.tensor([0]), None, torch.tensor([True]), ["x"], {}, "image",
                       "image").query_modality is None
+
+
+def test_items_are_stored_as_one_utf8_buffer_and_round_trip(tmp_path):
+    # non-ASCII, commas, newlines, empty strings: byte offsets must not be mistaken for character offsets
+    items = ["Ein Mann mit grüner Jacke, läuft", "", "一个穿红衣服的人\nsecond line", "plain.jpg", "ü"]
+    fs = FeatureSet(torch.randn(5, 4), torch.arange(5), None, torch.tensor([True, False, False, False, False]),
+                    items, {}, "text")
+    path = fs.save(tmp_path / "u.pt")
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "reid_lab.features/3" and "items" not in payload
+    assert payload["items_utf8"].dtype == torch.uint8 and payload["items_offsets"].tolist()[-1] == len(
+        "".join(items).encode("utf-8"))
+    assert FeatureSet.load(path).items == items
+    # version-2 files (a pickled list of items) still load
+    payload = {"format": "reid_lab.features/2", "features": torch.randn(2, 3), "pids": torch.tensor([0, 1]),
+               "camids": None, "is_query": torch.tensor([True, False]), "modality": "text", "query_modality": None,
+               "items": ["a caption", "another one"], "space": {}}
+    torch.save(payload, tmp_path / "v2.pt")
+    assert FeatureSet.load(tmp_path / "v2.pt").items == ["a caption", "another one"]
+
+
+def test_corrupt_item_offsets_are_refused_with_the_file_named(tmp_path):
+    path = _image_set().save(tmp_path / "f.pt")
+    payload = torch.load(path, weights_only=True)
+    payload["items_offsets"] = payload["items_offsets"].flip(0)
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: items_offsets must rise from 0"):
+        FeatureSet.load(tmp_path / "bad.pt")
