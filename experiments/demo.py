@@ -86,13 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(label) for label, _ in rows) + 2
     for label, values in rows:
         print(f"{label:<{width}}{values}")
-    print(f"claims verified: {summary['claims']}")
-    print(f"report:      {out / 'report.md'} (+ PNG plots, report.json)")
+    results = summary["results"]  # the study's one record: the same decisions as report.md / report.html
+    print(f"claim rule: {results.rule.describe(results.metric)}")
+    print("claims: " + ", ".join(f"{m.method} {m.claim.short if m.claim else 'n/a'}" for m in results.methods)
+          + " (written into the checkpoint and feature file of each trained method that passes)")
+    print(f"report:      {out / 'report.md'} (+ report.html, PNG plots, report.json)")
     for version in ["old", *config.trained_methods]:
         done = json.loads((out / "train" / version / "done.json").read_text())
-        runs = sorted((out / "train" / version / "wandb").glob("offline-run-*"))
         print(f"{version:>12}: checkpoint {done['checkpoint']}")
-        print(f"{'':>12}  wandb run  {runs[-1] if runs else '(none)'}   (upload: wandb sync <run dir>)")
+    if (out / "wandb").is_dir():
+        print(f"wandb runs:  {out / 'wandb'} (one per stage + the report; upload: wandb sync {out / 'wandb'}/offline-run-*)")
     print(f"total demo time: {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -229,7 +229,7 @@ class ReIDLabCLI(LightningCLI):
         """``fit / test / validate --ckpt_path``: log into the checkpoint's run (:meth:`_continue_logger_run`);
         a wandb run gets a unique name, tags and a job type (:meth:`_describe_wandb_run`); ``predict`` writes
         feature files and logs nothing, so it opens no logger run."""
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         if self.subcommand == "predict":
             config["trainer"]["logger"] = False
         if self.subcommand in ("fit", "test", "validate") and self._ckpt_run is not None:
@@ -265,7 +265,7 @@ class ReIDLabCLI(LightningCLI):
             init_args["tags"] = [f"{k}:{v}"[:64] for k, v in tags.items() if v]
         if not init_args.get("job_type"):
             init_args["job_type"] = self.subcommand
-        if init_args.get("name") and self._ckpt_run is None and not init_args.get("group"):  # a study's run
+        if init_args.get("name") and getattr(self, "_ckpt_run", None) is None and not init_args.get("group"):
             # names are unique within its group already
             init_args["name"] = f"{init_args['name']}-{time.strftime('%m%d-%H%M%S')}"
 
