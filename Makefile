@@ -20,11 +20,14 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 # pytest exits 5 when it collected no test: that fails the target (and CI) like any other failure.
+# Two pytest-xdist workers (each test runs one torch thread): on the 2-core box the suite takes half the serial time
+# (docs/development.md). PYTEST_WORKERS=0 runs it in one process.
+PYTEST_WORKERS ?= 2
 test: install
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 test-fast: install
-	$(OFFLINE) $(PY) -m pytest -q -m "not slow"
+	$(OFFLINE) $(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 demo: install
 	$(OFFLINE) $(PY) experiments/demo.py
