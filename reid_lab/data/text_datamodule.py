@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Iterator
 from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 from reid_lab.data.datamodule import ValidationSource
 from reid_lab.data.sampler import (
@@ -43,6 +42,7 @@ from reid_lab.data.subset import select_subset
 from reid_lab.data.text.datasets import (
     CaptionPairBatchSampler,
     CaptionPairDataset,
+    EveryCaptionBatchSampler,
     QueryGalleryBatchSampler,
     QueryGalleryDataset,
     RandomBatchSampler,
@@ -391,30 +391,3 @@ class TextImageDataModule(L.LightningDataModule):
         return TrainingSetView(records=records, raw_records=list(self.splits.train), batches=batches,
                                modality="image")
 
-
-class EveryCaptionBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of ``(image index, caption index)`` pairs where every caption of every image is one unit of
-    ``sampler`` (``captions_per_image: all``, as IRRA's training set lists each caption as its own pair).
-
-    Args:
-        sampler: a batch sampler over ``range(len(pairs))`` with ``set_epoch`` / ``epoch`` (PK or random).
-        pairs: ``(image index, caption index)`` of every unit.
-    """
-
-    def __init__(self, sampler, pairs: list[tuple[int, int]]) -> None:
-        self.sampler = sampler  # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)``
-        self.pairs = list(pairs)
-
-    @property
-    def epoch(self) -> int:
-        return int(self.sampler.epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        for batch in self.sampler:
-            yield [self.pairs[int(j)] for j in batch]
-
-    def __len__(self) -> int:
-        return len(self.sampler)

@@ -66,7 +66,33 @@ class RandomBatchSampler(Sampler[list[int]]):
         return self.size // (self.batch_size * self.num_replicas)
 
 
-class CaptionPairBatchSampler(Sampler[list[tuple[int, int]]]):
+class _PairBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Wraps a batch sampler with ``set_epoch`` / ``epoch`` (Lightning calls ``batch_sampler.sampler.set_epoch``)
+    and turns its index batches into ``(image index, caption index)`` pairs (:meth:`pairs_of`)."""
+
+    def __init__(self, sampler) -> None:
+        self.sampler = sampler
+
+    @property
+    def epoch(self) -> int:
+        return int(self.sampler.epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def pairs_of(self) -> Callable[[int], tuple[int, int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        pair = self.pairs_of()  # once per epoch
+        for batch in self.sampler:
+            yield [pair(int(j)) for j in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class CaptionPairBatchSampler(_PairBatchSampler):
     """Turns the image-index batches of ``sampler`` into ``(image index, caption index)`` pairs.
 
     Args:
@@ -77,24 +103,30 @@ class CaptionPairBatchSampler(Sampler[list[tuple[int, int]]]):
     """
 
     def __init__(self, sampler, num_captions: Sequence[int], seed: int = 0) -> None:
-        self.sampler = sampler  # Lightning calls ``batch_sampler.sampler.set_epoch(epoch)``
+        super().__init__(sampler)
         self.num_captions = list(num_captions)
         self.seed = seed
 
-    @property
-    def epoch(self) -> int:
-        return int(self.sampler.epoch)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def pairs_of(self) -> Callable[[int], tuple[int, int]]:
         drawn = draw_captions(self.num_captions, self.seed, self.epoch)
-        for batch in self.sampler:
-            yield [(int(i), int(drawn[i])) for i in batch]
+        return lambda i: (i, int(drawn[i]))
 
-    def __len__(self) -> int:
-        return len(self.sampler)
+
+class EveryCaptionBatchSampler(_PairBatchSampler):
+    """Batches of ``(image index, caption index)`` pairs where every caption of every image is one unit of
+    ``sampler`` (``captions_per_image: all``, as IRRA's training set lists each caption as its own pair).
+
+    Args:
+        sampler: a batch sampler over ``range(len(pairs))`` with ``set_epoch`` / ``epoch`` (PK or random).
+        pairs: ``(image index, caption index)`` of every unit.
+    """
+
+    def __init__(self, sampler, pairs: Sequence[tuple[int, int]]) -> None:
+        super().__init__(sampler)
+        self.pairs = list(pairs)
+
+    def pairs_of(self) -> Callable[[int], tuple[int, int]]:
+        return self.pairs.__getitem__
 
 
 class CaptionPairDataset(Dataset):
