@@ -46,6 +46,8 @@ class ReIDModel(Encoder):
         clip_kwargs: options of a ``"clip"`` / ``"clip:<open_clip name>"`` backbone (the CLIP image tower, e.g.
             ``{"image_size": [256, 128], "feature": "cls+proj"}`` as CLIP-ReID; :class:`~reid_lab.models.backbones.
             CLIPViTBackbone`); ``last_stride`` does not apply to it.
+        classifier: ``"linear"`` (learned) or ``"simplex"``: the fixed d-Simplex of CoReS with ``num_classes``
+            pre-allocated vertices (``0``: ``D + 1``, CoReS's ``d = K - 1``; :class:`~reid_lab.models.heads.BNNeckHead`).
 
     Example:
         >>> import torch
@@ -74,6 +76,7 @@ class ReIDModel(Encoder):
         input_norm: Mapping[str, Sequence[float]] | None = None,
         last_activation: bool = True,
         clip_kwargs: Mapping[str, Any] | None = None,
+        classifier: str = "linear",
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(
@@ -92,6 +95,7 @@ class ReIDModel(Encoder):
             timm_kwargs=None if timm_kwargs is None else dict(timm_kwargs),
             pretrained=pretrained, input_norm=input_norm, last_activation=bool(last_activation),
             clip_kwargs=None if clip_kwargs is None else dict(clip_kwargs),
+            **({"classifier": classifier} if classifier != "linear" else {}),
         )
         self.renormalize = input_norm is not None and (
             tuple(input_norm["mean"]) != IMAGENET_MEAN or tuple(input_norm["std"]) != IMAGENET_STD
@@ -106,11 +110,14 @@ class ReIDModel(Encoder):
             self.register_buffer("_renorm_shift", ((imnet_mean - mean) / std).view(1, 3, 1, 1), persistent=False)
         pool = build_pooling(pooling)  # validates the name even where a token backbone does not need it
         self.pooling: nn.Module = pool if self.backbone.is_spatial else nn.Identity()
+        if classifier == "simplex" and num_classes == 0:
+            num_classes = (embedding_dim or self.backbone.num_features) + 1
         self.head = BNNeckHead(
             self.backbone.num_features,
             num_classes=num_classes,
             embedding_dim=embedding_dim,
             neck_feat=neck_feat,
+            classifier=classifier,
         )
 
     @property
@@ -125,7 +132,11 @@ class ReIDModel(Encoder):
 
     @property
     def classifier_weight(self) -> Tensor | None:
-        """The ``(num_classes, D)`` classifier matrix (applied to ``bn_features``), or None without classifier."""
+        """The ``(num_classes, D)`` learned classifier matrix (applied to ``bn_features``), or None without one.
+
+        None for a simplex head too: its rows are indexed by identity, not by this model's training classes, so
+        plugins that read an old classifier per class (BCT, LCE) cannot use it as one.
+        """
         return None if self.head.classifier is None else self.head.classifier.weight
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:

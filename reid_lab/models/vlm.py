@@ -349,16 +349,42 @@ def _with_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
     return get_peft_model(model, config)
 
 
+# Adapters trained before transformers 4.52 name Qwen2-VL's modules ``model.layers.*`` (language model) and
+# ``visual.*`` (vision tower); 4.52 moved them under ``model.language_model`` and ``model.visual``. VLM2Vec's Qwen2-VL
+# releases use the older names. Regexes over the adapter's keys without peft's ``base_model.model.`` prefix
+# (peft's ``key_mapping``), the renaming transformers 4.52 applied to full checkpoints; keys already in the
+# current layout match neither pattern.
+QWEN2_VL_LEGACY_KEYS = {r"^visual": "model.visual", r"^model(?!\.(language_model|visual))": "model.language_model"}
+LEGACY_KEY_MAPPINGS = {"qwen2_vl": QWEN2_VL_LEGACY_KEYS, "qwen2_5_vl": QWEN2_VL_LEGACY_KEYS}
+
+
 def _merged_adapter(model: nn.Module, adapter_path: str) -> nn.Module:
-    """``model`` with the peft adapter of the local folder ``adapter_path`` loaded and merged into its weights."""
-    from peft import PeftModel
+    """``model`` with the peft adapter of the local folder ``adapter_path`` loaded and merged into its weights.
+
+    Adapter keys in the module names of earlier transformers versions are renamed (:data:`LEGACY_KEY_MAPPINGS`);
+    an adapter whose tensors do not all land on the model's adapter weights, or that leaves some of them unset,
+    is refused naming the keys (peft only warns and would merge nothing: the base model's embeddings).
+    """
+    from peft import PeftModel, get_peft_model_state_dict, load_peft_weights
 
     folder = Path(adapter_path).expanduser()
     if not (folder / "adapter_config.json").is_file():
         raise ValueError(f"adapter_path {folder} holds no adapter_config.json (a peft adapter folder with "
                          "adapter_model.safetensors, e.g. a VLM2Vec release)")
+    key_mapping = LEGACY_KEY_MAPPINGS.get(getattr(getattr(model, "config", None), "model_type", None))
     try:
-        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False, local_files_only=True)
+        peft_model = PeftModel.from_pretrained(model, str(folder), is_trainable=False, local_files_only=True,
+                                               key_mapping=key_mapping)
+        stored = set(load_peft_weights(str(folder), device="cpu", key_mapping=key_mapping,
+                                       local_files_only=True))
     except Exception as err:  # noqa: BLE001 - peft / safetensors raise many types; none names the folder
         raise ValueError(f"cannot load the peft adapter in adapter_path {folder}: {type(err).__name__}: {err}") from err
+    expected = set(get_peft_model_state_dict(peft_model))
+    unused, unset = sorted(stored - expected), sorted(expected - stored)
+    if unused or unset:
+        raise ValueError(
+            f"the peft adapter in adapter_path {folder} does not fit this {type(model).__name__}: "
+            f"{len(unused)} of its tensors match no adapter weight of the model (e.g. {unused[:3]}) and "
+            f"{len(unset)} of the model's adapter weights are not in it (e.g. {unset[:3]}); was it trained on "
+            "another base model, or with other target_modules?")
     return peft_model.merge_and_unload()

@@ -12,6 +12,7 @@ from reid_lab.losses import build_loss
 from reid_lab.models.reid_model import ReIDModel
 from reid_lab.modules.base import EmbeddingModule, TrainingOutput
 from reid_lab.modules.optim import build_optimizer, lr_schedule
+from reid_lab.upgrade.class_state import identity_of_new
 
 DEFAULT_LOSSES: list[dict[str, Any]] = [
     {"name": "ce", "epsilon": 0.1},
@@ -58,6 +59,14 @@ class ReIDModule(EmbeddingModule):
             ``{"old_checkpoint": path, "compatible_losses": [{"name": "bct"}, ...], "adapter": "linear"}``
             (see :class:`~reid_lab.upgrade.host.CompatibilityHost`; ``pairings`` defaults to ``[image->image]``). Validation then also reports the
             cross-test (new queries against old gallery features) as ``val/cross/i2i/*``.
+        classifier: ``"linear"`` (learned, BoT) or ``"simplex"``: the fixed d-Simplex classifier of CoReS
+            (Biondi et al., TPAMI 2023) with ``simplex_classes`` pre-allocated vertices. Each training class is
+            scored against the vertex of its *identity* in the dataset's whole training split (the parsers number
+            it ``0 .. N-1`` for every subset a version trains on), so an old and a new model trained with this head
+            on any subsets share their classifier and are compatible by construction, with no old model in the
+            loop. The identities are read from the data module's training set when the fit starts.
+        simplex_classes: ``K`` for ``classifier: simplex``, at least the number of identities of the whole
+            training split and at most ``D + 1``; default ``D + 1`` (CoReS's ``d = K - 1``).
     """
 
     def __init__(
@@ -88,15 +97,21 @@ class ReIDModule(EmbeddingModule):
         max_rank: int = 50,
         space_label: str | None = None,
         upgrade: dict[str, Any] | None = None,
+        classifier: str = "linear",
+        simplex_classes: int | None = None,
     ) -> None:
         if num_classes <= 0:
             raise ValueError(
                 f"num_classes must be the number of training identities (> 0), got {num_classes}; "
                 "with the CLI it is linked from the data module"
             )
+        if classifier not in ("linear", "simplex"):
+            raise ValueError(f"classifier must be 'linear' or 'simplex', got {classifier!r}")
+        simplex = classifier == "simplex"
         encoder = ReIDModel(
             backbone=backbone,
-            num_classes=num_classes,
+            num_classes=int(simplex_classes or 0) if simplex else num_classes,
+            classifier=classifier,
             last_stride=last_stride,
             pooling=pooling,
             embedding_dim=embedding_dim,
@@ -111,7 +126,13 @@ class ReIDModule(EmbeddingModule):
         self.save_hyperparameters()
         self.losses = nn.ModuleList(_build_losses(losses if losses is not None else DEFAULT_LOSSES))
         for loss in self.losses:
-            loss.bind(num_classes, encoder.embedding_dim)
+            loss.bind(encoder.num_classes, encoder.embedding_dim)
+        # simplex head: the identity (vertex) of each training class, (num_classes,), set when the fit starts
+        self.class_identity: Tensor | None
+        if classifier == "simplex":
+            self.register_buffer("class_identity", torch.full((num_classes,), -1, dtype=torch.long))
+        else:
+            self.class_identity = None
 
     @property
     def model(self) -> ReIDModel:
@@ -135,11 +156,42 @@ class ReIDModule(EmbeddingModule):
             total = total + loss.weight * value
         return total, parts
 
+    def on_fit_start(self) -> None:
+        if self.class_identity is not None:
+            self.class_identity.copy_(self._training_identities())
+        super().on_fit_start()
+
+    def _training_identities(self) -> Tensor:
+        """``(num_classes,)`` identity of each training class in the whole training split (simplex head)."""
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "training_set_view"):
+            raise ValueError("classifier: simplex needs a data module with training_set_view() (the identity of each "
+                             "training class in the whole training split)")
+        view = datamodule.training_set_view()
+        identity = identity_of_new(view.records, view.raw_records)
+        k = self.encoder.num_classes
+        if identity.shape != self.class_identity.shape:
+            raise ValueError(f"classifier: simplex: the data has {identity.numel()} training classes, the model "
+                             f"num_classes {self.class_identity.numel()}")
+        if int(identity.max()) >= k:
+            raise ValueError(f"classifier: simplex: the training split has identities up to {int(identity.max())}, "
+                             f"beyond the {k} pre-allocated vertices; set model simplex_classes above "
+                             f"{int(identity.max())} (at most embedding dim + 1 = {self.encoder.embedding_dim + 1})")
+        return identity.to(self.class_identity.device)
+
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:
         outputs = self.encoder(batch["image"])
-        total, parts = self.compute_losses(outputs, batch["pid"])
+        if self.class_identity is None:
+            total, parts = self.compute_losses(outputs, batch["pid"])
+            return TrainingOutput(loss=total, embeddings={"image": outputs["embedding"]}, labels=batch["pid"],
+                                  parts=parts, logits=outputs.get("logits"))
+        if int(self.class_identity.min()) < 0:
+            raise RuntimeError("classifier: simplex: the training identities are not set (on_fit_start did not run)")
+        # the model's own losses score the K vertices against each image's identity; the host and the accuracy
+        # see the logits of this version's training classes, in their order
+        total, parts = self.compute_losses(outputs, self.class_identity[batch["pid"]])
         return TrainingOutput(loss=total, embeddings={"image": outputs["embedding"]}, labels=batch["pid"],
-                              parts=parts, logits=outputs.get("logits"))
+                              parts=parts, logits=outputs["logits"][:, self.class_identity])
 
     # -------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):

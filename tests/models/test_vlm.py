@@ -374,6 +374,58 @@ def test_a_release_folder_and_its_dora_adapter_load_offline_and_embed_as_vlm2vec
         torch.testing.assert_close(module.encoder.embed_items(side), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_an_adapter_in_the_module_names_of_older_transformers_loads_and_a_foreign_one_is_refused(processor_dir,
+                                                                                                   tmp_path):
+    """VLM2Vec's Qwen2-VL releases were trained before transformers 4.52 renamed the modules: their adapter keys
+    read ``base_model.model.model.layers.*`` and ``base_model.model.visual.*`` where today's model has
+    ``...model.language_model.layers.*`` and ``...model.visual.*``. peft alone finds none of them, warns and
+    merges nothing (the base model's embeddings); here the keys are renamed and the merge equals the same
+    adapter saved in today's names. An adapter of other modules is refused, naming its keys."""
+    import json
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    base = VLMEncoder(model_cfg=tiny_cfg(), processor_path=str(processor_dir)).base
+    folder = save_release_layout(base, processor_dir, tmp_path / "Qwen2-VL-tiny")
+    # language-model and vision-tower modules both adapted
+    adapter = get_peft_model(base, LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "qkv"]))
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    adapter.save_pretrained(tmp_path / "today")
+    today = load_file(tmp_path / "today" / "adapter_model.safetensors")
+    assert any(".model.visual." in k for k in today) and any(".model.language_model." in k for k in today)
+
+    def rewrite(name, keys):
+        (tmp_path / name).mkdir()
+        save_file(keys, tmp_path / name / "adapter_model.safetensors", metadata={"format": "pt"})
+        shutil.copy(tmp_path / "today" / "adapter_config.json", tmp_path / name / "adapter_config.json")
+        return str(tmp_path / name)
+
+    # the layout of transformers < 4.52, written by hand
+    older = rewrite("older", {k.replace("base_model.model.model.language_model.", "base_model.model.model.")
+                              .replace("base_model.model.model.visual.", "base_model.model.visual."): v
+                              for k, v in today.items()})
+    assert not any("language_model" in k for k in load_file(Path(older) / "adapter_model.safetensors"))
+    plain = VLMEncoder(model_path=str(folder)).state_dict()
+    merged_today = VLMEncoder(model_path=str(folder), adapter_path=str(tmp_path / "today")).state_dict()
+    merged_older = VLMEncoder(model_path=str(folder), adapter_path=older).state_dict()
+    changed = [k for k in plain if not torch.equal(plain[k], merged_today[k])]
+    assert any("visual" in k for k in changed) and any("language_model" in k for k in changed)
+    for k in plain:
+        torch.testing.assert_close(merged_older[k], merged_today[k], rtol=0, atol=0)
+
+    foreign = rewrite("foreign", {k.replace("v_proj", "k_proj"): v for k, v in today.items()})
+    with pytest.raises(ValueError, match=r"does not fit this Qwen2VLForConditionalGeneration: 2 of its tensors "
+                                         r"match no adapter weight.*k_proj.*2 of the model's adapter weights"):
+        VLMEncoder(model_path=str(folder), adapter_path=foreign)
+    assert json.loads((tmp_path / "today" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+
 def test_dora_with_gaussian_init_is_vlm2vecs_adapter(processor_dir):
     """``lora: {use_dora: true, init: gaussian}`` builds peft's DoRA with Gaussian A (std 1/r, where the
     default Kaiming-uniform A has std 1/sqrt(3 fan_in)) and zero B: the embedding starts as the base model's."""
