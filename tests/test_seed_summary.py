@@ -19,6 +19,22 @@ def _row(method, self_test, cross, auc, nfr):
             "mean_nfr": {"random": nfr}}
 
 
+def test_claims_are_counted_and_the_margin_to_the_old_model_is_averaged(tmp_path, capsys):
+    rows = [dict(_row("bct_seed0", 60.0, 29.0, 45.0, 8.0), old_self_test=27.5, claim={"holds": True}),
+            dict(_row("bct_seed1", 61.0, 28.0, 45.0, 8.0), old_self_test=27.5, claim={"holds": False}),
+            dict(_row("independent", 55.0, None, 30.0, 12.0), old_self_test=27.5, claim=None)]
+    summaries = {s["method"]: s for s in seed_summary.summarize(rows)}
+    assert summaries["bct"]["claims"] == "1/2"
+    assert summaries["bct"]["cross_minus_old"] == pytest.approx((1.0, 0.7071068))  # 1.5 and 0.5
+    assert "cross_test" not in summaries["independent"] and "claims" not in summaries["independent"]
+    (tmp_path / "report.json").write_text(json.dumps({"study": rows}))
+    assert seed_summary.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "old model self-test (mAP): 27.50" in out
+    assert "| bct | 2 | 60.5 ± 0.7 | 28.5 ± 0.7 | 1.0 ± 0.7 | 1/2 |" in out
+    assert "| independent | 1 | 55.0 ± 0.0 | – | – | – |" in out
+
+
 def test_seeds_are_grouped_and_summarised(tmp_path, capsys):
     rows = [_row("bct_seed0", 60.0, 40.0, 45.0, 8.0), _row("ract_seed0", 62.0, 41.0, 46.0, 7.0),
             _row("bct_seed1", 64.0, 42.0, 47.0, 6.0), _row("old_only", 50.0, 30.0, 35.0, 9.0)]

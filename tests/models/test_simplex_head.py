@@ -134,3 +134,15 @@ def test_checkpoint_keeps_the_identities(tiny_synthetic, tmp_path):
     encoder, _ = load_encoder(path)  # as a study reads an old version
     x = torch.randn(3, 3, 64, 32)
     torch.testing.assert_close(encoder.eval()(x)["logits"], module.encoder.eval()(x)["logits"])
+
+
+def test_k_without_an_embedding_dim_reduces_the_embedding_to_k_minus_one_as_cores():
+    module = ReIDModule(backbone="resnet18", num_classes=6, last_stride=2, classifier="simplex", simplex_classes=10)
+    assert module.encoder.embedding_dim == 9 and module.encoder.num_classes == 10
+    assert module.encoder.head.simplex.shape == (10, 9)
+    # rebuilt from its own hyper-parameters (a checkpoint), the same layout
+    again = ReIDModule(**module.hparams)
+    assert again.encoder.embedding_dim == 9
+    explicit = ReIDModule(backbone="resnet18", num_classes=6, last_stride=2, classifier="simplex", simplex_classes=10,
+                          embedding_dim=32)
+    assert explicit.encoder.head.simplex.shape == (10, 32)
