@@ -165,6 +165,7 @@ class ReIDModule(EmbeddingModule):
     def on_fit_start(self) -> None:
         if self.class_identity is not None:
             self.class_identity.copy_(self._training_identities())
+            self._identities_set = True
         super().on_fit_start()
 
     def _training_identities(self) -> Tensor:
@@ -187,17 +188,17 @@ class ReIDModule(EmbeddingModule):
 
     def training_output(self, batch: dict[str, Any]) -> TrainingOutput:
         outputs = self.encoder(batch["image"])
-        if self.class_identity is None:
-            total, parts = self.compute_losses(outputs, batch["pid"])
-            return TrainingOutput(loss=total, embeddings={"image": outputs["embedding"]}, labels=batch["pid"],
-                                  parts=parts, logits=outputs.get("logits"))
-        if int(self.class_identity.min()) < 0:
-            raise RuntimeError("classifier: simplex: the training identities are not set (on_fit_start did not run)")
-        # the model's own losses score the K vertices against each image's identity; the host and the accuracy
-        # see the logits of this version's training classes, in their order
-        total, parts = self.compute_losses(outputs, self.class_identity[batch["pid"]])
+        logits, targets = outputs.get("logits"), batch["pid"]
+        if self.class_identity is not None:
+            if not getattr(self, "_identities_set", False):
+                raise RuntimeError("classifier: simplex: the training identities are set when a fit starts "
+                                   "(on_fit_start); train through a Lightning Trainer")
+            # simplex head (identities set at fit start): the model's own losses score the K vertices against each
+            # image's identity; the host and the accuracy see the logits of this version's classes, in their order
+            targets, logits = self.class_identity[targets], outputs["logits"][:, self.class_identity]
+        total, parts = self.compute_losses(outputs, targets)
         return TrainingOutput(loss=total, embeddings={"image": outputs["embedding"]}, labels=batch["pid"],
-                              parts=parts, logits=outputs["logits"][:, self.class_identity])
+                              parts=parts, logits=logits)
 
     # -------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):
