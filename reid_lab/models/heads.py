@@ -66,7 +66,6 @@ class BNNeckHead(nn.Module):
         self.num_classes = num_classes
         self.embedding_dim = embedding_dim or in_features
         self.neck_feat = neck_feat
-        self.classifier_kind = classifier
 
         self.embedding: nn.Module = (
             nn.Linear(in_features, embedding_dim, bias=False) if embedding_dim is not None else nn.Identity()
