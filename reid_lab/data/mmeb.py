@@ -17,12 +17,15 @@ a hit when ``pred == 0``; per-subset accuracy = hits / rows. The headline number
 meta-task and, overall, the plain mean over the subsets (``docs/mmebv2_reproduction``: "all (plain mean over
 datasets)").
 
-Here (pyarrow is not a dependency) each subset is read from its JSON-lines export, the same rows and field
-names, at ``<root>/<subset>/<split>.jsonl``::
+Each subset is read from the dataset's own parquet files as a snapshot of the Hugging Face repository lays
+them out (``<root>/<subset>/<split>-*.parquet``, or ``<root>/<subset>/<split>/*.parquet``; read with pyarrow,
+in file-name order), or from a JSON-lines export with the same rows and field names at
+``<root>/<subset>/<split>.jsonl`` (which wins when both are there)::
 
+    huggingface-cli download TIGER-Lab/MMEB-eval --repo-type dataset --local-dir mmeb     # the parquet files
     python -c "from datasets import load_dataset as L; [L('TIGER-Lab/MMEB-eval', s, split='test')
-               .to_json(f'mmeb/{s}/test.jsonl') for s in ['ImageNet-1K', 'OK-VQA']]"
-    unzip images.zip -d mmeb/eval_images
+               .to_json(f'mmeb/{s}/test.jsonl') for s in ['ImageNet-1K', 'OK-VQA']]"       # or JSON lines
+    unzip mmeb/images.zip -d mmeb/eval_images
 
 Differences to the official encoding, stated: the ``<|image_1|>`` placeholder (and the newline after it) is
 removed from the text and the image goes first, as :meth:`~reid_lab.models.vlm.VLMEncoder.embed_items` lays
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,23 +117,23 @@ def _string(value: Any, where: str) -> str:
 def load_mmeb_subset(root: str | Path, name: str, split: str = "test", image_root: str | Path | None = None,
                      meta_task: str | None = None, check_files: bool = True,
                      max_queries: int | None = None) -> MMEBSubset:
-    """Read ``<root>/<name>/<split>.jsonl`` (module docstring), images under ``image_root``
-    (default ``<root>/eval_images``).
+    """Read ``<root>/<name>/<split>.jsonl`` or the subset's parquet files (module docstring), images under
+    ``image_root`` (default ``<root>/eval_images``).
 
     Raises:
-        FileNotFoundError: no such file (says so when only the parquet form is there).
-        MMEBFormatError: a malformed row, named ``file:line`` and key: not JSON, a missing key, a non-list
+        FileNotFoundError: neither form is there.
+        MMEBFormatError: a malformed row, named ``file:line`` (``file:row n`` for parquet) and key: not JSON, a
+            missing key or column, a non-list
             ``tgt_text`` / ``tgt_img_path`` or lists of different lengths, an empty candidate list, an item with
             neither text nor image, an image outside ``image_root`` or missing; or no rows at all.
         ValueError: a subset with no known meta-task and none given.
     """
     root = Path(root)
     path = root / name / f"{split}.jsonl"
-    if not path.is_file():
-        parquet = sorted((root / name).glob(f"{split}*.parquet")) + sorted((root / name / split).glob("*.parquet"))
-        hint = (f"; found {parquet[0]}: export it to JSON lines (datasets' .to_json, see reid_lab.data.mmeb)"
-                if parquet else "")
-        raise FileNotFoundError(f"MMEB subset {name!r}: {path} does not exist{hint}")
+    parquet = sorted((root / name).glob(f"{split}-*.parquet")) + sorted((root / name / split).glob("*.parquet"))
+    if not path.is_file() and not parquet:
+        raise FileNotFoundError(f"MMEB subset {name!r}: neither {path} nor {root / name / split}-*.parquet exists")
+    source = str(path) if path.is_file() else ", ".join(str(p) for p in parquet)
     task = meta_task or META_TASKS.get(name)
     if task is None:
         raise ValueError(f"MMEB subset {name!r} has no known meta-task: give it in meta_tasks "
@@ -148,18 +151,9 @@ def load_mmeb_subset(root: str | Path, name: str, split: str = "test", image_roo
 
     queries: list[int] = []
     rows: list[list[int]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
+    for where, row in (_jsonl_rows(path) if path.is_file() else _parquet_rows(parquet)):
         if max_queries is not None and len(queries) >= max_queries:
             break
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise MMEBFormatError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
-        if not isinstance(row, Mapping):
-            raise MMEBFormatError(f"{where}: expected a JSON object per line")
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
             raise MMEBFormatError(f"{where}: missing {missing}; an MMEB row has {', '.join(ROW_KEYS)}")
@@ -174,12 +168,47 @@ def load_mmeb_subset(root: str | Path, name: str, split: str = "test", image_roo
         rows.append([item_index(_string(t, f"{where}: tgt_text[{k}]"), _string(i, f"{where}: tgt_img_path[{k}]"),
                                 f"{where}: candidate {k}") for k, (t, i) in enumerate(zip(texts, images))])
     if not rows:
-        raise MMEBFormatError(f"{path}: no rows")
+        raise MMEBFormatError(f"{source}: no rows")
     width = max(len(r) for r in rows)
     candidates = torch.full((len(rows), width), -1, dtype=torch.long)
     for i, r in enumerate(rows):
         candidates[i, :len(r)] = torch.tensor(r)
     return MMEBSubset(name, task, tuple(items), torch.tensor(queries, dtype=torch.long), candidates)
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(file:line, row)`` of a JSON-lines export, blank lines skipped."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise MMEBFormatError(f"{where}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(row, Mapping):
+            raise MMEBFormatError(f"{where}: expected a JSON object per line")
+        yield where, row
+
+
+def _parquet_rows(paths: list[Path]) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """``(file:row n, row)`` of the parquet files in order (rows counted from 1 per file), the four
+    :data:`ROW_KEYS` columns only; a file without one of them is refused naming it."""
+    import pyarrow.parquet as pq  # only MMEB's parquet layout needs it
+
+    for path in paths:
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as err:  # pyarrow raises ArrowInvalid / OSError variants for a damaged file
+            raise MMEBFormatError(f"{path}: not a readable parquet file ({err})") from None
+        missing = [k for k in ROW_KEYS if k not in table.schema_arrow.names]
+        if missing:
+            raise MMEBFormatError(f"{path}: missing column(s) {missing}; an MMEB row has {', '.join(ROW_KEYS)}")
+        number = 0
+        for batch in table.iter_batches(columns=list(ROW_KEYS), batch_size=4096):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path}:row {number}", row
 
 
 class MMEBItemDataset(Dataset):

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from reid_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from reid_lab.embedding.encoder import Encoder
 from reid_lab.models.backbones import build_backbone
+from reid_lab.models.basis_transform import BasisTransform
 from reid_lab.models.heads import BNNeckHead
 from reid_lab.models.pooling import build_pooling
 
@@ -48,6 +49,11 @@ class ReIDModel(Encoder):
             CLIPViTBackbone`); ``last_stride`` does not apply to it.
         classifier: ``"linear"`` (learned) or ``"simplex"``: the fixed d-Simplex of CoReS with ``num_classes``
             pre-allocated vertices (``0``: ``D + 1``, CoReS's ``d = K - 1``; :class:`~reid_lab.models.heads.BNNeckHead`).
+        basis_transform: BT²'s basis transformation on top of the BNNeck, ``{"old_dim": d_old, "add_dim": 32,
+            "scale": 2.0, "orthogonal_map": "matrix_exp"}`` (:class:`~reid_lab.models.basis_transform.BasisTransform`):
+            the test embedding becomes ``(B, D + add_dim)`` whose first ``old_dim`` coordinates are the
+            old-compatible ones; the BNNeck's embedding stays the classifier's feature and is returned as
+            ``"branch"``.
 
     Example:
         >>> import torch
@@ -77,6 +83,7 @@ class ReIDModel(Encoder):
         last_activation: bool = True,
         clip_kwargs: Mapping[str, Any] | None = None,
         classifier: str = "linear",
+        basis_transform: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.backbone = build_backbone(
@@ -96,6 +103,7 @@ class ReIDModel(Encoder):
             pretrained=pretrained, input_norm=input_norm, last_activation=bool(last_activation),
             clip_kwargs=None if clip_kwargs is None else dict(clip_kwargs),
             **({"classifier": classifier} if classifier != "linear" else {}),
+            **({"basis_transform": dict(basis_transform)} if basis_transform is not None else {}),
         )
         self.renormalize = input_norm is not None and (
             tuple(input_norm["mean"]) != IMAGENET_MEAN or tuple(input_norm["std"]) != IMAGENET_STD
@@ -119,10 +127,26 @@ class ReIDModel(Encoder):
             neck_feat=neck_feat,
             classifier=classifier,
         )
+        self.basis: BasisTransform | None = None
+        if basis_transform is not None:
+            if classifier == "simplex":
+                raise ValueError("basis_transform and classifier: simplex do not combine: the simplex vertices are "
+                                 "the compatible space there, BT² trains one against the old model")
+            options = dict(basis_transform)
+            allowed = {"old_dim", "add_dim", "scale", "orthogonal_map"}
+            if set(options) - allowed or "old_dim" not in options:
+                raise ValueError(f"basis_transform takes {sorted(allowed)} (old_dim required: the old model's "
+                                 f"embedding dimension), got {sorted(options)}")
+            self.basis = BasisTransform(self.backbone.num_features, self.head.embedding_dim, **options)
 
     @property
     def embedding_dim(self) -> int:
-        """Dimension ``D`` of ``features``, ``bn_features`` and ``embedding``."""
+        """Dimension of ``embedding``: ``D``, or ``D + add_dim`` with a basis transformation."""
+        return self.basis.out_dim if self.basis is not None else self.head.embedding_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """Dimension ``D`` of ``features`` and ``bn_features`` (what the classifier and metric losses see)."""
         return self.head.embedding_dim
 
     @property
@@ -149,13 +173,19 @@ class ReIDModel(Encoder):
             ``"features"`` ``(B, D)`` pooled feature before the BN (for triplet / center losses),
             ``"bn_features"`` ``(B, D)`` after the BNNeck, ``"embedding"`` ``(B, D)`` the test feature
             (``neck_feat`` choice, not L2-normalised) and, when ``num_classes > 0``, ``"logits"``
-            ``(B, num_classes)``.
+            ``(B, num_classes)``. With a basis transformation, ``"embedding"`` is BT²'s ``(B, D + add_dim)`` and
+            ``"branch"`` the BNNeck's ``(B, D)`` embedding it was made from.
         """
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"ReIDModel expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
         if self.renormalize:
             images = images * self._renorm_scale + self._renorm_shift
-        return self.head(self.pooling(self.backbone(images)))
+        pooled = self.pooling(self.backbone(images))
+        out = self.head(pooled)
+        if self.basis is not None:
+            out["branch"] = out["embedding"]
+            out["embedding"] = self.basis(out["branch"], pooled)
+        return out
 
     def encode(self, batch) -> dict[str, Tensor]:
         """``{"image": (B, D)}`` test embeddings of ``batch["image"]`` and, with a classifier, ``"logits"``."""

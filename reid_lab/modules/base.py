@@ -122,6 +122,8 @@ class TrainingOutput:
         labels: ``(B,)`` class labels of the batch.
         parts: named loss values for logging.
         logits: ``(B, C)`` image classifier logits, if any.
+        branches: ``{modality: (B, D_f)}`` the feature an embedding was made from by a basis transformation
+            (BT²'s ``f``, with gradients), for plugins that train it; empty otherwise.
     """
 
     loss: Tensor
@@ -129,6 +131,7 @@ class TrainingOutput:
     labels: Tensor
     parts: dict[str, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
+    branches: dict[str, Tensor] = field(default_factory=dict)
 
 
 class EmbeddingModule(L.LightningModule):
@@ -373,6 +376,7 @@ class EmbeddingModule(L.LightningModule):
         if self.host is not None:
             compat, compat_parts = self.host(batch, out.embeddings, out.labels, self.current_epoch,
                                              new_classifier=self.encoder.classifier_weight, new_logits=out.logits,
+                                             new_branches=out.branches,
                                              **training_schedule(self._trainer, self.global_step))
             total = total + compat
             parts.update(compat_parts)

@@ -71,6 +71,12 @@ class ReIDModule(EmbeddingModule):
             dimensions and zero-padded vertices the demo's old and new models shared only 6-13 % of their feature
             energy with the trained vertices and were not compatible; docs/results.md). Neither given:
             ``K = D + 1``.
+        basis_transform: BT² (Zhou et al. 2023, arXiv 2211.03989): ``{"old_dim": d_old, "add_dim": 32, "scale":
+            2.0, "orthogonal_map": ...}`` adds :class:`~reid_lab.models.basis_transform.BasisTransform` on top of
+            the BNNeck. The test embedding grows to ``D + add_dim``; its first ``old_dim`` coordinates are trained
+            against the old model through ``upgrade: {adapter: truncate, compatible_losses: [{name: bt2}],
+            reference_checkpoint: <independent new model>}``, while the model's own losses train the BNNeck's
+            feature (the ``bt2`` plugin pulls it towards the independent model's).
     """
 
     def __init__(
@@ -103,6 +109,7 @@ class ReIDModule(EmbeddingModule):
         upgrade: dict[str, Any] | None = None,
         classifier: str = "linear",
         simplex_classes: int | None = None,
+        basis_transform: dict[str, Any] | None = None,
     ) -> None:
         if num_classes <= 0:
             raise ValueError(
@@ -126,13 +133,14 @@ class ReIDModule(EmbeddingModule):
             timm_kwargs=timm_kwargs,
             pretrained=pretrained,
             last_activation=last_activation,
+            basis_transform=basis_transform,
         )
         super().__init__(encoder, distance=distance, flip_test=flip_test, max_rank=max_rank,
                          space_label=space_label, upgrade=upgrade)
         self.save_hyperparameters()
         self.losses = nn.ModuleList(_build_losses(losses if losses is not None else DEFAULT_LOSSES))
         for loss in self.losses:
-            loss.bind(encoder.num_classes, encoder.embedding_dim)
+            loss.bind(encoder.num_classes, encoder.feature_dim)
         # simplex head: the identity (vertex) of each training class, (num_classes,), set when the fit starts
         self.class_identity: Tensor | None
         if classifier == "simplex":
@@ -150,6 +158,18 @@ class ReIDModule(EmbeddingModule):
 
     def space_model_name(self) -> str:
         return self.hparams.backbone
+
+    def _build_host(self) -> None:
+        super()._build_host()
+        basis = self.encoder.basis
+        if basis is None:
+            return
+        if self.host.adapter_kind != "truncate":
+            raise ValueError(f"model.init_args.basis_transform: BT² compares the first old_dim coordinates with old "
+                             f"features; set upgrade.adapter: truncate (got {self.host.adapter_kind!r})")
+        if basis.old_dim != self.host.old_dim:
+            raise ValueError(f"model.init_args.basis_transform.old_dim is {basis.old_dim}, but the old model "
+                             f"({self.host.old_checkpoint}) embeds {self.host.old_dim} dimensions")
 
     # --------------------------------------------------------------------------------------- training
     def compute_losses(self, outputs: dict[str, Tensor], pids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -197,8 +217,9 @@ class ReIDModule(EmbeddingModule):
             # image's identity; the host and the accuracy see the logits of this version's classes, in their order
             targets, logits = self.class_identity[targets], outputs["logits"][:, self.class_identity]
         total, parts = self.compute_losses(outputs, targets)
+        branches = {"image": outputs["branch"]} if "branch" in outputs else {}
         return TrainingOutput(loss=total, embeddings={"image": outputs["embedding"]}, labels=batch["pid"],
-                              parts=parts, logits=logits)
+                              parts=parts, logits=logits, branches=branches)
 
     # -------------------------------------------------------------------------------------- optimiser
     def configure_optimizers(self):

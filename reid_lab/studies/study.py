@@ -117,7 +117,7 @@ STUDY_KEYS = {"name", "out", "configs", "scenario", "old", "new", "methods", "ev
 VALIDATION_KEYS = {"fraction", "seed"}
 SELECTIONS = ("best", "last")
 STAGE_KEYS = {"configs", "overrides"}
-METHOD_KEYS = {"compatible_losses", "adapter", "pairings", "overrides", "transformation"}
+METHOD_KEYS = {"compatible_losses", "adapter", "pairings", "overrides", "transformation", "reference"}
 TRANSFORMATION_KEYS = {"of", "uncertainty", "epochs", "hidden_dim", "lr", "batch_size", "warmup_epochs"}
 # FCT (Ramanujan et al. NeurIPS'22) trains its transformation with a 2048-wide mixer for 80 epochs, 5 of them
 # warm-up; a study config that uses less says so (experiments/synthetic_upgrade.yaml does, for a CPU budget).
@@ -182,6 +182,15 @@ class StudyConfig:
                     raise ValueError(
                         f"{source}: methods.{name}.transformation.of must name a trained method, got {base!r}"
                     )
+            if "reference" in spec:  # BT²'s φ_n*: an independent new model trained earlier in the study
+                ref, earlier = spec["reference"], list(methods)[: list(methods).index(name)]
+                if ref not in earlier or (methods.get(ref) or {}).get("compatible_losses") or \
+                        "transformation" in (methods.get(ref) or {}):
+                    raise ValueError(f"{source}: methods.{name}.reference must name an independently trained method "
+                                     f"listed before it (no compatible_losses, no transformation), got {ref!r}")
+                if not spec.get("compatible_losses"):
+                    raise ValueError(f"{source}: methods.{name}.reference is read by a compatible loss (bt2); "
+                                     "give compatible_losses")
         logger = str(study.get("logger", "wandb"))
         if logger not in ("wandb", "none"):
             raise ValueError(f"{source}: study.logger must be 'wandb' or 'none', got {logger!r}")
@@ -257,9 +266,11 @@ class Study:
         self.check_splits({"old": split_files["old"], "new": split_files["new"]})
         checkpoints = {"old": self.train("old", self.config.old, split_files["old"], self.config.scenario.old_model)}
         for method in self.config.trained_methods:
+            spec = self.config.methods[method]
             checkpoints[method] = self.train(
                 method, self.config.new, split_files["new"], self.config.scenario.new_model,
-                method_spec=self.config.methods[method], old_checkpoint=checkpoints["old"],
+                method_spec=spec, old_checkpoint=checkpoints["old"],
+                reference_checkpoint=checkpoints[spec["reference"]] if spec.get("reference") else None,
             )
         features = {version: self.embed(version, ckpt) for version, ckpt in checkpoints.items()}
         return self.evaluate(checkpoints, features, split_files)
@@ -449,7 +460,8 @@ class Study:
         return OmegaConf.to_container(merged, resolve=True)
 
     def train(self, version: str, stage: dict[str, Any], train_subset: str, model_overrides: dict[str, Any],
-              method_spec: dict[str, Any] | None = None, old_checkpoint: str | None = None) -> str:
+              method_spec: dict[str, Any] | None = None, old_checkpoint: str | None = None,
+              reference_checkpoint: str | None = None) -> str:
         """Stage 2: fit one version with the real LightningCLI; returns its best checkpoint."""
         stage_dir = self.inside("train", version)
         done = stage_dir / "done.json"
@@ -466,6 +478,7 @@ class Study:
                 "compatible_losses": method_spec["compatible_losses"],
                 "adapter": method_spec.get("adapter", "linear"),
                 **({"pairings": list(method_spec["pairings"])} if method_spec.get("pairings") else {}),
+                **({"reference_checkpoint": str(reference_checkpoint)} if reference_checkpoint else {}),
             }
         data_args = cfg.setdefault("data", {}).setdefault("init_args", {})
         data_args["train_subset"] = train_subset
@@ -474,7 +487,8 @@ class Study:
         key = stage_key(stage="train", config=cfg, train_subset=file_digest(train_subset),
                         val_subset=file_digest(self.val_file) if self.val_file is not None else None,
                         selection=self.config.selection,
-                        old=self.keys.get(str(old_checkpoint)) if old_checkpoint else None)
+                        old=self.keys.get(str(old_checkpoint)) if old_checkpoint else None,
+                        **({"reference": self.keys.get(str(reference_checkpoint))} if reference_checkpoint else {}))
         if done.is_file():
             info = json.loads(done.read_text())
             if info.get("key") == key and Path(info["checkpoint"]).is_file():
@@ -839,6 +853,11 @@ class Study:
         """
         from reid_lab.metrics.compatibility import multi_step_scores
 
+        with_reference = [m for m, spec in self.config.methods.items() if spec.get("reference")]
+        if with_reference:
+            raise ValueError(f"{self.config.source}: methods {with_reference} name a reference model (BT²); a chain "
+                             "grows the embedding at every step, so each step would need its own basis_transform."
+                             "old_dim and reference: run them as single upgrades")
         dm = self.datamodule()
         steps = self.config.scenario.chain(self.training_pool(dm))
         step_files = []

@@ -31,7 +31,7 @@ from reid_lab.data.views import TrainingSetView
 from reid_lab.embedding.embedder import Embedder
 from reid_lab.embedding.extract import embed_batches
 from reid_lab.losses.compatible import CompatibleInputs, CompatibleLoss, build_compatible_loss
-from reid_lab.losses.compatible.base import EXTRAS_KEYS
+from reid_lab.losses.compatible.base import EXTRAS_KEYS, PER_BATCH_EXTRAS
 from reid_lab.upgrade.adapters import DimensionAdapter
 from reid_lab.upgrade.class_state import TENSORS, ClassLevelState, identity_of_new, old_label_of_new
 from reid_lab.upgrade.old_model import FrozenEncoder, load_frozen_encoder
@@ -66,6 +66,9 @@ class CompatibilityHost(nn.Module):
         new_num_classes: ``C_new``, the new encoder's classifier size (0: none); the module passes it, so
             plugins with per-class parameters (AdvBCT) can create them in
             :meth:`~reid_lab.losses.compatible.CompatibleLoss.bind`.
+        reference_checkpoint: an independently trained new model φ_n* (BT²), frozen like φ_old: its embedding of
+            each training batch reaches the plugins as ``extras["reference_features"]``. Required when a plugin
+            needs them, refused otherwise (it would cost a forward pass for nothing).
 
     Plugins are submodules: their parameters (AdvBCT's discriminator) are trained by the new model's
     optimiser and saved in its checkpoint.
@@ -81,6 +84,7 @@ class CompatibilityHost(nn.Module):
         pairings: list[str] | None = None,
         old_train_subset: str | None = None,
         new_num_classes: int = 0,
+        reference_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         self.old: FrozenEncoder = load_frozen_encoder(old_checkpoint)
@@ -108,6 +112,21 @@ class CompatibilityHost(nn.Module):
         needs: set[str] = set()
         for plugin in self.plugins:
             needs |= set(plugin.needs) | set(getattr(plugin, "uses", ()))
+        self.reference: FrozenEncoder | None = None
+        if "reference_features" in needs and reference_checkpoint is None:
+            raise ValueError("upgrade.reference_checkpoint is required: a compatible loss "
+                             f"({', '.join(p.name for p in self.plugins if 'reference_features' in p.needs)}) "
+                             "trains towards an independently trained new model's embeddings")
+        if reference_checkpoint is not None:
+            if "reference_features" not in needs:
+                raise ValueError(f"upgrade.reference_checkpoint {reference_checkpoint} is given, but no compatible "
+                                 "loss reads reference features (bt2 does)")
+            self.reference = load_frozen_encoder(reference_checkpoint)
+            missing = [m for m, _ in self.pairings if m not in self.reference.modalities]
+            if missing:
+                raise ValueError(f"upgrade.reference_checkpoint {reference_checkpoint} embeds "
+                                 f"{list(self.reference.modalities)}, not the new side's {missing}")
+        self.per_batch_needs = needs & PER_BATCH_EXTRAS
         refresh = any(getattr(p, "refreshes_prototypes", False) for p in self.plugins)
         self.state = ClassLevelState(needs, refresh=refresh)
         self._view: TrainingSetView | None = None
@@ -180,6 +199,7 @@ class CompatibilityHost(nn.Module):
     def forward(self, batch: dict[str, Any], new_embeddings: dict[str, Tensor], labels: Tensor, epoch: int,
                 new_classifier: Tensor | None = None, new_logits: Tensor | None = None,
                 progress: float | None = None, max_epochs: int | None = None,
+                new_branches: dict[str, Tensor] | None = None,
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Weighted sum of the compatible losses over every pairing for one batch, and the logged parts.
 
@@ -192,12 +212,15 @@ class CompatibilityHost(nn.Module):
             new_logits: ``(B, C_new)`` φ_new's image logits, if it has a classifier.
             progress: fraction of the planned optimiser steps done (:func:`training_schedule`), or None.
             max_epochs: the trainer's planned epochs, or None.
+            new_branches: ``{modality: (B, D_f)}`` the feature a basis transformation made each embedding from
+                (BT²'s ``f``, with gradients), passed as ``extras["new_branch"]``.
         """
         old_modalities = sorted({old for _, old in self.pairings})
         old_out = self.old.encode({m: batch[m] for m in old_modalities})
         state = self.state
         extras: dict[str, Tensor] = {}
-        if new_classifier is not None:
+        if new_classifier is not None and new_classifier.shape[-1] == self.adapter.in_dim:
+            # (a basis transformation's classifier sees its branch, not the embedding the adapter maps)
             extras["new_classifier"] = self.adapter(new_classifier.float())
         for key in sorted(EXTRAS_KEYS & set(TENSORS)):  # boundaries, AdvBCT's radii, identities, ...
             if getattr(state, key) is not None:
@@ -206,6 +229,15 @@ class CompatibilityHost(nn.Module):
         parts: dict[str, Tensor] = {}
         for new_m, old_m in self.pairings:
             new_embedding = new_embeddings[new_m].float()
+            pairing_extras = dict(extras)
+            if "new_branch" in self.per_batch_needs:
+                branch = (new_branches or {}).get(new_m)
+                if branch is None:
+                    raise ValueError(f"a compatible loss reads the new model's branch feature (extras['new_branch']), "
+                                     f"but the {new_m} encoder has none: give the model a basis_transform (BT²)")
+                pairing_extras["new_branch"] = branch.float()
+            if self.reference is not None:
+                pairing_extras["reference_features"] = self.reference.encode({new_m: batch[new_m]})[new_m]
             inputs = CompatibleInputs(
                 new_features=self.adapter(new_embedding),
                 old_features=old_out[old_m],
@@ -216,7 +248,7 @@ class CompatibilityHost(nn.Module):
                 prototypes=state.prototypes,
                 new_all_features=new_embedding,
                 epoch=epoch,
-                extras=extras,
+                extras=pairing_extras,
                 old_class_weight=state.old_class_weight,
                 progress=progress,
                 max_epochs=max_epochs,

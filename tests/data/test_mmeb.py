@@ -139,10 +139,13 @@ def test_bad_rows_name_file_line_and_key(tmp_path, edit, message):
 
 
 def test_missing_files_and_unknown_subsets_are_named(tmp_path):
-    (tmp_path / "ImageNet-1K").mkdir()
-    (tmp_path / "ImageNet-1K" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")
-    with pytest.raises(FileNotFoundError, match=r"ImageNet-1K/test.jsonl does not exist; found .*parquet: export"):
+    with pytest.raises(FileNotFoundError, match=r"neither .*ImageNet-1K/test.jsonl nor .*ImageNet-1K/test-\*.parquet"):
         load_mmeb_subset(tmp_path, "ImageNet-1K")
+    (tmp_path / "ImageNet-1K").mkdir()
+    (tmp_path / "ImageNet-1K" / "test-00000-of-00001.parquet").write_bytes(b"PAR1")  # a damaged download
+    with pytest.raises(MMEBFormatError, match=r"test-00000-of-00001.parquet: not a readable parquet file"):
+        load_mmeb_subset(tmp_path, "ImageNet-1K")
+    (tmp_path / "ImageNet-1K" / "test-00000-of-00001.parquet").unlink()
     fabricate_mmeb(tmp_path)
     (tmp_path / "MyTask").mkdir()
     (tmp_path / "MyTask" / "test.jsonl").write_text((tmp_path / "OK-VQA" / "test.jsonl").read_text())
@@ -200,3 +203,31 @@ def test_reid_lab_test_on_an_mmeb_config_logs_what_a_per_row_loop_computes(tmp_p
     assert metrics["test/mmeb/P@1"] == pytest.approx(sum(metrics[f"test/mmeb/{n}/P@1"] for n in SUBSETS) / 3)
     assert metrics["test/mmeb/vqa/P@1"] == pytest.approx(metrics["test/mmeb/OK-VQA/P@1"])
     assert "MMEB's tie rule" in out
+
+
+def test_the_parquet_shards_of_the_dataset_read_as_their_json_lines_export(tmp_path):
+    """The Hugging Face snapshot layout (``<subset>/test-0000i-of-0000n.parquet``, written here by pyarrow) gives
+    the same subset as the JSON-lines export of the same rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = fabricate_mmeb(tmp_path / "jsonl")
+    fabricate_mmeb(tmp_path / "parquet")  # the same images
+    for subset, subset_rows in rows.items():
+        folder = tmp_path / "parquet" / subset
+        (folder / "test.jsonl").unlink()
+        half = len(subset_rows) // 2  # two shards, read in name order
+        for i, part in enumerate((subset_rows[:half], subset_rows[half:])):
+            pq.write_table(pa.Table.from_pylist(part), folder / f"test-{i:05d}-of-00002.parquet")
+        a = load_mmeb_subset(tmp_path / "jsonl", subset)
+        b = load_mmeb_subset(tmp_path / "parquet", subset)
+        assert [(i.text, i.instruction, i.image and Path(i.image).name) for i in a.items] == \
+            [(i.text, i.instruction, i.image and Path(i.image).name) for i in b.items]
+        assert torch.equal(a.queries, b.queries) and torch.equal(a.candidates, b.candidates)
+        assert len(b.queries) == len(subset_rows)
+    # a shard without one of the four columns is refused naming the file and the column
+    folder = tmp_path / "parquet" / "OK-VQA"
+    pq.write_table(pa.Table.from_pylist([{k: v for k, v in r.items() if k != "tgt_img_path"} for r in rows["OK-VQA"]]),
+                   folder / "test-00001-of-00002.parquet")
+    with pytest.raises(MMEBFormatError, match=r"test-00001-of-00002.parquet: missing column\(s\) \['tgt_img_path'\]"):
+        load_mmeb_subset(tmp_path / "parquet", "OK-VQA")

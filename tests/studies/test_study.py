@@ -339,3 +339,52 @@ def test_a_folder_study_selects_checkpoints_without_reading_the_test_split(tiny_
     cells = [{(c["query"], c["gallery"]): c["mAP"] for c in runs[n]["report"]["compatibility_matrix"]["cells"]}
              for n in ("clean", "poisoned")]
     assert cells[0][("old", "old")] != pytest.approx(cells[1][("old", "old")], abs=1e-6)
+
+
+def test_a_bt2_study_trains_against_its_independent_model_and_cross_tests_the_first_old_dims(tiny_synthetic, tmp_path,
+                                                                                           cli_argv):
+    out = tmp_path / "bt2"
+    study = _study(tiny_synthetic, out)["study"]
+    basis = {"old_dim": 512, "add_dim": 8, "orthogonal_map": "cayley"}
+    study["methods"] = {
+        "independent": {},
+        "bt2": {"compatible_losses": [{"name": "bt2"}], "adapter": "truncate", "reference": "independent",
+                "overrides": {"model.init_args.basis_transform": basis}},
+    }
+    study["evaluation"] = {"orderings": ["random"], "ratios": [0, 0.5, 1.0]}
+    study["logger"] = "none"
+    config = tmp_path / "bt2.yaml"
+    config.write_text(yaml.safe_dump({"study": study}, sort_keys=False))  # the order of methods is the order of stages
+    assert main(["upgrade", "--config", str(config)]) == 0
+    # φ_n* is the study's own independent model, read from its selected checkpoint
+    independent = json.loads((out / "train" / "independent" / "done.json").read_text())["checkpoint"]
+    stage = yaml.safe_load((out / "train" / "bt2" / "config.yaml").read_text())
+    assert stage["model"]["init_args"]["upgrade"]["reference_checkpoint"] == independent
+    # the embedding grows by add_dim; the cross-test reads its first old_dim coordinates (BT²'s truncation)
+    own = FeatureSet.load(out / "features" / "bt2.pt")
+    projected = FeatureSet.load(out / "features" / "bt2.in_old_space.pt")
+    assert own.features.shape[1] == 520 and projected.features.shape[1] == 512
+    torch.testing.assert_close(projected.features, own.features[:, :512])
+    report = json.loads((out / "report.json").read_text())
+    cells = {(c["query"], c["gallery"]): c["mAP"] for c in report["compatibility_matrix"]["cells"]}
+    old_q, old_g = FeatureSet.load(out / "features" / "old.pt").split()
+    q = torch.nn.functional.normalize(projected.split()[0].features, dim=1)
+    g = torch.nn.functional.normalize(old_g.features, dim=1)
+    cross = evaluate_rank_reference(1 - q @ g.T, old_q.pids, old_g.pids, old_q.camids, old_g.camids)
+    assert cells[("bt2", "old")] == pytest.approx(100 * cross.mAP, abs=1e-4)
+    assert ("bt2", "bt2") in cells and "bt2" in report["curves"]
+
+
+@pytest.mark.parametrize("methods, message", [
+    ({"bt2": {"compatible_losses": [{"name": "bt2"}], "reference": "independent"}, "independent": {}},
+     "reference must name an independently trained method listed before it"),
+    ({"bct": {"compatible_losses": [{"name": "bct"}]},
+      "bt2": {"compatible_losses": [{"name": "bt2"}], "reference": "bct"}},
+     "reference must name an independently trained method"),
+    ({"independent": {}, "bt2": {"reference": "independent"}}, "give compatible_losses"),
+])
+def test_a_reference_model_is_checked_before_anything_trains(tiny_synthetic, tmp_path, methods, message):
+    cfg = _study(tiny_synthetic, tmp_path / "out")
+    cfg["study"]["methods"] = methods
+    with pytest.raises(ValueError, match=message):
+        StudyConfig.load(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from reid_lab.losses.compatible.advbct import AdvBCTLoss
 from reid_lab.losses.compatible.base import CompatibleInputs, CompatibleLoss, CompatibleLossOutput
 from reid_lab.losses.compatible.bct import BCTInfluenceLoss, BCTPrototypeLoss
+from reid_lab.losses.compatible.bt2 import BT2Loss
 from reid_lab.losses.compatible.contrastive import ContrastiveN2O
 from reid_lab.losses.compatible.distillation import FocalDistillationLoss, LwFLoss
 from reid_lab.losses.compatible.lce import LCELoss
@@ -35,6 +36,7 @@ COMPATIBLE_LOSSES: dict[str, type[CompatibleLoss]] = {
     "lwf": LwFLoss,
     "advbct": AdvBCTLoss,
     "simplex": SimplexLoss,
+    "bt2": BT2Loss,
 }
 
 

@@ -17,8 +17,11 @@ from torch import Tensor, nn
 
 #: Keys of :attr:`CompatibleInputs.extras` that a plugin may list in ``needs`` / ``uses``.
 EXTRAS_KEYS: frozenset[str] = frozenset(
-    {"new_classifier", "boundaries", "old_class_index", "old_means", "old_radii", "old_seen", "class_identity"}
+    {"new_classifier", "boundaries", "old_class_index", "old_means", "old_radii", "old_seen", "class_identity",
+     "new_branch", "reference_features"}
 )
+#: Extras that change with every batch (the rest are class-level state computed once per fit).
+PER_BATCH_EXTRAS: frozenset[str] = frozenset({"new_branch", "reference_features"})
 
 
 @dataclass
@@ -72,6 +75,10 @@ class CompatibleInputs:
               boundary covers old classes only).
             - ``"class_identity"``: ``(C_new,)`` int64, the identity of each new class in the dataset's whole
               training split (its raw pid), the same in every model version (d-Simplex vertices).
+            - ``"new_branch"``: ``(B, d_f)`` the feature φ_new's basis transformation made ``new_all_features`` from
+              (BT²'s ``f``; :class:`~reid_lab.models.basis_transform.BasisTransform`). With gradients.
+            - ``"reference_features"``: ``(B, d_ref)`` an independently trained new model φ_n*'s embedding of the
+              same images (the host's ``reference_checkpoint``; BT²). No gradients.
     """
 
     new_features: Tensor

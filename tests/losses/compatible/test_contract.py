@@ -52,6 +52,7 @@ class HostBatch:
             "old_class_weight": w_old,
             "boundaries": class_boundaries(old, self.labels, centres),
         }
+        frozen["reference_features"] = torch.randn(B, d_new, generator=gen)  # φ_n* (BT²), in the branch's dim
         frozen["old_means"], frozen["old_radii"] = class_radii(old, self.labels, C_NEW)
         frozen["old_radii"] = frozen["old_radii"] * 0.5  # tighter than the data: some samples violate
         self.frozen = {k: v.clone().requires_grad_(old_requires_grad) for k, v in frozen.items()}
@@ -74,6 +75,8 @@ class HostBatch:
             "old_radii": self.frozen["old_radii"],
             "old_seen": torch.tensor([True, True, True, False]),
             "class_identity": torch.tensor([3, 0, 2, 1]),  # identities in the whole training split
+            "new_branch": self.new_all,  # the feature a basis transformation mixes (BT²'s f)
+            "reference_features": self.frozen["reference_features"],
         }
         return CompatibleInputs(
             new_features=self.new_all @ self.adapter.t(),
