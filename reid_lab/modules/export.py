@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from reid_lab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from reid_lab.embedding.checkpoint import read_checkpoint
@@ -94,12 +95,24 @@ def export_graph(checkpoint: str | Path) -> tuple[ImageEmbeddingGraph, tuple[int
     if type(encoder).__name__ == "VLMEncoder":
         raise ValueError(f"{checkpoint}: a VLM embedder runs its image processor outside the graph; export the "
                          "image encoders of ReID or CLIP checkpoints")
+    bake_parametrizations(encoder)
     size = (raw.get("datamodule_hyper_parameters") or {}).get("image_size")
     if size is None:
         raise ValueError(f"{checkpoint} records no data image_size: the input size is unknown")
     space = dict(embedder.space)
     normalize = bool(space.get("normalized", (raw.get("embedding") or {}).get("distance") == "cosine"))
     return ImageEmbeddingGraph(encoder, embedder.flip_test, normalize).eval(), (int(size[0]), int(size[1])), space
+
+
+def bake_parametrizations(module: nn.Module) -> nn.Module:
+    """Replace every parametrised weight (``torch.nn.utils.parametrize``, e.g. BT²'s orthogonal maps) by its current
+    value, in place: the exported graph holds the matrix, not the map that makes it (ONNX has no matrix
+    exponential or linear solve, and a deployed model needs neither)."""
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            for name in list(sub.parametrizations):
+                parametrize.remove_parametrizations(sub, name, leave_parametrized=True)
+    return module
 
 
 def _replace(tmp: Path, out: Path) -> None:

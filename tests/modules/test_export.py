@@ -97,3 +97,29 @@ def test_export_help_states_the_input_contract_and_every_option(capsys):
     assert "ImageNet-normalised" in text and "L2 normalisation" in text and "training image_size" in text
     for option in ("--ckpt-path", "--format", "--out", "--opset", "--tolerance"):
         assert option in text
+
+
+@pytest.mark.parametrize("fmt, suffix", [("onnx", "onnx"), ("torchscript", "pt")])
+def test_a_bt2_model_exports_its_orthogonal_maps_as_matrices(tmp_path, capsys, fmt, suffix):
+    """BT²'s parametrised weights (a Cayley map solves a linear system per forward; ONNX has no solve) are exported
+    as their values; the file embeds as the checkpoint does, 16 old-compatible + 8 added dimensions."""
+    torch.manual_seed(0)
+    module = ReIDModule(backbone="resnet18", num_classes=4, last_stride=2, embedding_dim=20,
+                        basis_transform={"old_dim": 16, "add_dim": 4, "orthogonal_map": "cayley"})
+    ckpt = save_module_checkpoint(module, tmp_path / "bt2.ckpt", datamodule_hparams={"image_size": [64, 32]})
+    out = tmp_path / f"bt2.{suffix}"
+    assert main(["export", "--ckpt_path", str(ckpt), "--format", fmt, "--out", str(out)]) == 0
+    diff = float(re.search(r"max \|exported - torch\| = ([\d.e+-]+)", capsys.readouterr().out).group(1))
+    assert diff < 1e-4
+    pixels = torch.rand(3, 3, 64, 32)
+    expected = reid_lab.load_embedder(ckpt)(pixels)
+    assert expected.shape == (3, 24)
+    images = ((pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = torch.from_numpy(session.run(None, {"image": images.numpy().astype(np.float32)})[0])
+    else:
+        got = torch.jit.load(str(out))(images)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
