@@ -4,7 +4,7 @@
 2. Score the raw-pixel baseline: flattened pixels + cosine distance, Market-1501 protocol.
 3. Run the upgrade study `experiments/synthetic_upgrade.yaml` (`reid-lab upgrade`): an old ImageNet
    EfficientNet-Lite0 fine-tuned on half of the identities, then a new ImageNet MobileNetV2 fine-tuned on all
-   of them, independently, with BCT (4 and 8 epochs) and with RACT, plus FastFill on top of the independent model; compatibility
+   of them, independently, with BCT (4 and 8 epochs), RACT and BT², plus FastFill on top of the independent model; compatibility
    matrix, backfill curves and flips. The printed labels name the backbones the study config trains.
 4. Print R1 / mAP / mINP of the trained old model next to the raw-pixel baseline, the study table, and
    where the wandb runs, checkpoints and report are.

@@ -19,11 +19,14 @@ Every picture is embedded as a ``data:`` URI: the file can be mailed or archived
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from reid_lab.atomic import atomic_write_text
 from reid_lab.embedding.features import FeatureSet
@@ -91,14 +94,29 @@ def flipped_queries_html(study: Path, rows: list[dict[str, Any]], per_method: in
         if not old or not new or old == new:
             continue
         old_fs, new_fs = load(old), load(new)
-        if old_fs is None or new_fs is None or new_fs[0].features.shape[1] != old_fs[1].features.shape[1]:
+        if old_fs is None or new_fs is None:
             continue
-        ref, cross = f"{old} -> {old}", f"{new} -> {old}"
-        comparisons = compare_systems({ref: old_fs, cross: (new_fs[0], old_fs[1])}, ref, top_k)
+        # the gallery of the method's cross-test, as the matrix scored it
+        gallery, label, where = old_fs[1], old, "the old gallery"
+        transformed = study / "features" / f"{r['method']}.transformed_gallery.pt"
+        if r["method"] != new:  # FCT / FastFill: the base model's queries against its transformed old gallery
+            if not transformed.is_file():
+                continue
+            h = torch.load(transformed, weights_only=True)["gallery"]  # FCT / FastFill: h(φ_old), old gallery order
+            gallery = dataclasses.replace(old_fs[1], features=h)
+            label, where = f"h({old})", "the transformed old gallery h(φ_old)"
+        elif new_fs[0].features.shape[1] != old_fs[1].features.shape[1]:
+            adapted = load(f"{new}.in_old_space")  # a dimension change: its queries through its adapter
+            if adapted is None:
+                continue
+            new_fs = adapted
+            where = "the old gallery through its adapter"
+        ref, cross = f"{old} -> {old}", f"{new} -> {label}"
+        comparisons = compare_systems({ref: old_fs, cross: (new_fs[0], gallery)}, ref, top_k)
         flipped = [c for c in comparisons if c.flipped]
         total = len(comparisons)
         parts.append(f"<h3>{escape(r['method'])}: {len(flipped)} of {total} queries flip "
-                     f"({100 * len(flipped) / max(1, total):.1f} %) when its queries search the old gallery</h3>")
+                     f"({100 * len(flipped) / max(1, total):.1f} %) when its queries search {escape(where)}</h3>")
         for c in flipped[:per_method]:
             parts.append(f'<div class="query"><b>query {c.query}</b>')
             parts.extend(list_html(name, lst, thumbs, uris) for name, lst in c.lists.items())

@@ -780,7 +780,10 @@ class Study:
                     row["note"] = ("trained without the old model and of another dimension: no adapter into the "
                                    "old space, so no cross-test and no backfill curve")
             elif method in adapted:
-                row["note"] = ("cross-test through its learned adapter into the old space (dimension change); "
+                how = {"truncate": "its first old-dimension coordinates (truncate adapter)",
+                       "pad": "its zero-padded features (pad adapter)"}.get(spec.get("adapter", "linear"),
+                                                                             "its learned adapter")
+                row["note"] = (f"cross-test through {how} into the old space (dimension change); "
                                "a claim holds for the adapter's outputs, its own space records none")
             return row
         # FCT / FastFill: φ_new is the base model; the cross-test searches h(φ_old) gallery features.

@@ -96,3 +96,29 @@ def test_page_renders_in_headless_chromium(page, tmp_path):
     assert "Negatively flipped queries" in seen["text"]
     with Image.open(tmp_path / "shot.png") as shot:
         assert shot.width == 1300 and shot.height > 900  # full page, longer than one screen
+
+
+def test_flips_are_counted_against_the_gallery_each_cross_test_searched(tmp_path):
+    """A FastFill row's queries search the transformed old gallery h(φ_old), not the raw one; a dimension change's
+    queries go through its adapter (the feature file ``<method>.in_old_space.pt``). Built so that the raw old
+    gallery and h(φ_old) give different counts: h swaps identity 0's and identity 2's gallery features, so all
+    three queries flip against it, while bct's queries flip once against the raw gallery."""
+    from reid_lab.studies.html_report import flipped_queries_html
+
+    study = _study(tmp_path)
+    old = FeatureSet.load(study / "features" / "old.pt")
+    gallery = old.features[~old.is_query]
+    h = gallery[[4, 5, 2, 3, 0, 1]]  # gallery rows are (id 0: c1, c2), (id 1: ...), (id 2: ...)
+    torch.save({"gallery": h, "log_var": None}, study / "features" / "ff.transformed_gallery.pt")
+    bct = FeatureSet.load(study / "features" / "bct.pt")
+    wide = FeatureSet(torch.cat([bct.features, torch.ones(9, 1)], dim=1), bct.pids, bct.camids, bct.is_query,
+                      bct.items, {"space_id": "wide"})
+    wide.save(study / "features" / "wide.pt")  # 4-d: its own space
+    bct.save(study / "features" / "wide.in_old_space.pt")  # 3-d: through its adapter, the old space
+    rows = [{"method": "bct", "new": "bct", "old": "old"}, {"method": "ff", "new": "bct", "old": "old"},
+            {"method": "wide", "new": "wide", "old": "old"}]
+    html = flipped_queries_html(study, rows, per_method=5, top_k=5)
+    assert "bct: 1 of 3 queries flip (33.3 %) when its queries search the old gallery<" in html
+    assert "ff: 3 of 3 queries flip (100.0 %) when its queries search the transformed old gallery h(φ_old)" in html
+    assert "bct -&gt; h(old)" in html or "bct -> h(old)" in html
+    assert "wide: 1 of 3 queries flip (33.3 %) when its queries search the old gallery through its adapter" in html

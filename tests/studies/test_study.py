@@ -217,6 +217,7 @@ def test_a_dimension_change_study_reports_the_cross_test_through_the_adapter(tin
     assert ("independent", "old") not in cells and rows["independent"]["cross_test"] is None
     assert rows["independent"]["claim"] is None and "no adapter" in rows["independent"]["note"]
     assert rows["bct"]["claim"]["cross"] == pytest.approx(cells[("bct", "old")])
+    assert "through its learned adapter" in rows["bct"]["note"]
     assert not (out / "features" / "independent.in_old_space.pt").exists()
 
 
@@ -373,6 +374,8 @@ def test_a_bt2_study_trains_against_its_independent_model_and_cross_tests_the_fi
     cross = evaluate_rank_reference(1 - q @ g.T, old_q.pids, old_g.pids, old_q.camids, old_g.camids)
     assert cells[("bt2", "old")] == pytest.approx(100 * cross.mAP, abs=1e-4)
     assert ("bt2", "bt2") in cells and "bt2" in report["curves"]
+    rows = {r["method"]: r for r in report["study"]}
+    assert "through its first old-dimension coordinates (truncate adapter)" in rows["bt2"]["note"]
 
 
 @pytest.mark.parametrize("methods, message", [
