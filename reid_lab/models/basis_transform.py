@@ -22,12 +22,17 @@ Deviations from the official model, on purpose:
 - ``b`` is ``Linear(in_features, k)`` on ``relu(pooled)``: the official ``fc3`` maps the ReLU of its
   ``(d_f + d_old)``-wide embedding layer to ``d_old`` outputs and keeps only the first ``k``; here the branch
   has exactly the ``k`` outputs that are used, fed from the pooled backbone feature the BNNeck also sees.
-- ``f`` is the BNNeck's embedding (the feature its classifier and the triplet loss see), not a separately
-  normalised feature with its own classifier.
+- ``f`` is the BNNeck's test embedding (``neck_feat``; with the default ``after``, the BN output its classifier
+  reads), and the model keeps its own losses (BoT: label-smoothed cross-entropy on that feature, triplet on the
+  feature before the BN). The official model trains a plain cross-entropy of a bias-free classifier on
+  ``normalize(f)`` and nothing else (its configs' ``label_smoothing`` is never read).
 - ``orthogonal_map`` chooses torch's parametrisation; the official code uses the default (``matrix_exp`` for
-  square maps). Both trivialise around the initial orthogonal matrix and cover the same rotations reachable from
-  it; ``cayley`` costs one linear solve instead of a matrix exponential (for 1280 x 1280 on 2 CPU cores, forward +
-  backward: 0.18 s against 3.9 s), so CPU studies use it.
+  square maps). Both trivialise around the initial orthogonal matrix, but their optimisation paths differ and the
+  Cayley map cannot reach rotations with an eigenvalue of -1 relative to it; ``cayley`` costs one linear solve
+  instead of a matrix exponential (for 1280 x 1280 on 2 CPU cores, forward + backward: 0.18 s against 3.9 s), so
+  CPU studies use it.
+- The maps' parameters take the module's weight decay like every other weight (5e-4 in the BoT configs; the
+  official transfer configs use 3e-5 on CIFAR-100 and 0 on ImageNet).
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reid_lab.data.text.vlm_processor import item_prompt
 from reid_lab.losses.image_text import build_image_text_loss, pair_infonce
 from reid_lab.metrics.candidates import list_hits, mmeb_summary
 from reid_lab.models.vlm import VLMEncoder
@@ -109,6 +110,33 @@ class VLMEmbeddingModule(EmbeddingModule):
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "tokenize"):
             check_tokenizer(datamodule.tokenize, self.encoder.tokenizer())
+        if self._on_pairs() and self._trainer.is_global_zero:
+            splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage, [])
+            for split in splits:
+                print(self.describe_pair_lengths(datamodule, split), flush=True)
+
+    def describe_pair_lengths(self, datamodule: Any, split: str) -> str:
+        """What the context length does to the instruction pairs of ``split``: nothing. Pair items (query, target,
+        negatives) are embedded whole (:meth:`~reid_lab.models.vlm.VLMEncoder.embed_items`); ``context_length``
+        cuts caption ids only. The line gives the longest item prompt in tokens (an image counts as its
+        placeholder, before the processor expands it to the image's patches) and, under ``prompt_format:
+        vlm2vec``, the share of text-only items longer than VLM2Vec's ``max_len`` (``context_length - 1``), which
+        VLM2Vec would cut and reid_lab does not."""
+        records = datamodule.records(split)
+        fmt = self.encoder.prompt_format
+        prompts = {(item_prompt(fmt, i.instruction, i.text, i.image is not None), i.image is None)
+                   for r in records for i in (r.query, r.target, *r.negatives)}
+        texts = sorted(prompts)
+        lengths = [len(ids) for ids in self.encoder.processor.tokenizer([t for t, _ in texts])["input_ids"]]
+        line = (f"pairs ({split}): {len(records)} pairs, {len(texts)} distinct item prompts, the longest "
+                f"{max(lengths, default=0)} tokens (images as their placeholder); pair items are embedded whole, "
+                f"context_length {self.encoder.context_length} cuts captions only")
+        if fmt == "vlm2vec":
+            text_only = [n for n, (_, no_image) in zip(lengths, texts, strict=True) if no_image]
+            over = sum(n > self.encoder.context_length - 1 for n in text_only)
+            line += (f"; {over} of {len(text_only)} text-only items are longer than VLM2Vec's max_len "
+                     f"{self.encoder.context_length - 1}, which VLM2Vec would cut")
+        return line
 
     def space_model_name(self) -> str:
         return "vlm"

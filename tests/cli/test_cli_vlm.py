@@ -97,7 +97,18 @@ def test_fit_and_test_on_instruction_pairs(tiny_synthetic, tmp_path, cli_argv, p
     # no val_pairs: validation scored the test pairs, so no checkpoint was chosen on them
     assert fit.trainer.checkpoint_callback.best_model_path == ""
     best = fit.trainer.checkpoint_callback.last_model_path
-    assert "validation (val/pairs/*): the test pairs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "validation (val/pairs/*): the test pairs" in out
+    # the setup line: every distinct item prompt of the training pairs, tokenized here by the processor folder
+    records = load_pairs(train, image_root=tiny_synthetic)
+    from transformers import AutoTokenizer
+
+    from reid_lab.data.text.vlm_processor import item_prompt
+    prompts = {item_prompt("reid_lab", i.instruction, i.text, i.image is not None)
+               for r in records for i in (r.query, r.target, *r.negatives)}
+    longest = max(len(AutoTokenizer.from_pretrained(processor)(p)["input_ids"]) for p in prompts)
+    assert (f"pairs (train): {len(records)} pairs, {len(prompts)} distinct item prompts, the longest {longest} tokens"
+            in out) and "pair items are embedded whole" in out
     result = run_lightning_cli(["test", *args, "--ckpt_path", best])
     result.trainer.logger.experiment.finish()
     assert re.search(r"\[test, checkpoint of epoch 1\] test/pairs: P@1 [\d.]+ over 24 queries, 5 candidates each "

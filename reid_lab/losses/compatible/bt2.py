@@ -3,7 +3,8 @@ arXiv 2211.03989; official code YifeiZhou02/BT-2, ``trainers/transfer_trainer.py
 
 The new model carries a basis transformation (:class:`~reid_lab.models.basis_transform.BasisTransform`): its
 own-space branch ``f`` and the old-compatible coordinates ``e`` (the first ``d_old`` of its embedding). Besides
-the model's own classification loss on ``f``, BT² adds three terms::
+the model's own losses (the official code: a plain cross-entropy on ``normalize(f)``; a reid_lab model keeps its
+configured ones, BoT's label-smoothed CE and triplet), BT² adds three terms::
 
     L = λ1 · (1 − cos(f, φ_n*(x)))                    # keep f as good as an independently trained new model
       + λ2 · CE(normalize(e) · P_oᵀ, y)               # BCT influence through a pseudo classifier
@@ -14,8 +15,10 @@ whole new training set (the official code averages the old model's normalised ou
 class: old and new ones alike; no temperature on the logits). Defaults are the official configs':
 ``λ1 = 1, λ2 = 10, λ3 = 5``.
 
-Deviation: the official code embeds every training image once with φ_o and φ_n* before training (one view, kept
+Deviations: the official code embeds every training image once with φ_o and φ_n* before training (one view, kept
 in a dictionary by path); the host here embeds the same augmented batch φ_new sees, as for every other plugin.
+``P_o`` is averaged over the un-augmented training images (the host's class-level state); the official code
+averages one augmented view of each (its training loader).
 """
 
 from __future__ import annotations
