@@ -27,8 +27,6 @@ def checkpoint(tmp_path):
 
 @pytest.mark.parametrize("fmt, suffix", [("onnx", "onnx"), ("torchscript", "pt")])
 def test_export_embeds_like_the_checkpoint(checkpoint, tmp_path, capsys, fmt, suffix):
-    import onnxruntime
-
     out = tmp_path / f"model.{suffix}"
     assert main(["export", "--ckpt_path", str(checkpoint), "--format", fmt, "--out", str(out)]) == 0
     diff = float(re.search(r"max \|exported - torch\| = ([\d.e+-]+)", capsys.readouterr().out).group(1))
@@ -37,13 +35,18 @@ def test_export_embeds_like_the_checkpoint(checkpoint, tmp_path, capsys, fmt, su
     torch.manual_seed(3)
     pixels = torch.rand(7, 3, 64, 32)  # a batch size the export was not traced with
     expected = reid_lab.load_embedder(checkpoint)(pixels)  # flip TTA and normalisation included
+    torch.testing.assert_close(_run_exported(out, fmt, pixels), expected, atol=1e-4, rtol=1e-3)
+
+
+def _run_exported(out, fmt: str, pixels: torch.Tensor) -> torch.Tensor:
+    """Embeddings of ``pixels`` (in [0, 1]) by the exported file, fed ImageNet-normalised images."""
     images = ((pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
     if fmt == "onnx":
+        import onnxruntime
+
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"image": images.numpy().astype(np.float32)})[0])
-    else:
-        got = torch.jit.load(str(out))(images)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+        return torch.from_numpy(session.run(None, {"image": images.numpy().astype(np.float32)})[0])
+    return torch.jit.load(str(out))(images)
 
 
 def test_a_checkpoint_without_an_input_size_is_refused(tmp_path, capsys):
@@ -114,12 +117,4 @@ def test_a_bt2_model_exports_its_orthogonal_maps_as_matrices(tmp_path, capsys, f
     pixels = torch.rand(3, 3, 64, 32)
     expected = reid_lab.load_embedder(ckpt)(pixels)
     assert expected.shape == (3, 24)
-    images = ((pixels - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-    if fmt == "onnx":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        got = torch.from_numpy(session.run(None, {"image": images.numpy().astype(np.float32)})[0])
-    else:
-        got = torch.jit.load(str(out))(images)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(_run_exported(out, fmt, pixels), expected, atol=1e-4, rtol=1e-3)
