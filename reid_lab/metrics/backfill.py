@@ -559,6 +559,7 @@ def backfill_curves(
 
 
 BACKFILL_ELEMENT_BYTES = 112
+BACKFILL_ROWS = 256  # query rows per block of a backfill curve (both galleries' tiles and every step's histograms)
 
 
 def _normalized_pair(query: Tensor, gallery: Tensor, metric: str) -> tuple[Tensor, Tensor]:
@@ -586,7 +587,7 @@ def _curve_query_stats(
 ) -> list[list[QueryStats]]:
     """``stats[o][k]`` of all queries, for ordering ``o`` at grid step ``k``, one pass over query blocks.
 
-    Each block of 256 query rows gets its stored-gallery and new-gallery distances once, tile by tile
+    Each block of up to 256 query rows gets its stored-gallery and new-gallery distances once, tile by tile
     (:class:`~reid_lab.metrics.distance.TiledDistances`, within ``memory_budget``); a
     :class:`~reid_lab.metrics.backfill_rank.BackfillBlock` turns the tiles into the stats of every step of every
     ordering. The stats do not depend on the budget nor on the thread count.
@@ -601,15 +602,16 @@ def _curve_query_stats(
     gp = ids_tensor(g_pids, "g_pids", num_gallery, device)
     qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
     ranker = BackfillRanker(gp, gc, steps.to(device), num_steps,
-                            num_cells=budget_cells(memory_budget, num_gallery, reserved))
+                            num_cells=budget_cells(memory_budget, num_gallery, reserved, BACKFILL_ROWS))
     # Two galleries share the budget: each tile pair is two distance tiles plus the ranker's scratch.
     # Per element of a tile pair, worst case (every item a candidate, i.e. between the row's thresholds): the
     # two distances, their max/min, masks, and ~12 int64 / float index arrays of the candidates' bucketing.
     columns = tile_columns(memory_budget, num_gallery, q_fresh.dtype.itemsize, ranker.num_cells,
-                           reserved=reserved, element_bytes=BACKFILL_ELEMENT_BYTES)
+                           reserved=reserved, element_bytes=BACKFILL_ELEMENT_BYTES, product_rows=BACKFILL_ROWS,
+                           rank_rows=BACKFILL_ROWS)
     sq = (lambda g: torch.linalg.vector_norm(g, dim=1).square()) if metric == "euclidean" else (lambda g: None)
-    old_side = TiledDistances(q_stored, stored, sq(stored), columns)
-    new_side = TiledDistances(q_fresh, g_new, sq(g_new), columns)
+    old_side = TiledDistances(q_stored, stored, sq(stored), columns, BACKFILL_ROWS)
+    new_side = TiledDistances(q_fresh, g_new, sq(g_new), columns, BACKFILL_ROWS)
     parts: list[list[list[QueryStats]]] = [[[] for _ in range(num_steps)] for _ in range(steps.shape[0])]
     for (start, rows), _ in zip(old_side.blocks(), new_side.blocks(), strict=True):
         block_qc = None if qc is None else qc[start : start + rows]
@@ -668,7 +670,7 @@ def backfill_curve(
             when given they replace ``g_old`` as the not-yet-refreshed gallery.
         metric: distance passed to ``compute_distance``.
         max_rank: CMC depth.
-        chunk_size: superseded by ``memory_budget`` (validated, no longer used: blocks are 256 query rows in
+        chunk_size: superseded by ``memory_budget`` (validated, no longer used: blocks are up to 256 query rows in
             gallery tiles sized by the budget).
         ap_tol: tolerance of the AP-based flip criterion.
         ordering: name stored in the curve (for reports).

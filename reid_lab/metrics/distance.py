@@ -8,6 +8,7 @@ distance ``||q||^2 + ||g||^2 - 2 q.g`` (clamped at 0), which ranks like the eucl
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from reid_lab.metrics.rank import RankResult, check_chunk_size, clip_max_rank, ids_tensor, optional_camids
-from reid_lab.metrics.ranking_engine import GalleryRanker, QueryStats, flatnonzero, ranking_threads
+from reid_lab.metrics.ranking_engine import SPREAD, GalleryRanker, QueryStats, flatnonzero, ranking_threads
 
 __all__ = [
+    "RankingPlan",
     "TiledDistances",
     "check_memory_budget",
     "compute_distance",
@@ -25,11 +27,19 @@ __all__ = [
     "distance_slices",
     "evaluate_features",
     "reserved_bytes",
+    "rank_rows",
+    "ranking_plan",
+    "row_blocks",
     "tile_columns",
 ]
 
 DistanceMetric = Literal["cosine", "euclidean"]
-BLOCK_ROWS = 256  # query rows of every distance product (see _padded_rows)
+PRODUCT_ROWS = 2048  # most query rows of one distance product (wide products run near the BLAS peak)
+MIN_PRODUCT_ROWS = 16  # fewest query rows of a product: thinner ones round differently (see _product_rows)
+RANK_ROWS = 128  # most query rows ranked together (their ranking scratch stays in the CPU's cache)
+RANK_ELEMENTS = 1 << 22  # distances ranked together (rank_rows)
+MIN_FULL_ROWS = 256  # fewest query rows per product before the gallery is cut into column tiles (ranking_plan)
+SLICE_ROWS = 256  # query rows per product of distance_slices (its memory: one (256, num_gallery) block)
 MIN_TILE_COLUMNS = 1024  # gallery columns of the narrowest tile (thin products run below the BLAS peak)
 DEFAULT_MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 2 << 30}
 MIN_MEMORY_BUDGET = 32 << 20
@@ -98,27 +108,49 @@ def _block(query: torch.Tensor, gallery: torch.Tensor, g_sq: torch.Tensor | None
     """Distances of a block of query rows into ``out`` ``(block, num_gallery)``; ``q_sq``: the rows' squared norms
     (euclidean; computed here when not given)."""
     torch.matmul(query, gallery.T, out=out)
-    if g_sq is None:  # cosine: 1 - q.g
-        out.neg_().add_(1.0)
-    else:  # squared euclidean: |q|^2 + |g|^2 - 2 q.g, clamped: rounding can make it slightly negative
-        if q_sq is None:
-            q_sq = query.pow(2).sum(1, keepdim=True)
-        out.mul_(-2.0).add_(g_sq[None, :]).add_(q_sq).clamp_(min=0.0)
+    if g_sq is not None and q_sq is None:
+        q_sq = query.pow(2).sum(1, keepdim=True)
+    _to_distance(out, g_sq, q_sq)
 
 
-def _padded_rows(query: torch.Tensor, start: int, buffer: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Query rows ``start : start + BLOCK_ROWS`` as a ``(BLOCK_ROWS, dim)`` matrix, zero rows past the end.
+def _to_distance(out: torch.Tensor, g_sq: torch.Tensor | None, q_sq: torch.Tensor | None) -> None:
+    """Turn the products ``q.g`` in ``out`` into distances in place: ``1 - q.g`` (cosine, ``g_sq`` None) or the
+    squared euclidean ``|q|^2 + |g|^2 - 2 q.g`` clamped at 0 (rounding can make it slightly negative); elementwise,
+    so any row slice of a product gets the same bits."""
+    if g_sq is None:  # one pass
+        torch.sub(out.new_ones(()), out, out=out)
+    else:  # |g|^2 + (-2) q.g rounds once whether or not the add is fused: -2 q.g is exact
+        torch.add(g_sq[None, :], out, alpha=-2.0, out=out).add_(q_sq).clamp_(min=0.0)
 
-    Every product runs with exactly ``BLOCK_ROWS`` query rows: MKL's kernels for thin left operands (a few rows)
-    round differently from the wide ones and depend on the thread count, so a fixed row count is what makes the
-    distances, hence the ranking, bit-identical whatever the memory budget and threads.
+
+def row_blocks(num_rows: int, max_rows: int) -> list[tuple[int, int]]:
+    """``[(start, stop)]``: ``num_rows`` query rows in the fewest blocks of at most ``max_rows`` rows, of near-equal
+    size (no thin remainder block).
+
+    Example:
+        >>> row_blocks(3368, 1024)
+        [(0, 842), (842, 1684), (1684, 2526), (2526, 3368)]
     """
-    stop = min(start + BLOCK_ROWS, query.shape[0])
-    if stop - start == BLOCK_ROWS:
-        return query[start:stop], BLOCK_ROWS
-    buffer.zero_()
-    buffer[: stop - start] = query[start:stop]
-    return buffer, stop - start
+    count = -(-num_rows // max(max_rows, 1))
+    size = -(-num_rows // max(count, 1))
+    return [(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
+
+
+def _product_rows(query: torch.Tensor, start: int, stop: int, pad: torch.Tensor) -> torch.Tensor:
+    """Query rows ``start:stop`` as the left operand of a product: a view, or, below ``MIN_PRODUCT_ROWS`` rows, the
+    rows in the ``(MIN_PRODUCT_ROWS, dim)`` buffer ``pad`` followed by zero rows.
+
+    MKL's float32 CPU kernels give a distance the same bits in any product of 16 or more query rows (and any
+    gallery columns) at 1 or 2 threads; thinner products take other kernels that round differently (1-3 rows at
+    1 thread, 5-7 and 9-11 rows at 2 threads on the project's box; ``benchmarks/product_shape.py`` checks it).
+    Padding those keeps every path's distances (ranking tiles, pair products, :func:`compute_distance`)
+    bit-identical, hence the rankings identical whatever the memory budget, the blocks and the threads.
+    """
+    if stop - start >= MIN_PRODUCT_ROWS:
+        return query[start:stop]
+    pad.zero_()
+    pad[: stop - start] = query[start:stop]
+    return pad
 
 
 def _distance_slices(
@@ -126,18 +158,21 @@ def _distance_slices(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """``(start, distances of query rows start:start + len)`` in slices of at most ``chunk`` rows.
 
-    The distances are computed in blocks of exactly ``BLOCK_ROWS`` query rows (see :func:`_padded_rows`; thin
+    The distances are computed in products of at most ``SLICE_ROWS`` query rows (see :func:`_product_rows`; thin
     matrix multiplies also run far below the BLAS peak: 25-row blocks at MSMT17 scale were 1.7x slower) into one
     reused buffer, so a slice is only valid until the next one is drawn.
     """
     num_query, num_gallery = query.shape[0], gallery.shape[0]
-    buffer = torch.empty((BLOCK_ROWS, num_gallery), dtype=query.dtype, device=query.device)
-    pad = torch.empty((BLOCK_ROWS, query.shape[1]), dtype=query.dtype, device=query.device)
-    for start in range(0, num_query, BLOCK_ROWS):
-        rows_q, rows = _padded_rows(query, start, pad)
-        _block(rows_q, gallery, g_sq, buffer)
-        for s in range(0, rows, chunk):
-            yield start + s, buffer[s : min(s + chunk, rows)]
+    blocks = row_blocks(num_query, SLICE_ROWS)
+    height = max(max(stop - start for start, stop in blocks), MIN_PRODUCT_ROWS)
+    buffer = torch.empty((height, num_gallery), dtype=query.dtype, device=query.device)
+    pad = torch.empty((MIN_PRODUCT_ROWS, query.shape[1]), dtype=query.dtype, device=query.device)
+    for start, stop in blocks:
+        rows_q = _product_rows(query, start, stop, pad)
+        out = buffer[: rows_q.shape[0]]
+        _block(rows_q, gallery, g_sq, out)
+        for s in range(0, stop - start, chunk):
+            yield start + s, out[s : min(s + chunk, stop - start)]
 
 
 def distance_slices(
@@ -149,7 +184,7 @@ def distance_slices(
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Query x gallery distances as consecutive slices of query rows, never the whole matrix.
 
-    The same distances as :func:`compute_distance` (same arguments), computed in BLAS-friendly blocks of exactly
+    The same distances as :func:`compute_distance` (same arguments), computed in BLAS-friendly blocks of at most
     256 query rows and handed out in slices of ``chunk_size`` rows; memory is one ``(256, num_gallery)`` block
     (for a ranking within a memory budget whatever the gallery, see :class:`TiledDistances`).
 
@@ -189,7 +224,8 @@ def compute_distance(
         metric: ``"cosine"`` (``1 - cos``) or ``"euclidean"`` (SQUARED euclidean, as torchreid / fast-reid).
         normalize: L2-normalise the features first. ``None``: True for cosine, False for euclidean. Cosine with
             ``normalize=False`` computes ``1 - q.g`` and so assumes the features are already unit-norm.
-        chunk_size: query rows per block (bounds the ``(chunk_size, dim)`` temporaries).
+        chunk_size: most query rows per product (blocks are near-equal; fewer than 16 rows are computed in a
+            padded 16-row product, see :func:`_product_rows`).
 
     Returns:
         ``(num_query, num_gallery)`` float32 tensor (float64 if a feature input is float64).
@@ -205,16 +241,23 @@ def compute_distance(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     out = torch.empty((query.shape[0], gallery.shape[0]), dtype=query.dtype, device=query.device)
-    for start in range(0, query.shape[0], chunk_size):
-        stop = min(start + chunk_size, query.shape[0])
-        _block(query[start:stop], gallery, g_sq, out[start:stop])
+    pad = torch.empty((MIN_PRODUCT_ROWS, query.shape[1]), dtype=query.dtype, device=query.device)
+    for start, stop in row_blocks(query.shape[0], int(chunk_size)):
+        rows_q = _product_rows(query, start, stop, pad)
+        if rows_q is pad:  # a thin block: its rows of a padded product (same bits as in any wider product)
+            padded = torch.empty((MIN_PRODUCT_ROWS, gallery.shape[0]), dtype=query.dtype, device=query.device)
+            _block(rows_q, gallery, g_sq, padded)
+            out[start:stop] = padded[: stop - start]
+        else:
+            _block(rows_q, gallery, g_sq, out[start:stop])
     return out
 
 
 def default_memory_budget(device: torch.device, reserved: int = 0) -> int:
     """Bytes of working memory a gallery ranking may take when the caller sets none: 256 MiB on CPU (2 GiB on a
-    GPU) for the distance tiles and ranking state (tiles of ~50k gallery columns at 256 query rows: a
-    cache-friendly size whatever the gallery), plus ``reserved`` (:func:`reserved_bytes`)."""
+    GPU) for the distance tiles and ranking state (whole gallery rows up to ~100k items, in products of 2,048
+    query rows at Market size and of fewer rows as the gallery grows; tiles of ~40k columns beyond, see
+    :func:`ranking_plan`), plus ``reserved`` (:func:`reserved_bytes`)."""
     return DEFAULT_MEMORY_BUDGET["cpu" if device.type == "cpu" else "cuda"] + reserved
 
 
@@ -242,19 +285,19 @@ def check_memory_budget(memory_budget: int | None, device: torch.device, reserve
     minimum = MIN_MEMORY_BUDGET + reserved
     if memory_budget < minimum:
         raise ValueError(f"memory_budget must be at least {minimum} bytes ({minimum / 2**20:.0f} MiB: one "
-                         f"{BLOCK_ROWS} x {MIN_TILE_COLUMNS} distance tile and its ranking state, plus "
+                         f"{PRODUCT_ROWS} x {MIN_TILE_COLUMNS} distance tile and its ranking state, plus "
                          f"{reserved / 2**20:.1f} MiB for the gallery's pid index and the normalised or upcast "
                          f"copies of the features; pass unit-norm float32 tensors with normalize=False to avoid "
                          f"the copies), got {memory_budget}")
     return int(memory_budget)
 
 
-def budget_cells(memory_budget: int, num_gallery: int, reserved: int = 0) -> int:
-    """Quantisation cells per row for a ranking within ``memory_budget``: the engine's default
-    ``clamp(num_gallery // 8, 64, 4096)``, fewer when the per-row cell tables would take over a quarter of the
-    tile budget (results never depend on the cell count)."""
-    auto = min(max(num_gallery // 8, 64), 4096)
-    return max(64, min(auto, (memory_budget - reserved) // (4 * 5 * 8 * BLOCK_ROWS)))
+def budget_cells(memory_budget: int, num_gallery: int, reserved: int = 0, rows: int = PRODUCT_ROWS) -> int:
+    """Quantisation cells per row for a ranking of blocks of ``rows`` query rows within ``memory_budget``: the
+    engine's default (:class:`~reid_lab.metrics.ranking_engine.GalleryRanker`), fewer when the per-row cell tables
+    would take over a quarter of the tile budget (results never depend on the cell count)."""
+    auto = GalleryRanker.default_cells(num_gallery)
+    return max(64, min(auto, (memory_budget - reserved) // (4 * 5 * 8 * rows) - 2 * SPREAD))
 
 
 def tile_columns(
@@ -266,74 +309,139 @@ def tile_columns(
     sides: int = 1,
     reserved: int = 0,
     element_bytes: int | None = None,
+    product_rows: int = PRODUCT_ROWS,
+    rank_rows: int = RANK_ROWS,
 ) -> int:
     """Gallery columns per distance tile so that a ranking stays within ``memory_budget`` bytes.
 
     What the budget pays for: ``reserved`` (:func:`reserved_bytes`), ~5 int64 tables of
-    ``BLOCK_ROWS x (num_cells + 2)`` cells per block, 1/8 kept for the pair products and small temporaries, and
-    per tile column and query row: the distance and the float cell key (``itemsize`` each), the int32 cell key
-    and bool masks (:class:`~reid_lab.metrics.ranking_engine.BlockRanking`), times ``sides`` galleries ranked
+    ``num_cells + 2 * SPREAD`` cells per query row of a product block (every ranking block of a product block is
+    alive while its tiles arrive), 1/8 kept for the pair products and small temporaries, and per tile column: the
+    ``product_rows`` distances (``itemsize`` each) and, per ``rank_rows`` ranked together, the float and int32 cell
+    keys and a bool mask (:class:`~reid_lab.metrics.ranking_engine.BlockRanking`), times ``sides`` galleries ranked
     together (2 for backfill curves); ``dim`` floats per column when a half gallery is upcast tile by tile.
-    ``element_bytes`` replaces the per-element cost of one side (``3 * itemsize + 6``) for rankers that keep more.
+    ``element_bytes`` replaces the per-element ranking cost (``2 * itemsize + 6``) for rankers that keep more.
     """
-    available = (memory_budget - reserved) * 7 // 8 - 5 * 8 * BLOCK_ROWS * (num_cells + 2)
-    per_element = 3 * itemsize + 6 if element_bytes is None else element_bytes
-    per_column = sides * (BLOCK_ROWS * per_element + 4 * dim)
+    tables = 5 * 8 * product_rows * (num_cells + 2 * SPREAD)
+    available = (memory_budget - reserved) * 7 // 8 - tables
+    per_element = 2 * itemsize + 6 if element_bytes is None else element_bytes
+    per_column = sides * (product_rows * itemsize + rank_rows * per_element + 4 * dim)
     columns = max(MIN_TILE_COLUMNS, available // per_column)
     return num_gallery if columns >= num_gallery else int(columns)
 
 
+@dataclass(frozen=True)
+class RankingPlan:
+    """How :func:`evaluate_features` ranks within a memory budget (:func:`ranking_plan`); results never depend on it.
+
+    Attributes:
+        cells: quantisation cells per row of the ranking engine.
+        columns: gallery columns per distance tile (``>= num_gallery``: whole rows, one tile).
+        product_rows: most query rows per distance product.
+        rank_rows: most query rows ranked together (their scratch stays in the CPU's cache).
+    """
+
+    cells: int
+    columns: int
+    product_rows: int
+    rank_rows: int
+
+
+def rank_rows(num_gallery: int) -> int:
+    """Query rows ranked together: about ``RANK_ELEMENTS`` distances, between 16 and ``RANK_ROWS`` rows."""
+    return max(MIN_PRODUCT_ROWS, min(RANK_ROWS, RANK_ELEMENTS // max(num_gallery, 1)))
+
+
+def ranking_plan(memory_budget: int, num_query: int, num_gallery: int, itemsize: int, reserved: int = 0,
+                 upcast_dim: int = 0) -> RankingPlan:
+    """The :class:`RankingPlan` of :func:`evaluate_features` for ``num_query`` queries against ``num_gallery``
+    items within ``memory_budget`` (``upcast_dim``: the feature dim when a half gallery is upcast tile by tile).
+
+    Whole gallery rows are preferred: products of up to ``PRODUCT_ROWS`` query rows when their full rows fit the
+    budget, else of as many rows as fit (at least ``MIN_FULL_ROWS``), else products of up to ``PRODUCT_ROWS`` rows
+    in tiles of gallery columns. Products in column tiles are slower on this CPU (MKL's speed varies by up to 40 %
+    with the tile's width) and each ranking block then needs a pair product for its positives.
+    """
+    def plan(rows: int) -> RankingPlan:
+        block = max(max(b - a for a, b in row_blocks(num_query, rows)), MIN_PRODUCT_ROWS)
+        cells = budget_cells(memory_budget, num_gallery, reserved, block)
+        ranked, columns = rank_rows(num_gallery), num_gallery
+        for _ in range(2):  # rows ranked together hold about RANK_ELEMENTS distances of one tile
+            ranked = min(rank_rows(min(columns, num_gallery)), block)
+            columns = tile_columns(memory_budget, num_gallery, itemsize, cells, upcast_dim, reserved=reserved,
+                                   product_rows=block, rank_rows=ranked)
+        return RankingPlan(cells, columns, rows, ranked)
+
+    first = plan(PRODUCT_ROWS)
+    rows = PRODUCT_ROWS
+    candidate = first
+    while candidate.columns < num_gallery and rows > MIN_FULL_ROWS:  # fewer rows until whole rows fit
+        rows = max(MIN_FULL_ROWS, rows // 2)
+        candidate = plan(rows)
+    return candidate if candidate.columns >= num_gallery else first
+
+
 def _tiles(num_gallery: int, columns: int) -> list[tuple[int, int]]:
     """``[(c0, c1)]`` covering the gallery in near-equal tiles of at most ``columns`` columns (none thin: thin
-    right operands take another BLAS kernel, see :func:`_padded_rows`)."""
+    right operands take another BLAS kernel, see :func:`_product_rows`)."""
     count = -(-num_gallery // columns)
     bounds = [round(i * num_gallery / count) for i in range(count + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
 
 class TiledDistances:
-    """Query x gallery distances for a ranking within a memory budget: blocks of ``BLOCK_ROWS`` query rows, each
-    in tiles of gallery columns, and the few pairs a block ranks exactly (its positives and junk) up front.
+    """Query x gallery distances for a ranking within a memory budget: blocks of at most ``max_rows`` query rows
+    (:func:`row_blocks`), each in tiles of gallery columns, and the few pairs a block ranks exactly (its positives
+    and junk) up front.
 
-    Every product has ``BLOCK_ROWS`` query rows (:func:`_padded_rows`) and at least ``MIN_TILE_COLUMNS`` gallery
-    columns, so a pair's distance has the same bits in a tile, in the pair product and whatever ``columns`` and the
-    thread count are (float32 on CPU, where MKL's kernel is column-count invariant; elsewhere the pairs are read
-    from a first pass over the tiles instead: twice the products, the same bits).
+    Every product has at least ``MIN_PRODUCT_ROWS`` query rows (:func:`_product_rows`) and at least
+    ``MIN_TILE_COLUMNS`` gallery columns, so a pair's distance has the same bits in a tile, in the pair product and
+    whatever ``columns``, ``max_rows`` and the thread count are (float32 on CPU, where MKL's kernel is row- and
+    column-count invariant; elsewhere the pairs are read from a first pass over the tiles instead: twice the
+    products, the same bits).
 
     Args:
         query: ``(num_query, dim)`` float features (as :func:`_prepare` returns them).
         gallery: ``(num_gallery, dim)`` features, same device; float16/bfloat16 is upcast tile by tile.
         g_sq: squared gallery norms (euclidean) or ``None`` (cosine).
         columns: most gallery columns per tile (:func:`tile_columns`).
+        max_rows: most query rows per block (``PRODUCT_ROWS``: wide products run near the BLAS peak).
     """
 
-    def __init__(self, query: torch.Tensor, gallery: torch.Tensor, g_sq: torch.Tensor | None, columns: int) -> None:
+    def __init__(self, query: torch.Tensor, gallery: torch.Tensor, g_sq: torch.Tensor | None, columns: int,
+                 max_rows: int = PRODUCT_ROWS) -> None:
         self.query, self.gallery, self.g_sq = query, gallery, g_sq
         self.dtype, self.device = query.dtype, query.device
         self.tiles = _tiles(gallery.shape[0], columns)
+        self.row_blocks = row_blocks(query.shape[0], max_rows)
         self.gather = self.dtype == torch.float32 and self.device.type == "cpu"
         width = max(c1 - c0 for c0, c1 in self.tiles)
-        self._buffer = torch.empty(BLOCK_ROWS * width, dtype=self.dtype, device=self.device)
-        self._pad = torch.empty((BLOCK_ROWS, query.shape[1]), dtype=self.dtype, device=self.device)
+        height = max(max(stop - start for start, stop in self.row_blocks), MIN_PRODUCT_ROWS)
+        self._buffer = torch.empty(height * width, dtype=self.dtype, device=self.device)
+        self._pad = torch.empty((MIN_PRODUCT_ROWS, query.shape[1]), dtype=self.dtype, device=self.device)
         self._rows_q = self._q_sq = None
         self.rows = 0
 
     def blocks(self) -> Iterator[tuple[int, int]]:
         """``(start, rows)`` of each query block; the block's tiles and pairs are read until the next one."""
-        for start in range(0, self.query.shape[0], BLOCK_ROWS):
-            self._rows_q, self.rows = _padded_rows(self.query, start, self._pad)
+        for start, stop in self.row_blocks:
+            self._rows_q, self.rows = _product_rows(self.query, start, stop, self._pad), stop - start
             self._q_sq = None if self.g_sq is None else self._rows_q.pow(2).sum(1, keepdim=True)
             yield start, self.rows
 
-    def _product(self, c0: int, c1: int, index: torch.Tensor | None = None) -> torch.Tensor:
-        cols = c1 - c0
+    def _product(self, c0: int, c1: int, index: torch.Tensor | None = None,
+                 span: tuple[int, int] | None = None) -> torch.Tensor:
+        rows_q, q_sq = self._rows_q, self._q_sq
+        if span is not None:  # a slice of the block's rows (at least MIN_PRODUCT_ROWS of them)
+            rows_q, q_sq = rows_q[span[0] : span[1]], None if q_sq is None else q_sq[span[0] : span[1]]
+        cols, height = c1 - c0, rows_q.shape[0]
         if index is None:
             rows_g, g_sq = self.gallery[c0:c1], None if self.g_sq is None else self.g_sq[c0:c1]
-            out = self._buffer[: BLOCK_ROWS * cols].view(BLOCK_ROWS, cols)
+            out = self._buffer[: height * cols].view(height, cols)
         else:
             rows_g, g_sq = self.gallery.index_select(0, index), None if self.g_sq is None else self.g_sq[index]
-            out = torch.empty((BLOCK_ROWS, cols), dtype=self.dtype, device=self.device)
-        _block(self._rows_q, rows_g.to(self.dtype), g_sq, out, self._q_sq)
+            out = torch.empty((height, cols), dtype=self.dtype, device=self.device)
+        _block(rows_q, rows_g.to(self.dtype), g_sq, out, q_sq)
         return out
 
     def block_tiles(self) -> Iterator[tuple[int, torch.Tensor]]:
@@ -341,19 +449,43 @@ class TiledDistances:
         for c0, c1 in self.tiles:
             yield c0, self._product(c0, c1)[: self.rows]
 
-    def pairs(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """Distances of pairs ``(row of the current block, gallery index)``, bit-identical to the tiles'."""
+    def block_tile_slices(self, slices: list[tuple[int, int]]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(col0, slice index, distances of the slice's rows)`` for each tile of the current block and each
+        ``(row0, row1)`` of ``slices`` (block-relative rows): the product is computed tile-wide, its distance
+        arithmetic slice by slice, just before the slice is handed out (while the slice is in the CPU's cache)."""
+        for c0, c1 in self.tiles:
+            raw = self._raw_product(c0, c1)
+            for i, (r0, r1) in enumerate(slices):
+                part = raw[r0:r1]
+                _to_distance(part, None if self.g_sq is None else self.g_sq[c0:c1],
+                             None if self._q_sq is None else self._q_sq[r0:r1])
+                yield c0, i, part
+
+    def _raw_product(self, c0: int, c1: int) -> torch.Tensor:
+        """The current block's ``q.g`` products with gallery columns ``c0:c1`` (the reused buffer)."""
+        cols, height = c1 - c0, self._rows_q.shape[0]
+        out = self._buffer[: height * cols].view(height, cols)
+        torch.matmul(self._rows_q, self.gallery[c0:c1].to(self.dtype).T, out=out)
+        return out
+
+    def pairs(self, rows: torch.Tensor, cols: torch.Tensor, span: tuple[int, int] | None = None) -> torch.Tensor:
+        """Distances of pairs ``(row, gallery index)``, bit-identical to the tiles'; ``rows`` count from the current
+        block's first row, or from ``span[0]`` when ``span = (row0, row1)`` names a slice of the block (its own
+        product: fewer rows, fewer distinct columns)."""
+        r0, r1 = span if span is not None else (0, self.rows)
         if not self.gather:
             out = torch.empty(rows.shape, dtype=self.dtype, device=self.device)
             for c0, tile in self.block_tiles():
                 inside = flatnonzero((cols >= c0) & (cols < c0 + tile.shape[1]))
-                out[inside] = tile[rows[inside], cols[inside] - c0]
+                out[inside] = tile[rows[inside] + r0, cols[inside] - c0]
             return out
         uniq, inverse = torch.unique(cols, return_inverse=True)
         width = max(int(uniq.numel()), MIN_TILE_COLUMNS)
         take = torch.zeros(width, dtype=torch.int64, device=self.device)
         take[: uniq.numel()] = uniq
-        return self._product(0, width, take)[rows, inverse]
+        # a slice of at least MIN_PRODUCT_ROWS rows is its own product; a thinner one reads the block's rows
+        whole = r1 - r0 < MIN_PRODUCT_ROWS
+        return self._product(0, width, take, None if whole else (r0, r1))[rows + (r0 if whole else 0), inverse]
 
 
 def _rank_gallery(
@@ -363,30 +495,30 @@ def _rank_gallery(
     ranker: GalleryRanker,
     q_pids: torch.Tensor,
     q_camids: torch.Tensor | None,
-    memory_budget: int,
-    reserved: int,
+    plan: RankingPlan,
 ) -> QueryStats:
-    """Per-query stats of all queries against the gallery, in distance tiles sized by ``memory_budget``;
-    identical stats whatever the budget (see :class:`TiledDistances`)."""
-    upcast = query.shape[1] if gallery.dtype != query.dtype else 0
-    columns = tile_columns(memory_budget, gallery.shape[0], query.dtype.itemsize, ranker.num_cells, upcast,
-                           reserved=reserved)
-    tiled = TiledDistances(query, gallery, g_sq, columns)
+    """Per-query stats of all queries against the gallery as ``plan`` says (:func:`ranking_plan`): products of up
+    to ``plan.product_rows`` query rows in tiles of ``plan.columns`` gallery columns, ranked ``plan.rank_rows`` rows
+    at a time; identical stats whatever the plan (see :class:`TiledDistances`)."""
+    tiled = TiledDistances(query, gallery, g_sq, plan.columns, plan.product_rows)
     parts = []
     for start, rows in tiled.blocks():
-        qp = q_pids[start : start + rows]
-        qc = None if q_camids is None else q_camids[start : start + rows]
-        if len(tiled.tiles) == 1:  # the whole row at once: the positives are read off it
-            (_, dist), = tiled.block_tiles()
-            parts.append(ranker(dist, qp, qc))
+        subs = row_blocks(rows, plan.rank_rows)
+        ids = [(q_pids[start + a : start + b], None if q_camids is None else q_camids[start + a : start + b])
+               for a, b in subs]
+        if len(tiled.tiles) == 1:  # whole rows at once: the positives are read off them
+            parts.extend(ranker(dist, *ids[i]) for _, i, dist in tiled.block_tile_slices(subs))
             continue
-        pairs = ranker.positive_and_junk_pairs(qp, qc)
-        pair_d = tiled.pairs(torch.cat([pairs[0], pairs[2]]), torch.cat([pairs[1], pairs[3]]))
-        num_pos = pairs[0].numel()
-        block = ranker.start(rows, pairs, pair_d[:num_pos], pair_d[num_pos:])
-        for c0, tile in tiled.block_tiles():
-            block.add_tile(tile, c0)
-        parts.append(block.finish())
+        # Every ranking block is fed the same tiles; its exact pairs come first, from a product of its own rows.
+        blocks = []
+        for (a, b), (qp, qc) in zip(subs, ids):
+            pairs = ranker.positive_and_junk_pairs(qp, qc)
+            num_pos = pairs[0].numel()
+            pair_d = tiled.pairs(torch.cat([pairs[0], pairs[2]]), torch.cat([pairs[1], pairs[3]]), (a, b))
+            blocks.append(ranker.start(b - a, pairs, pair_d[:num_pos], pair_d[num_pos:]))
+        for c0, i, dist in tiled.block_tile_slices(subs):
+            blocks[i].add_tile(dist, c0)
+        parts.extend(block.finish() for block in blocks)
     return QueryStats.concat(parts)
 
 
@@ -405,12 +537,13 @@ def evaluate_features(
 ) -> RankResult:
     """CMC / mAP / mINP from features, never holding the full distance matrix.
 
-    Same protocol and tie rule as ``evaluate_rank(compute_distance(...), ...)``: blocks of 256 query rows are
-    turned into distances one gallery tile at a time and ranked by the sort-free core as the tiles arrive
-    (:class:`~reid_lab.metrics.ranking_engine.BlockRanking`), so the working memory stays within
+    Same protocol and tie rule as ``evaluate_rank(compute_distance(...), ...)``: blocks of up to 1,024 query rows
+    are turned into distances one gallery tile at a time and ranked 128 rows at a time by the sort-free core as the
+    tiles arrive (:class:`~reid_lab.metrics.ranking_engine.BlockRanking`), so the working memory stays within
     ``memory_budget`` whatever the gallery size (10M x 256 included), time grows linearly with the gallery, and
     everything runs on the features' device. The result is bit-identical whatever the budget and the thread count
-    (float32 on CPU: every product has the same 256-row shape). Without camera ids (both ``None``)
+    (float32 on CPU: every product has 16 or more query rows, see :func:`_product_rows`), and equal to
+    ``evaluate_rank(compute_distance(...))``'s. Without camera ids (both ``None``)
     the cross-modal protocol applies: nothing is dropped, so a query inside the gallery finds itself (see
     :func:`~reid_lab.metrics.rank.evaluate_rank`).
 
@@ -453,8 +586,9 @@ def evaluate_features(
     budget = check_memory_budget(memory_budget, device, reserved)
     qp = ids_tensor(q_pids, "q_pids", num_query, device)
     qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
-    cells = budget_cells(budget, num_gallery, reserved)
-    ranker = GalleryRanker(ids_tensor(g_pids, "g_pids", num_gallery, device), gc, num_cells=cells)
+    upcast = query.shape[1] if gallery.dtype != query.dtype else 0
+    plan = ranking_plan(budget, num_query, num_gallery, query.dtype.itemsize, reserved, upcast)
+    ranker = GalleryRanker(ids_tensor(g_pids, "g_pids", num_gallery, device), gc, num_cells=plan.cells)
     with ranking_threads():  # the cores left free by other jobs (results do not depend on threads)
-        stats = _rank_gallery(query, gallery, g_sq, ranker, qp, qc, budget, reserved)
+        stats = _rank_gallery(query, gallery, g_sq, ranker, qp, qc, plan)
     return RankResult.from_query_stats(stats, max_rank)

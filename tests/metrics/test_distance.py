@@ -158,3 +158,51 @@ def test_evaluate_features_errors():
         evaluate_features(torch.zeros(0, 3), torch.ones(4, 3), [], [1, 1, 2, 2], [], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="no valid query"):
         evaluate_features(torch.ones(2, 3), torch.ones(2, 3), [1, 2], [3, 4], [0, 0], [1, 1])
+
+
+def test_thin_products_are_padded_so_every_path_gives_the_same_bits():
+    # Thin products (a few query rows) take BLAS kernels that round differently from wider ones, at 1 and at 2
+    # threads; compute_distance pads them to 16 rows, so any chunk size and thread count gives the bits of one
+    # full single-thread product, as evaluate_features' blocks do.
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(21, 64, generator=generator)
+    gallery = torch.randn(1500, 64, generator=generator)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        full = compute_distance(query, gallery, chunk_size=4096)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for chunk_size in (1, 3, 7, 10, 4096):
+                assert torch.equal(compute_distance(query, gallery, chunk_size=chunk_size), full)
+    finally:
+        torch.set_num_threads(before)
+    sliced = torch.cat([block.clone() for _, block in distance_slices(query[:3], gallery)])
+    assert torch.equal(sliced, full[:3])
+
+
+def test_evaluate_features_over_several_product_blocks_and_tiles_equals_the_reference():
+    # 2,100 queries: at the smallest budget two product blocks of 1,050 rows, the 12,000-item gallery in tiles, each
+    # ranked in blocks that get their exact pairs from their own pair product; by default whole rows. Integer
+    # features: many exactly tied distances across tile borders.
+    from reid_lab.metrics.distance import MIN_MEMORY_BUDGET, ranking_plan, reserved_bytes
+
+    generator = torch.Generator().manual_seed(6)
+    query = torch.randint(-2, 3, (2100, 16), generator=generator).float()
+    gallery = torch.randint(-2, 3, (12000, 16), generator=generator).float()
+    q_pids = torch.randint(0, 300, (2100,), generator=generator)
+    g_pids = torch.randint(0, 300, (12000,), generator=generator)
+    q_camids = torch.randint(0, 4, (2100,), generator=generator)
+    g_camids = torch.randint(0, 4, (12000,), generator=generator)
+    ids = (q_pids, g_pids, q_camids, g_camids)
+    reserved = reserved_bytes(12000)
+    small = MIN_MEMORY_BUDGET + reserved
+    plan = ranking_plan(small, 2100, 12000, 4, reserved)
+    assert plan.columns < 12000 and plan.product_rows >= 1050  # tiles of two 1,050-row products
+    reference = evaluate_rank_reference(compute_distance(query, gallery, metric="euclidean"), *ids)
+    for budget in (None, small):
+        result = evaluate_features(query, gallery, *ids, metric="euclidean", memory_budget=budget)
+        np.testing.assert_array_equal(result.first_match_rank, reference.first_match_rank)
+        np.testing.assert_array_equal(result.cmc, reference.cmc)
+        np.testing.assert_allclose(result.all_AP, reference.all_AP, rtol=0, atol=1e-12, equal_nan=True)
+        np.testing.assert_allclose(result.all_INP, reference.all_INP, rtol=0, atol=1e-12, equal_nan=True)

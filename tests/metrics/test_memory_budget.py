@@ -17,16 +17,15 @@ from reid_lab.metrics.backfill import backfill_curves, order_random
 from reid_lab.metrics.distance import (
     _distance_slices,
     _prepare,
-    budget_cells,
     check_memory_budget,
+    ranking_plan,
     reserved_bytes,
-    tile_columns,
 )
 from reid_lab.metrics.ranking_engine import THREADS_ENV, shared_machine_threads
 
-NUM_QUERY, NUM_GALLERY, DIM = 300, 20_000, 24  # 300 queries: one full 256-row block and a padded one
-SMALL = 40 << 20  # >= 4 gallery tiles at this size (see test_budgets_really_change_the_tiling)
-MEDIUM = 64 << 20  # fewer, at least 2
+NUM_QUERY, NUM_GALLERY, DIM = 300, 20_000, 24  # 300 queries: one product block, ranked in 3 blocks of 100
+SMALL = 40 << 20  # >= 3 gallery tiles at this size (see test_budgets_really_change_the_plan)
+MEDIUM = 64 << 20  # whole rows, in smaller products
 
 
 def _data(seed: int = 0):
@@ -48,16 +47,18 @@ def _same(a, b) -> None:
     assert np.array_equal(a.cmc, b.cmc) and a.mAP == b.mAP and a.mINP == b.mINP
 
 
-def test_budgets_really_change_the_tiling():
+def test_budgets_really_change_the_plan():
     # what evaluate_features reserves for cosine (normalised copies of both sides) and its pid index
     reserved = reserved_bytes(NUM_GALLERY) + (NUM_GALLERY + NUM_QUERY) * DIM * 4
-
-    def tiles(budget: int) -> int:
-        cells = budget_cells(budget, NUM_GALLERY, reserved)
-        return -(-NUM_GALLERY // tile_columns(budget, NUM_GALLERY, 4, cells, reserved=reserved))
-
-    assert tiles(check_memory_budget(None, torch.device("cpu"), reserved)) == 1
-    assert tiles(SMALL) >= 4 and 2 <= tiles(MEDIUM) < tiles(SMALL)
+    default = ranking_plan(check_memory_budget(None, torch.device("cpu"), reserved), NUM_QUERY, NUM_GALLERY, 4,
+                           reserved)
+    medium = ranking_plan(MEDIUM, NUM_QUERY, NUM_GALLERY, 4, reserved)
+    small = ranking_plan(SMALL, NUM_QUERY, NUM_GALLERY, 4, reserved)
+    # default: one 300-row product of whole rows; medium: whole rows in two 150-row products; small: 300-row
+    # products in >= 3 gallery tiles (each ranking block then gets its pairs from its own product)
+    assert default.columns >= NUM_GALLERY and default.product_rows >= NUM_QUERY
+    assert medium.columns >= NUM_GALLERY and medium.product_rows < NUM_QUERY
+    assert -(-NUM_GALLERY // small.columns) >= 3 and small.product_rows >= NUM_QUERY
 
 
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])

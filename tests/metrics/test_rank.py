@@ -354,3 +354,36 @@ def test_bad_types_and_options_raise():
         evaluate_rank(np.zeros((1, 3)), *ids, max_rank=0)
     with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
         evaluate_rank(np.zeros((1, 3)), *ids, chunk_size=0)
+
+
+@pytest.mark.parametrize("kind", ["ties", "continuous", "inf"])
+@pytest.mark.parametrize("path", ["dense", "relevant"])
+def test_both_tile_counting_paths_match_naive(kind, path, monkeypatch):
+    # BlockRanking counts a tile either through the cell histogram of every item or through the items at or
+    # before their row's last positive only; each path alone must give the protocol's numbers (the other path
+    # raises here, so the test proves which one ran).
+    from reid_lab.metrics import ranking_engine
+    from reid_lab.metrics.ranking_engine import BlockRanking
+
+    other = "_add_relevant" if path == "dense" else "_add_dense"
+    monkeypatch.setattr(ranking_engine, "DENSE_ABOVE", -1.0 if path == "dense" else 1.0)
+    monkeypatch.setattr(BlockRanking, other, lambda *args: pytest.fail(f"{other} ran"))
+    case = random_case(11, num_query=40, num_gallery=300, kind=kind)
+    for chunk_size in (3, None):
+        assert_matches(evaluate_rank(*case, max_rank=20, chunk_size=chunk_size), naive_evaluate(*case, max_rank=20))
+
+
+def test_items_far_outside_the_positives_spread_over_overflow_cells_exactly():
+    # Most items lie far below the best or far above the worst positive (the overflow cells, spread by column),
+    # a few tie exactly with the positives' distances; ranks must still follow (distance, gallery index).
+    rng = np.random.default_rng(12)
+    num_query, num_gallery = 6, 500
+    g_pids = rng.integers(0, 4, num_gallery)
+    q_pids = rng.integers(0, 4, num_query)
+    distmat = np.where(rng.random((num_query, num_gallery)) < 0.5, -1e6, 1e6).astype(np.float32)
+    same = q_pids[:, None] == g_pids[None, :]
+    distmat[same] = rng.integers(0, 3, same.sum()).astype(np.float32)  # positives in [0, 2], tied
+    middle = rng.random((num_query, num_gallery)) < 0.05
+    distmat[middle & ~same] = rng.integers(0, 3, (middle & ~same).sum())  # items tied with positives
+    case = (distmat, q_pids, g_pids, None, None)
+    assert_matches(evaluate_rank(*case, max_rank=50), naive_evaluate(*case, max_rank=50))
