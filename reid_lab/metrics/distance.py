@@ -431,16 +431,15 @@ class TiledDistances:
 
     def _product(self, c0: int, c1: int, index: torch.Tensor | None = None,
                  span: tuple[int, int] | None = None) -> torch.Tensor:
+        if index is None:  # a tile of the whole block, in the reused buffer
+            out = self._raw_product(c0, c1)
+            _to_distance(out, None if self.g_sq is None else self.g_sq[c0:c1], self._q_sq)
+            return out
         rows_q, q_sq = self._rows_q, self._q_sq
         if span is not None:  # a slice of the block's rows (at least MIN_PRODUCT_ROWS of them)
             rows_q, q_sq = rows_q[span[0] : span[1]], None if q_sq is None else q_sq[span[0] : span[1]]
-        cols, height = c1 - c0, rows_q.shape[0]
-        if index is None:
-            rows_g, g_sq = self.gallery[c0:c1], None if self.g_sq is None else self.g_sq[c0:c1]
-            out = self._buffer[: height * cols].view(height, cols)
-        else:
-            rows_g, g_sq = self.gallery.index_select(0, index), None if self.g_sq is None else self.g_sq[index]
-            out = torch.empty((height, cols), dtype=self.dtype, device=self.device)
+        rows_g, g_sq = self.gallery.index_select(0, index), None if self.g_sq is None else self.g_sq[index]
+        out = torch.empty((rows_q.shape[0], c1 - c0), dtype=self.dtype, device=self.device)
         _block(rows_q, rows_g.to(self.dtype), g_sq, out, q_sq)
         return out
 
