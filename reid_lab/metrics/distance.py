@@ -136,6 +136,11 @@ def row_blocks(num_rows: int, max_rows: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, num_rows)) for start in range(0, num_rows, size)]
 
 
+def _product_height(blocks: list[tuple[int, int]]) -> int:
+    """Rows of the tallest product of ``blocks`` (:func:`row_blocks`), thin blocks padded (:func:`_product_rows`)."""
+    return max(max(stop - start for start, stop in blocks), MIN_PRODUCT_ROWS)
+
+
 def _product_rows(query: torch.Tensor, start: int, stop: int, pad: torch.Tensor) -> torch.Tensor:
     """Query rows ``start:stop`` as the left operand of a product: a view, or, below ``MIN_PRODUCT_ROWS`` rows, the
     rows in the ``(MIN_PRODUCT_ROWS, dim)`` buffer ``pad`` followed by zero rows.
@@ -164,7 +169,7 @@ def _distance_slices(
     """
     num_query, num_gallery = query.shape[0], gallery.shape[0]
     blocks = row_blocks(num_query, SLICE_ROWS)
-    height = max(max(stop - start for start, stop in blocks), MIN_PRODUCT_ROWS)
+    height = _product_height(blocks)
     buffer = torch.empty((height, num_gallery), dtype=query.dtype, device=query.device)
     pad = torch.empty((MIN_PRODUCT_ROWS, query.shape[1]), dtype=query.dtype, device=query.device)
     for start, stop in blocks:
@@ -363,7 +368,7 @@ def ranking_plan(memory_budget: int, num_query: int, num_gallery: int, itemsize:
     with the tile's width) and each ranking block then needs a pair product for its positives.
     """
     def plan(rows: int) -> RankingPlan:
-        block = max(max(b - a for a, b in row_blocks(num_query, rows)), MIN_PRODUCT_ROWS)
+        block = _product_height(row_blocks(num_query, rows))
         cells = budget_cells(memory_budget, num_gallery, reserved, block)
         ranked, columns = rank_rows(num_gallery), num_gallery
         for _ in range(2):  # rows ranked together hold about RANK_ELEMENTS distances of one tile
@@ -416,7 +421,7 @@ class TiledDistances:
         self.row_blocks = row_blocks(query.shape[0], max_rows)
         self.gather = self.dtype == torch.float32 and self.device.type == "cpu"
         width = max(c1 - c0 for c0, c1 in self.tiles)
-        height = max(max(stop - start for start, stop in self.row_blocks), MIN_PRODUCT_ROWS)
+        height = _product_height(self.row_blocks)
         self._buffer = torch.empty(height * width, dtype=self.dtype, device=self.device)
         self._pad = torch.empty((MIN_PRODUCT_ROWS, query.shape[1]), dtype=self.dtype, device=self.device)
         self._rows_q = self._q_sq = None
