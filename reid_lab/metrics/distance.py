@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from reid_lab.metrics import ranking_engine
 from reid_lab.metrics.rank import RankResult, check_chunk_size, clip_max_rank, ids_tensor, optional_camids
 from reid_lab.metrics.ranking_engine import SPREAD, GalleryRanker, QueryStats, flatnonzero, ranking_threads
 
@@ -45,6 +46,7 @@ DEFAULT_MEMORY_BUDGET = {"cpu": 256 << 20, "cuda": 2 << 30}
 MIN_MEMORY_BUDGET = 32 << 20
 # The gallery's pid index (GalleryRanker): the stable argsort order, the sorted pids while it is built, int64 ids.
 INDEX_BYTES_PER_ITEM = 32
+KERNEL_COLUMN_BYTES = 5  # the compiled ranking kernel's scratch per gallery column and thread (rank_kernel)
 _METRICS = ("cosine", "euclidean")
 
 
@@ -326,11 +328,15 @@ def tile_columns(
     keys and a bool mask (:class:`~reid_lab.metrics.ranking_engine.BlockRanking`), times ``sides`` galleries ranked
     together (2 for backfill curves); ``dim`` floats per column when a half gallery is upcast tile by tile.
     ``element_bytes`` replaces the per-element ranking cost (``2 * itemsize + 6``) for rankers that keep more.
+    ``num_cells=0``: the compiled kernel counts the tiles (no cell tables, no per-element scratch, only
+    ``KERNEL_COLUMN_BYTES`` per column and thread).
     """
-    tables = 5 * 8 * product_rows * (num_cells + 2 * SPREAD)
+    kernel = num_cells == 0
+    tables = 0 if kernel else 5 * 8 * product_rows * (num_cells + 2 * SPREAD)
     available = (memory_budget - reserved) * 7 // 8 - tables
-    per_element = 2 * itemsize + 6 if element_bytes is None else element_bytes
-    per_column = sides * (product_rows * itemsize + rank_rows * per_element + 4 * dim)
+    per_element = 0 if kernel else 2 * itemsize + 6 if element_bytes is None else element_bytes
+    scratch = KERNEL_COLUMN_BYTES * torch.get_num_threads() if kernel else 0
+    per_column = sides * (product_rows * itemsize + rank_rows * per_element + 4 * dim + scratch)
     columns = max(MIN_TILE_COLUMNS, available // per_column)
     return num_gallery if columns >= num_gallery else int(columns)
 
@@ -340,7 +346,7 @@ class RankingPlan:
     """How :func:`evaluate_features` ranks within a memory budget (:func:`ranking_plan`); results never depend on it.
 
     Attributes:
-        cells: quantisation cells per row of the ranking engine.
+        cells: quantisation cells per row of the ranking engine's torch path (0: the compiled CPU kernel).
         columns: gallery columns per distance tile (``>= num_gallery``: whole rows, one tile).
         product_rows: most query rows per distance product.
         rank_rows: most query rows ranked together (their scratch stays in the CPU's cache).
@@ -358,18 +364,20 @@ def rank_rows(num_gallery: int) -> int:
 
 
 def ranking_plan(memory_budget: int, num_query: int, num_gallery: int, itemsize: int, reserved: int = 0,
-                 upcast_dim: int = 0) -> RankingPlan:
+                 upcast_dim: int = 0, kernel: bool = False) -> RankingPlan:
     """The :class:`RankingPlan` of :func:`evaluate_features` for ``num_query`` queries against ``num_gallery``
     items within ``memory_budget`` (``upcast_dim``: the feature dim when a half gallery is upcast tile by tile).
 
     Whole gallery rows are preferred: products of up to ``PRODUCT_ROWS`` query rows when their full rows fit the
     budget, else of as many rows as fit (at least ``MIN_FULL_ROWS``), else products of up to ``PRODUCT_ROWS`` rows
     in tiles of gallery columns. Products in column tiles are slower on this CPU (MKL's speed varies by up to 40 %
-    with the tile's width) and each ranking block then needs a pair product for its positives.
+    with the tile's width) and each ranking block then needs a pair product for its positives. ``kernel``: the
+    tiles are counted by the compiled CPU kernel, whose ranking state is a few bytes per row and column (more rows
+    per product fit the budget: 512 instead of 256 at 100k x 256-d under the default budget).
     """
     def plan(rows: int) -> RankingPlan:
         block = _product_height(row_blocks(num_query, rows))
-        cells = budget_cells(memory_budget, num_gallery, reserved, block)
+        cells = 0 if kernel else budget_cells(memory_budget, num_gallery, reserved, block)
         ranked, columns = rank_rows(num_gallery), num_gallery
         for _ in range(2):  # rows ranked together hold about RANK_ELEMENTS distances of one tile
             ranked = min(rank_rows(min(columns, num_gallery)), block)
@@ -566,7 +574,8 @@ def evaluate_features(
         memory_budget: bytes of working memory beyond the inputs (distance tiles and ranking state); ``None``:
             :func:`default_memory_budget`: 256 MiB on CPU, 2 GiB on GPU, plus the gallery's pid index (32 bytes
             per item) and any normalised / upcast copy of the features (none for unit-norm float32 tensors with
-            ``normalize=False``); at least 32 MiB plus those.
+            ``normalize=False``); at least 32 MiB plus those. Not in it: the compiled ranking kernel's code, ~50 MB
+            loaded once per process on first use.
 
     Returns:
         :class:`~reid_lab.metrics.rank.RankResult`.
@@ -591,8 +600,10 @@ def evaluate_features(
     qp = ids_tensor(q_pids, "q_pids", num_query, device)
     qc, gc = optional_camids(q_camids, g_camids, num_query, num_gallery, device)
     upcast = query.shape[1] if gallery.dtype != query.dtype else 0
-    plan = ranking_plan(budget, num_query, num_gallery, query.dtype.itemsize, reserved, upcast)
-    ranker = GalleryRanker(ids_tensor(g_pids, "g_pids", num_gallery, device), gc, num_cells=plan.cells)
+    kernel = ranking_engine.CPU_KERNEL and device.type == "cpu"
+    plan = ranking_plan(budget, num_query, num_gallery, query.dtype.itemsize, reserved, upcast, kernel)
+    ranker = GalleryRanker(ids_tensor(g_pids, "g_pids", num_gallery, device), gc, num_cells=plan.cells or None,
+                           kernel=kernel)
     with ranking_threads():  # the cores left free by other jobs (results do not depend on threads)
         stats = _rank_gallery(query, gallery, g_sq, ranker, qp, qc, plan)
     return RankResult.from_query_stats(stats, max_rank)

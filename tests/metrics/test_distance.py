@@ -12,6 +12,16 @@ from reid_lab.metrics.distance import compute_distance, distance_slices, evaluat
 from reid_lab.metrics.rank import evaluate_rank, evaluate_rank_reference
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def count_path(request, monkeypatch):
+    """Every test here runs twice: CPU tiles counted by the compiled kernel (the default), then by the torch ops
+    (the path of other devices); both must give the protocol's numbers."""
+    from reid_lab.metrics import ranking_engine
+
+    monkeypatch.setattr(ranking_engine, "CPU_KERNEL", request.param == "kernel")
+    return request.param
+
+
 def naive_distance(query, gallery, metric, normalize):
     q = query.double().tolist()
     g = gallery.double().tolist()

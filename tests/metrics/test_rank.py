@@ -10,6 +10,16 @@ from reid_lab.metrics.rank import RankResult, evaluate_rank, evaluate_rank_refer
 from reid_lab.metrics.ranking_engine import GalleryRanker
 
 
+@pytest.fixture(autouse=True, params=["kernel", "torch"])
+def count_path(request, monkeypatch):
+    """Every test here runs twice: CPU tiles counted by the compiled kernel (the default), then by the torch ops
+    (the path of other devices); both must give the protocol's numbers."""
+    from reid_lab.metrics import ranking_engine
+
+    monkeypatch.setattr(ranking_engine, "CPU_KERNEL", request.param == "kernel")
+    return request.param
+
+
 def naive_evaluate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank):
     """Straight from the protocol: per query, rank by (distance, gallery index), drop same-pid same-camera
     items (nothing when the camids are None: cross-modal protocol), skip queries without a positive, then
@@ -366,6 +376,7 @@ def test_both_tile_counting_paths_match_naive(kind, path, monkeypatch):
     from reid_lab.metrics.ranking_engine import BlockRanking
 
     other = "_add_relevant" if path == "dense" else "_add_dense"
+    monkeypatch.setattr(ranking_engine, "CPU_KERNEL", False)  # the torch ops' two ways (the kernel has its own)
     monkeypatch.setattr(ranking_engine, "DENSE_ABOVE", -1.0 if path == "dense" else 1.0)
     monkeypatch.setattr(BlockRanking, other, lambda *args: pytest.fail(f"{other} ran"))
     case = random_case(11, num_query=40, num_gallery=300, kind=kind)
