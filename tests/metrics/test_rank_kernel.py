@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from reid_lab.metrics.rank_kernel import CELLS, add_tile_counts
+from reid_lab.metrics.rank_kernel import CELL_ITEMS, MIN_CELLS, add_tile_counts
 
 
 def naive_buckets(dist: np.ndarray, pos_cols: list[np.ndarray]) -> list[np.ndarray]:
@@ -70,7 +70,7 @@ def assert_same(got, want):
 
 
 @pytest.mark.parametrize("kind", ["ties", "continuous", "inf"])
-@pytest.mark.parametrize("cols", [40, 3000])  # 3000 > 2 * CELLS items per row: the cell path
+@pytest.mark.parametrize("cols", [40, 3000])  # 3000 > 2 * MIN_CELLS items per row: the cell path
 def test_kernel_counts_equal_the_tie_rule(kind, cols):
     dist, pos_cols = random_rows(0, 9, cols, kind)
     want = naive_buckets(dist, pos_cols)
@@ -79,12 +79,12 @@ def test_kernel_counts_equal_the_tie_rule(kind, cols):
 
 
 def test_many_items_in_few_cells_and_more_positives_than_cells():
-    # 600 positives per row (more than the 256 cells): cells hold several positives, compared one by one in order.
+    # 600 positives per row, more than the row has cells: cells hold several positives, compared one by one.
     rng = np.random.default_rng(1)
     cols = 4000
     dist = rng.integers(0, 300, (3, cols)).astype(np.float32)
     pos_cols = [rng.choice(cols, 600, replace=False) for _ in range(3)]
-    assert 600 > CELLS
+    assert 600 > cols // CELL_ITEMS  # more positives than the cells a row of this width can get
     assert_same(kernel_buckets(dist, pos_cols), naive_buckets(dist, pos_cols))
 
 
@@ -122,11 +122,29 @@ def test_threads_do_not_change_the_counts():
     assert_same(kernel_buckets(dist, pos_cols, threads=5), one)
 
 
+def test_few_items_before_the_last_positive_in_many_columns():
+    # 20,000 columns, about 5 % of them before the last positive: the flagged items alone go through the cells
+    # (not every item), and with integer distances many of them share a cell with a positive.
+    rng = np.random.default_rng(5)
+    cols = 20_000
+    dist = rng.integers(0, 400, (6, cols)).astype(np.float32)
+    pos_cols = [rng.choice(cols, 9, replace=False) for _ in range(6)]
+    for r, c in enumerate(pos_cols):
+        dist[r, c] = rng.integers(0, 20, len(c))  # the last positive at 19 or below: about 5 % flagged
+    flagged = [(dist[r] <= dist[r, c].max()).mean() for r, c in enumerate(pos_cols)]
+    assert all(2 * MIN_CELLS / cols < share < 1 / 8 for share in flagged)
+    assert_same(kernel_buckets(dist, pos_cols, tiles=3), naive_buckets(dist, pos_cols))
+
+
 @pytest.mark.parametrize("num_pos", [0, 2])
-def test_nan_anywhere_is_an_error(num_pos):
+@pytest.mark.parametrize("cols, last", [(64, 0.8), (3000, 0.8), (20_000, 0.05)])  # each way of counting a row
+def test_nan_anywhere_is_an_error(num_pos, cols, last):
     # A NaN after the last positive (or in a row with none) changes no rank, yet it must not pass silently.
-    dist = np.linspace(0, 1, 64, dtype=np.float32)[None, :].repeat(2, 0)
-    dist[1, 50] = np.nan
-    pos_cols = [np.array([3, 4][:num_pos]), np.array([1, 2][:num_pos])]
-    with pytest.raises(ValueError, match="NaN"):
-        kernel_buckets(dist, pos_cols)
+    dist = np.linspace(0, 1, cols, dtype=np.float32)[None, :].repeat(2, 0)
+    at = [3, int(last * cols)]
+    pos_cols = [np.array(at[:num_pos]), np.array(at[:num_pos])]
+    for nan_at in (1, cols // 2, cols - 1):
+        bad = dist.copy()
+        bad[1, nan_at] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            kernel_buckets(bad, pos_cols)
