@@ -4,8 +4,9 @@
 *bucket* of the item: how many of the row's positives rank before it (smaller distance, or equal distance and
 smaller gallery index: the tie rule of :mod:`reid_lab.metrics.rank`). Its torch path gets there through about nine
 whole-tile tensor ops (3-5 ns per distance on one core). This kernel, compiled by numba, makes two to four passes
-over each row while it is in the cache (0.4-1.5 ns per distance), on as many threads as it is given (rows split
-between them, the GIL released). The counts are exact, so every metric keeps its bits.
+over each row while it is in the cache (0.4-3 ns per distance, by how much of the row comes before its last
+positive), on as many threads as it is given (rows split between them, the GIL released). The counts are exact,
+so every metric keeps its bits.
 
 Per row (``P`` positives sorted by ``(distance, gallery index)``, first ``lo``, last ``hi``):
 

@@ -14,7 +14,7 @@ memory O(rows * tile), whatever the gallery size); no ``num_query x num_gallery`
 Items after a row's last positive change no kept-rank: when they are most of a tile (a good model, a large
 gallery), only the others are bucketed. Ranking paths run on the cores other jobs leave free
 (:func:`ranking_threads`). Runs on whatever device the distance matrix lives on: CPU tiles are counted by the
-compiled kernel of :mod:`reid_lab.metrics.rank_kernel` (one pass per row, ~0.4-1.5 ns per distance), other
+compiled kernel of :mod:`reid_lab.metrics.rank_kernel` (a few passes per row, ~0.4-3 ns per distance), other
 devices by torch ops (~9 whole-tile ops, 3-5 ns per distance on a CPU); both give the same counts. On a
 Market-sized 3,368 x 15,913 matrix the kernel counts every tile in ~0.13 s of one CPU core (2.5 % of the 2048-d
 distance product); the torch path took ~0.24 s + its cell tables.

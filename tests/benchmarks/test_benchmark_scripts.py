@@ -111,4 +111,5 @@ def test_large_gallery_stays_within_its_budget_at_toy_scale(monkeypatch, capsys)
     load("large_gallery").main(["--gallery", "30000", "--queries", "64", "--budget-mb", "40", "--threads", "1"])
     out = capsys.readouterr().out
     assert "torch threads 1" in out and "load (" in out  # the settings and load it ran under
-    assert re.search(r"30,000: [\d.]+ s \(floor [\d.]+ s\), extra -?\d+ MiB within the 40 MiB budget", out), out
+    assert re.search(r"30,000: [\d.]+ s \(floor [\d.]+ s in [\d,]+-row chunks\), extra -?\d+ MiB within the 40 MiB budget",
+                     out), out
